@@ -1,0 +1,1 @@
+"""thousandwords: raw data to trained, fine-tuned and evaluated transformers."""

@@ -1,0 +1,71 @@
+"""`pipeline`: one command for the whole DAG and each of its stages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+# Sub-command -> the stages it runs (their upstream runs too, or is a cache hit).
+COMMANDS = {
+    "run": None,
+    "shard": ["shard"],
+    "tokenize": ["tokenize"],
+    "patchify": ["patchify"],
+    "pretrain": ["pretrain_gpt", "pretrain_vit"],
+    "finetune": ["finetune"],
+    "evaluate": ["evaluate"],
+}
+HELP = {
+    "run": "the whole DAG: shard, tokenize, patchify, pretrain (GPT, ViT), finetune, evaluate",
+    "shard": "write WebDataset shards of MNIST digits, digit grids and text, with manifests",
+    "tokenize": "train the byte-level BPE tokenizer and write packed token shards",
+    "patchify": "turn image shards into ViT patch shards",
+    "pretrain": "pretrain the GPT and/or the ViT with DeepSpeed inside Ray Train",
+    "finetune": "fine-tune the captioner (pretrained ViT encoder + cross-attention decoder)",
+    "evaluate": "held-out metrics for the GPT, the ViT and the captioner",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description="thousandwords: raw data to trained, evaluated transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        p.add_argument("config", help="YAML run config, e.g. configs/smoke.yaml")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain_gpt.train.max_steps=50")
+        p.add_argument("--workdir", help="where stage outputs go (local path or fsspec URL); default: the config's workdir")
+        p.add_argument("--summary", help="write the run summary as JSON to this file")
+        if name == "pretrain":
+            p.add_argument("--model", choices=["gpt", "vit", "both"], default="both")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from pipeline.runner import format_summary, run_pipeline
+
+    targets = COMMANDS[args.command]
+    if args.command == "pretrain" and args.model != "both":
+        targets = [f"pretrain_{args.model}"]
+    summary = run_pipeline(config, targets, args.workdir)
+    print()
+    print(format_summary(summary))
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"\nsummary written to {args.summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

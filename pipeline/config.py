@@ -1,0 +1,325 @@
+"""Typed run configuration, loaded from YAML and validated once, at the edge.
+
+Every section is a dataclass. `load_config` turns a YAML file plus `key=value`
+overrides into a `RunConfig`, and any unknown key, wrong type or out-of-range
+value fails here, before any work starts, with an error naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or holds a bad value."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class MnistConfig:
+    samples_per_shard: int = 1000
+
+
+@dataclass
+class GridConfig:
+    rows: int = 2
+    cols: int = 2
+    blank_prob: float = 0.0
+    train_count: int = 3000
+    test_count: int = 500
+    samples_per_shard: int = 1000
+
+    def validate(self, key: str) -> None:
+        for name in ("rows", "cols"):
+            if not 1 <= getattr(self, name) <= 10:
+                raise ConfigError(f"{key}.{name} must be in 1..10, got {getattr(self, name)}")
+        if not 0.0 <= self.blank_prob < 1.0:
+            raise ConfigError(f"{key}.blank_prob must be in [0, 1), got {self.blank_prob}")
+
+
+@dataclass
+class TextConfig:
+    # stdlib: the Python standard library's own sources (offline);
+    # hf: a Hugging Face dataset id; files: local .txt / .parquet paths or globs.
+    source: Literal["stdlib", "hf", "files"] = "stdlib"
+    hf_dataset: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    paths: list[str] = field(default_factory=list)
+    max_bytes: int = 3_000_000
+    val_fraction: float = 0.05
+    docs_per_shard: int = 200
+
+    def validate(self, key: str) -> None:
+        if self.source == "hf" and not self.hf_dataset:
+            raise ConfigError(f"{key}.hf_dataset is required when {key}.source is 'hf'")
+        if self.source == "files" and not self.paths:
+            raise ConfigError(f"{key}.paths is required when {key}.source is 'files'")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"{key}.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class DataConfig:
+    seed: int = 0
+    mnist: MnistConfig = field(default_factory=MnistConfig)
+    grids: GridConfig = field(default_factory=GridConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class TokenizeConfig:
+    vocab_size: int = 4096
+    seq_len: int = 128
+
+    def validate(self, key: str) -> None:
+        if self.vocab_size < 257:
+            raise ConfigError(f"{key}.vocab_size must be at least 257 (256 bytes + 1), got {self.vocab_size}")
+
+
+@dataclass
+class PatchifyConfig:
+    patch_size: int = 7
+    # MNIST pixel statistics, used to normalise every image the same way.
+    mean: float = 0.1307
+    std: float = 0.3081
+
+    def validate(self, key: str) -> None:
+        if self.patch_size <= 0 or 28 % self.patch_size:
+            raise ConfigError(f"{key}.patch_size must divide the 28-pixel cell, got {self.patch_size}")
+        if self.std <= 0:
+            raise ConfigError(f"{key}.std must be positive, got {self.std}")
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    micro_batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 200
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    max_failures: int = 0
+    # Peak FLOP/s of one worker's device, for MFU. 140e9: the measured fp32 matmul
+    # rate of the 2-core CI machine; set ~989e12 for an H100 in bf16.
+    peak_flops_per_worker: float = 70e9
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{key}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError(f"{key}.offload_optimizer needs {key}.zero_stage >= 1")
+        for name in ("num_workers", "micro_batch_size", "grad_accum", "max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.min_lr <= self.lr:
+            raise ConfigError(f"{key}.min_lr must be in (0, {key}.lr], got {self.min_lr}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(f"{key}.warmup_steps must be in [0, max_steps), got {self.warmup_steps}")
+
+
+@dataclass
+class TransformerConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.0
+
+    def validate(self, key: str) -> None:
+        if min(self.n_layer, self.n_head, self.d_model) < 1:
+            raise ConfigError(f"{key}: n_layer, n_head and d_model must be >= 1")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"{key}.d_model ({self.d_model}) must be divisible by {key}.n_head ({self.n_head})")
+
+
+@dataclass
+class PretrainGPTConfig:
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(zero_stage=3))
+
+
+@dataclass
+class PretrainViTConfig:
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Random shifts of up to this many pixels, a cheap augmentation for small data.
+    max_shift: int = 2
+
+
+@dataclass
+class FinetuneConfig:
+    decoder: TransformerConfig = field(default_factory=lambda: TransformerConfig(n_layer=2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(zero_stage=1))
+    # Learning-rate multiplier for the pretrained encoder (0 freezes it).
+    encoder_lr_scale: float = 0.3
+
+    def validate(self, key: str) -> None:
+        if self.encoder_lr_scale < 0:
+            raise ConfigError(f"{key}.encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 64
+    max_val_sequences: int = 2000
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local cluster
+    num_cpus: Optional[int] = None  # local cluster only
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI if set, else SQLite under the workdir
+    experiment: str = "thousandwords"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    workdir: str = "runs/default"
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    patchify: PatchifyConfig = field(default_factory=PatchifyConfig)
+    pretrain_gpt: PretrainGPTConfig = field(default_factory=PretrainGPTConfig)
+    pretrain_vit: PretrainViTConfig = field(default_factory=PretrainViTConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    """Return `value` converted to `annotation`, or raise naming `key`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return _build(annotation, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_value(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} at {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for raw_key, value in data.items():
+        key = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if raw_key not in hints:
+            close = difflib.get_close_matches(str(raw_key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        kwargs[raw_key] = _check_value(value, hints[raw_key], key)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, f"{prefix}.{f.name}" if prefix else f.name)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key=value")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    node = data
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any], overrides: Optional[list[str]] = None) -> RunConfig:
+    data = dict(data or {})
+    for override in overrides or []:
+        _apply_override(data, override)
+    config = _build(RunConfig, data, "")
+    _validate(config, "")
+    return config
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return config_from_dict(data, overrides)

@@ -1,0 +1,102 @@
+"""The stage DAG: fingerprints, the cache, and running stages in order.
+
+A stage's output directory is `<workdir>/<stage>/<fingerprint>`, where the
+fingerprint hashes the stage's config section and its inputs' fingerprints.
+A stage is done when its `stage.json` exists: it is written last, atomically.
+A directory without it is a stage killed half-way and is cleared and redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from pipeline import storage
+from pipeline.config import RunConfig
+
+DONE = "stage.json"
+# Bump when a stage's outputs change meaning, so old caches are not reused.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class StageContext:
+    config: RunConfig
+    out_dir: str
+    inputs: dict[str, dict[str, Any]]  # upstream stage name -> its outputs
+    fingerprint: str
+    tracking_uri: str
+    mlflow_run_id: Optional[str]
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # extra MLflow params (parameter counts, ...)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple[str, ...]
+    section: Callable[[RunConfig], Any]  # the config this stage's output depends on
+    run: Callable[[StageContext], StageResult]
+
+
+def fingerprint(stage: Stage, config: RunConfig, input_fingerprints: dict[str, str]) -> str:
+    section = stage.section(config)
+    payload = {
+        "stage": stage.name,
+        "format": FORMAT_VERSION,
+        "config": dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section,
+        "inputs": input_fingerprints,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def closure(stages: dict[str, Stage], targets: list[str]) -> list[str]:
+    """`targets` and everything they depend on, in dependency order."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name not in stages:
+            raise KeyError(f"unknown stage '{name}' (known: {', '.join(stages)})")
+        for dep in stages[name].deps:
+            visit(dep)
+        order.append(name)
+
+    for target in targets:
+        visit(target)
+    return order
+
+
+def read_done(out_dir: str) -> Optional[dict[str, Any]]:
+    path = storage.join(out_dir, DONE)
+    return storage.read_json(path) if storage.exists(path) else None
+
+
+def run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
+    """Run one stage unless its done record exists; return that record plus status."""
+    start = time.perf_counter()
+    done = read_done(ctx.out_dir)
+    if done is not None and done.get("fingerprint") == ctx.fingerprint:
+        return {**done, "status": "cached", "seconds": round(time.perf_counter() - start, 2)}
+    storage.remove_tree(ctx.out_dir)  # whatever a killed run left behind
+    storage.makedirs(ctx.out_dir)
+    result = stage.run(ctx)
+    record = {
+        "fingerprint": ctx.fingerprint,
+        "seconds": round(time.perf_counter() - start, 2),
+        "outputs": result.outputs,
+        "metrics": result.metrics,
+        "params": result.params,
+    }
+    storage.write_json_atomic(storage.join(ctx.out_dir, DONE), record)
+    return {**record, "status": "ran"}

@@ -1,0 +1,96 @@
+"""Run a set of stages (and what they depend on) with caching, Ray and MLflow."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from pipeline import storage, tracking
+from pipeline.config import RunConfig, RayConfig
+from pipeline.dag import StageContext, closure, fingerprint, read_done, run_stage
+from pipeline.stages import STAGES
+
+PIPELINE_ORDER = list(STAGES)
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Connect to the cluster (config, then RAY_ADDRESS) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Workers inherit this: torch.distributed's deprecation warnings drown the logs otherwise.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir: Optional[str] = None) -> dict[str, Any]:
+    """Run `targets` (default: every stage); return the summary dict."""
+    import mlflow
+
+    workdir = storage.absolute(workdir or config.workdir)
+    config.workdir = workdir
+    names = closure(STAGES, targets or PIPELINE_ORDER)
+    uri = tracking.tracking_uri(config.tracking.uri, workdir)
+    experiment_id = tracking.ensure_experiment(uri, config.tracking.experiment, workdir)
+    commit = tracking.git_commit()
+
+    summary: dict[str, Any] = {"workdir": workdir, "tracking_uri": uri, "stages": {}}
+    fingerprints: dict[str, str] = {}
+    outputs: dict[str, dict[str, Any]] = {}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=config.name,
+                          tags={"git_commit": commit, "kind": "pipeline"}) as parent:
+        mlflow.log_params(tracking.params_for_mlflow({"targets": ",".join(names)}))
+        summary["mlflow_run_id"] = parent.info.run_id
+        for name in names:
+            stage = STAGES[name]
+            fp = fingerprint(stage, config, {d: fingerprints[d] for d in stage.deps})
+            fingerprints[name] = fp
+            out_dir = storage.join(workdir, name, fp)
+            cached = read_done(out_dir)
+            with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
+                                  tags={"stage": name, "fingerprint": fp, "git_commit": commit}) as run:
+                if cached is None:
+                    ensure_ray(config.ray)
+                    print(f"[{name}] running -> {out_dir}", flush=True)
+                    section = stage.section(config)
+                    mlflow.log_params(tracking.params_for_mlflow({"config": _asdict(section)}))
+                ctx = StageContext(config, out_dir, {d: outputs[d] for d in stage.deps}, fp, uri, run.info.run_id)
+                record = run_stage(stage, ctx)
+                mlflow.set_tag("status", record["status"])
+                if record["status"] == "ran":
+                    if record.get("params"):
+                        mlflow.log_params(tracking.params_for_mlflow(record["params"]))
+                    if record["metrics"]:
+                        mlflow.log_metrics(record["metrics"])
+                    mlflow.log_metric("stage_seconds", record["seconds"])
+            outputs[name] = record["outputs"]
+            summary["stages"][name] = {k: record[k] for k in ("status", "seconds", "outputs", "metrics")}
+            print(f"[{name}] {record['status']} in {record['seconds']:.1f}s", flush=True)
+    return summary
+
+
+def _asdict(section: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain table: stage, status, seconds, headline metrics."""
+    rows = [("stage", "status", "seconds", "metrics")]
+    for name, s in summary["stages"].items():
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(s["metrics"].items())[:6])
+        rows.append((name, s["status"], f"{s['seconds']:.1f}", shown))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,261 @@
+"""The seven stages of the pipeline, each a function of a `StageContext`.
+
+Heavy lifting lives in `data/`, `preprocess/`, `train/` and `evaluate`; this
+module wires inputs to outputs and fans per-shard work out as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Callable, Iterable, Iterator
+
+from pipeline import storage
+from pipeline.dag import Stage, StageContext, StageResult
+from pipeline.data import shards, sources
+from pipeline.data.shards import ShardInfo
+
+# --------------------------------------------------------------------------- Ray fan-out
+
+
+def _ray_map(fn: Callable[..., ShardInfo], calls: list[tuple], desc: str) -> list[ShardInfo]:
+    """Run `fn(*args)` for every args tuple as a Ray task, with a progress bar."""
+    import ray
+    from tqdm import tqdm
+
+    task = ray.remote(num_cpus=1)(fn)
+    pending = [task.remote(*args) for args in calls]
+    results: dict[Any, ShardInfo] = {}
+    order = list(pending)
+    with tqdm(total=len(pending), desc=desc, unit="shard", leave=False) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            results[ready[0]] = ray.get(ready[0])
+            bar.update(1)
+    return [results[ref] for ref in order]
+
+
+def _write_samples(path: str, make: Callable[..., Iterable[dict]], args: tuple) -> ShardInfo:
+    return shards.write_shard(path, make(*args))
+
+
+def _write_split(out_dir: str, prefix: str, count: int, per_shard: int, make, args: tuple,
+                 schema: dict[str, str], fingerprint: str, desc: str) -> dict:
+    """Shards of `count` samples, shard i holding samples [i*per_shard, (i+1)*per_shard)."""
+    n_shards = max(1, math.ceil(count / per_shard))
+    calls = [
+        (storage.join(out_dir, f"{prefix}-{i:06d}.tar"), make, (*args, i * per_shard, min(count, (i + 1) * per_shard)))
+        for i in range(n_shards)
+    ]
+    infos = _ray_map(_write_samples, calls, desc)
+    return shards.write_manifest(out_dir, infos, schema, fingerprint)
+
+
+# --------------------------------------------------------------------------- shard
+
+
+def _text_samples(docs: list[tuple[str, str]], start: int, stop: int) -> Iterator[dict]:
+    for n in range(start, stop):
+        key, text = docs[n]
+        yield {"__key__": f"doc-{n:06d}", "txt": text, "json": {"source_key": key}}
+
+
+def run_shard(ctx: StageContext) -> StageResult:
+    data = ctx.config.data
+    out, fp = ctx.out_dir, ctx.fingerprint
+    outputs: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+
+    digit_schema = {"png": "uint8 28x28 grayscale digit", "cls": "int label 0-9"}
+    for split in ("train", "test"):
+        count = len(sources.mnist_split(split)[1])
+        d = storage.join(out, "mnist", split)
+        m = _write_split(d, "mnist", count, data.mnist.samples_per_shard, sources.digit_samples, (split,),
+                         digit_schema, fp, f"shard mnist/{split}")
+        outputs[f"mnist_{split}"] = d
+        metrics[f"mnist_{split}_samples"] = m["total_samples"]
+
+    grid_schema = {"png": "uint8 grid image of 28x28 cells", "txt": "digits row by row, '_' blank",
+                   "json": "rows, cols, digit_indices"}
+    for split in ("train", "test"):
+        count = data.grids.train_count if split == "train" else data.grids.test_count
+        d = storage.join(out, "grids", split)
+        m = _write_split(d, "grids", count, data.grids.samples_per_shard, sources.grid_samples,
+                         (data.grids, split, data.seed), grid_schema, fp, f"shard grids/{split}")
+        outputs[f"grids_{split}"] = d
+        metrics[f"grids_{split}_samples"] = m["total_samples"]
+
+    docs = sources.text_documents(data.text, data.seed)
+    every = max(2, round(1 / data.text.val_fraction))
+    splits = {"val": [d for i, d in enumerate(docs) if i % every == 0],
+              "train": [d for i, d in enumerate(docs) if i % every != 0]}
+    text_schema = {"txt": "a UTF-8 document", "json": "source_key"}
+    for split, split_docs in splits.items():
+        d = storage.join(out, "text", split)
+        m = _write_split(d, "text", len(split_docs), data.text.docs_per_shard, _text_samples, (split_docs,),
+                         text_schema, fp, f"shard text/{split}")
+        outputs[f"text_{split}"] = d
+        metrics[f"text_{split}_docs"] = m["total_samples"]
+        metrics[f"text_{split}_bytes"] = sum(len(t.encode("utf-8")) for _, t in split_docs)
+    return StageResult(outputs, metrics)
+
+
+# --------------------------------------------------------------------------- tokenize
+
+
+def run_tokenize(ctx: StageContext) -> StageResult:
+    from pipeline.preprocess.tokenize import tokenize_shard, train_bpe
+
+    cfg = ctx.config.tokenize
+    raw = ctx.inputs["shard"]
+    train_texts = (s["txt"] for s in shards.iter_shards(shards.shard_paths(raw["text_train"], verify=True)))
+    tokenizer = train_bpe(train_texts, cfg.vocab_size)
+    tokenizer_path = storage.join(ctx.out_dir, "tokenizer.json")
+    tokenizer_json = tokenizer.to_str()
+    storage.write_bytes_atomic(tokenizer_path, tokenizer_json.encode("utf-8"))
+
+    outputs: dict[str, Any] = {"tokenizer": tokenizer_path}
+    metrics: dict[str, float] = {"vocab_size": tokenizer.get_vocab_size()}
+    schema = {"npy": f"uint16/int32 array of seq_len+1 = {cfg.seq_len + 1} token ids"}
+    for split in ("train", "val"):
+        out = storage.join(ctx.out_dir, "tokens", split)
+        calls = [
+            (path, storage.join(out, f"tokens-{i:06d}.tar"), tokenizer_json, cfg.seq_len)
+            for i, path in enumerate(shards.shard_paths(raw[f"text_{split}"], verify=True))
+        ]
+        infos = _ray_map(tokenize_shard, calls, f"tokenize {split}")
+        m = shards.write_manifest(out, infos, schema, ctx.fingerprint, seq_len=cfg.seq_len,
+                                  vocab_size=tokenizer.get_vocab_size())
+        if m["total_samples"] == 0:
+            raise ValueError(f"the {split} text is shorter than one sequence of {cfg.seq_len + 1} tokens")
+        outputs[f"tokens_{split}"] = out
+        metrics[f"{split}_sequences"] = m["total_samples"]
+        metrics[f"{split}_tokens"] = m["total_samples"] * cfg.seq_len
+    return StageResult(outputs, metrics)
+
+
+# --------------------------------------------------------------------------- patchify
+
+
+def run_patchify(ctx: StageContext) -> StageResult:
+    from pipeline.preprocess.patchify import patchify_shard
+
+    cfg = ctx.config.patchify
+    raw = ctx.inputs["shard"]
+    outputs: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    schema = {"npy": f"float16 (num_patches, {cfg.patch_size ** 2}) normalised patches, raster order"}
+    for name in ("mnist_train", "mnist_test", "grids_train", "grids_test"):
+        out = storage.join(ctx.out_dir, *name.split("_"))
+        calls = [
+            (path, storage.join(out, f"patches-{i:06d}.tar"), cfg.patch_size, cfg.mean, cfg.std)
+            for i, path in enumerate(shards.shard_paths(raw[name], verify=True))
+        ]
+        infos = _ray_map(patchify_shard, calls, f"patchify {name}")
+        m = shards.write_manifest(out, infos, schema, ctx.fingerprint, patch_size=cfg.patch_size)
+        outputs[name] = out
+        metrics[f"{name}_samples"] = m["total_samples"]
+    return StageResult(outputs, metrics)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train(ctx: StageContext, kind: str, section, train_dir: str, model_args: dict[str, Any], **spec_extra) -> StageResult:
+    from pipeline.train.engine import load_zero_config
+    from pipeline.train.launch import fit
+    from pipeline.train.tasks import TrainSpec, build_model, param_counts
+
+    model_cfg = section.decoder if kind == "captioner" else section.model
+    weights = storage.join(ctx.out_dir, "model.safetensors")
+    spec = TrainSpec(
+        kind=kind,
+        train_shards=shards.shard_paths(train_dir, verify=True),
+        model=model_cfg,
+        train=section.train,
+        deepspeed=load_zero_config(section.train.zero_stage),
+        weights_out=weights,
+        model_args=model_args,
+        tracking_uri=ctx.tracking_uri,
+        mlflow_run_id=ctx.mlflow_run_id,
+        **spec_extra,
+    )
+    counts = param_counts(build_model(kind, model_cfg, model_args, spec.encoder_model))
+    model_config = {
+        "kind": kind,
+        "model": dataclasses.asdict(model_cfg),
+        "model_args": model_args,
+        "encoder_model": dataclasses.asdict(spec.encoder_model) if spec.encoder_model else None,
+    }
+    model_config_path = storage.join(ctx.out_dir, "model_config.json")
+    storage.write_json_atomic(model_config_path, model_config)
+
+    result = fit(spec, ctx.out_dir)
+    params = {**counts, "world_size": section.train.num_workers, "zero_stage": section.train.zero_stage}
+    metrics = {"final_train_loss": float(result["metrics"].get("loss", float("nan")))}
+    outputs = {"checkpoint": result["checkpoint"], "weights": weights, "model_config": model_config_path}
+    return StageResult(outputs, metrics, params)
+
+
+def run_pretrain_gpt(ctx: StageContext) -> StageResult:
+    tok = ctx.inputs["tokenize"]
+    manifest = shards.read_manifest(tok["tokens_train"])
+    args = {"vocab_size": int(manifest["vocab_size"]), "seq_len": int(manifest["seq_len"])}
+    return _train(ctx, "gpt", ctx.config.pretrain_gpt, tok["tokens_train"], args)
+
+
+def _patch_args(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.config.patchify
+    g = sources.CELL // p.patch_size
+    return {"patch_size": p.patch_size, "num_patches": g * g, "patch_dim": p.patch_size ** 2,
+            "num_classes": 10, "background": -p.mean / p.std}
+
+
+def run_pretrain_vit(ctx: StageContext) -> StageResult:
+    cfg = ctx.config.pretrain_vit
+    return _train(ctx, "vit", cfg, ctx.inputs["patchify"]["mnist_train"], _patch_args(ctx), max_shift=cfg.max_shift)
+
+
+def run_finetune(ctx: StageContext) -> StageResult:
+    from pipeline.config import TransformerConfig
+
+    vit = ctx.inputs["pretrain_vit"]
+    encoder = json.loads(storage.read_bytes(vit["model_config"]))
+    cfg = ctx.config.finetune
+    return _train(
+        ctx, "captioner", cfg, ctx.inputs["patchify"]["grids_train"], _patch_args(ctx),
+        init_encoder=vit["weights"], encoder_model=TransformerConfig(**encoder["model"]),
+        encoder_lr_scale=cfg.encoder_lr_scale,
+    )
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def run_evaluate(ctx: StageContext) -> StageResult:
+    from pipeline import evaluate
+
+    cfg = ctx.config.evaluate
+    metrics = {
+        **evaluate.evaluate_gpt(ctx.inputs["pretrain_gpt"], ctx.inputs["tokenize"]["tokens_val"], cfg),
+        **evaluate.evaluate_vit(ctx.inputs["pretrain_vit"], ctx.inputs["patchify"]["mnist_test"], cfg),
+        **evaluate.evaluate_captioner(ctx.inputs["finetune"], ctx.inputs["patchify"]["grids_test"], cfg),
+    }
+    metrics_path = storage.join(ctx.out_dir, "metrics.json")
+    storage.write_json_atomic(metrics_path, metrics)
+    return StageResult({"metrics": metrics_path}, metrics)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("shard", (), lambda c: c.data, run_shard),
+        Stage("tokenize", ("shard",), lambda c: c.tokenize, run_tokenize),
+        Stage("patchify", ("shard",), lambda c: c.patchify, run_patchify),
+        Stage("pretrain_gpt", ("tokenize",), lambda c: c.pretrain_gpt, run_pretrain_gpt),
+        Stage("pretrain_vit", ("patchify",), lambda c: c.pretrain_vit, run_pretrain_vit),
+        Stage("finetune", ("patchify", "pretrain_vit"), lambda c: c.finetune, run_finetune),
+        Stage("evaluate", ("tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "finetune"), lambda c: c.evaluate, run_evaluate),
+    ]
+}

@@ -1,0 +1,109 @@
+"""One storage layer for every stage: a local path by default, any fsspec URL
+(`s3://`, `gs://`, a shared mount) on a cluster.
+
+Writes that mark something as done go through `write_atomic`: on a local
+filesystem a temp file is renamed into place; on an object store a single PUT
+is already all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from typing import IO, Any, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, resolved = fsspec.core.url_to_fs(path)
+    return fs, resolved
+
+
+def is_local(path: str) -> bool:
+    return isinstance(_fs(path)[0], LocalFileSystem)
+
+
+def absolute(path: str) -> str:
+    """Absolute local path, or the URL unchanged."""
+    return os.path.abspath(path) if "://" not in path else path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(path: str) -> bool:
+    fs, p = _fs(path)
+    return fs.exists(p)
+
+
+def makedirs(path: str) -> None:
+    fs, p = _fs(path)
+    fs.makedirs(p, exist_ok=True)
+
+
+def remove_tree(path: str) -> None:
+    fs, p = _fs(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def list_names(path: str) -> list[str]:
+    fs, p = _fs(path)
+    if not fs.exists(p):
+        return []
+    return sorted(os.path.basename(x.rstrip("/")) for x in fs.ls(p, detail=False))
+
+
+def open_file(path: str, mode: str = "rb") -> IO:
+    fs, p = _fs(path)
+    return fs.open(p, mode)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_bytes(path).decode("utf-8"))
+
+
+@contextlib.contextmanager
+def write_atomic(path: str) -> Iterator[IO[bytes]]:
+    """Open `path` for binary writing; it appears complete or not at all."""
+    fs, p = _fs(path)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        with fs.open(p, "wb") as f:
+            yield f
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    with write_atomic(path) as f:
+        f.write(data)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def local_copy_dir(src: str, dst: str) -> None:
+    """Copy a local directory tree `src` to `dst` (local or remote)."""
+    fs, p = _fs(dst)
+    fs.put(src.rstrip("/") + "/", p, recursive=True)

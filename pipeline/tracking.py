@@ -1,0 +1,95 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+Training workers do not own a run: rank 0 logs into the stage's run by id
+(`RunLogger`), so the driver decides the run's shape and the workers only
+append metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any, Mapping, Optional
+
+from pipeline import storage
+
+_MAX_PARAM_LEN = 6000
+
+
+def tracking_uri(configured: Optional[str], workdir: str) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else a SQLite file under the workdir."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if not storage.is_local(workdir):
+        raise ValueError(
+            f"workdir {workdir} is remote: set tracking.uri or MLFLOW_TRACKING_URI to an MLflow server"
+        )
+    path = os.path.abspath(os.path.join(workdir, "mlflow.db"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def params_for_mlflow(d: Mapping[str, Any]) -> dict[str, str]:
+    return {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(d).items()}
+
+
+def ensure_experiment(uri: str, name: str, workdir: str) -> str:
+    """Experiment id, creating it with artifacts under the workdir (not ./mlruns)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = storage.join(storage.absolute(workdir), "mlflow-artifacts")
+    if storage.is_local(artifacts):
+        os.makedirs(artifacts, exist_ok=True)
+        artifacts = "file://" + artifacts
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+class RunLogger:
+    """Appends metrics to an existing run from any process (rank 0 of a trainer)."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params_for_mlflow(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])

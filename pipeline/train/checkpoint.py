@@ -1,0 +1,97 @@
+"""Checkpoints without pickle on the load path.
+
+DeepSpeed checkpoints (every rank's ZeRO shard) carry training state for
+resume and are read with `torch.load(weights_only=True)`. Final weights are
+safetensors, which is what every downstream stage loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import storage
+
+TAG = "state"  # one DeepSpeed tag per checkpoint directory: Ray versions the directories
+
+
+def _weights_only_loads(engine) -> None:
+    """Make DeepSpeed's checkpoint engine refuse to unpickle arbitrary objects."""
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
+
+
+def save_engine(engine, directory: str, step: int, gen: torch.Generator, rank: int) -> None:
+    engine.save_checkpoint(directory, tag=TAG, client_state={"step": step})
+    save_file({"rng": gen.get_state()}, os.path.join(directory, f"rng_rank{rank}.safetensors"))
+
+
+def load_engine(engine, directory: str, rank: int) -> dict:
+    _weights_only_loads(engine)
+    path, client_state = engine.load_checkpoint(directory, tag=TAG)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint with tag '{TAG}' under {directory}")
+    rng = load_file(os.path.join(directory, f"rng_rank{rank}.safetensors"))["rng"]
+    return {"step": client_state["step"], "rng": rng}
+
+
+def export_weights(engine, zero_stage: int, path: str, rank: int) -> None:
+    """Full weights as safetensors, written by rank 0 (ZeRO-3 gathers them first)."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext()
+    with gather:
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, "model.safetensors")
+                save_file(unique_state(module), local)
+                with open(local, "rb") as f:
+                    storage.write_bytes_atomic(path, f.read())
+
+
+def unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers, each once (a tied weight under its first name), as
+    standalone contiguous tensors: ZeRO keeps parameters as views of flat buffers."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in named}
+
+
+def load_weights(module: torch.nn.Module, path: str) -> None:
+    """Load safetensors into `module`; every key must match (tied weights are stored once)."""
+    if storage.is_local(path):
+        state = load_file(path)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "model.safetensors")
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(path))
+            state = load_file(local)
+    expected = set(unique_state(module))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    module.load_state_dict(state, strict=False)  # tied aliases are absent by design
+
+
+def load_trained(model_config_path: str, weights_path: str) -> torch.nn.Module:
+    """Rebuild a trained model from its saved config and safetensors weights, in eval mode."""
+    import json
+
+    from pipeline.config import TransformerConfig
+    from pipeline.train.tasks import build_model
+
+    saved = json.loads(storage.read_bytes(model_config_path))
+    encoder = TransformerConfig(**saved["encoder_model"]) if saved.get("encoder_model") else None
+    model = build_model(saved["kind"], TransformerConfig(**saved["model"]), saved["model_args"], encoder)
+    load_weights(model, weights_path)
+    return model.eval()

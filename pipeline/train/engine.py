@@ -1,0 +1,84 @@
+"""DeepSpeed: the ZeRO config a run uses, and `deepspeed.initialize` around a model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError, TrainConfig
+
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+
+
+def load_zero_config(stage: int, directory: Path = DEEPSPEED_CONFIGS) -> dict[str, Any]:
+    path = directory / f"zero{stage}.json"
+    if not path.is_file():
+        raise ConfigError(f"train.zero_stage={stage}: no DeepSpeed config at {path}")
+    config = json.loads(path.read_text())
+    found = config.get("zero_optimization", {}).get("stage", 0)
+    if found != stage:
+        raise ConfigError(f"{path} sets zero_optimization.stage={found}, expected {stage}")
+    return config
+
+
+def deepspeed_config(base: dict[str, Any], train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The ZeRO JSON plus what the run's config decides: batch sizes, precision, clipping."""
+    config = copy.deepcopy(base)
+    config.update(
+        train_micro_batch_size_per_gpu=train.micro_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        train_batch_size=train.micro_batch_size * train.grad_accum * world_size,
+        gradient_clipping=train.grad_clip,
+        bf16={"enabled": train.precision == "bf16"},
+        steps_per_print=10**9,
+    )
+    if train.offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
+        config["zero_force_ds_cpu_optimizer"] = False  # we bring our own torch AdamW
+    return config
+
+
+def lr_lambda(train: TrainConfig):
+    """Linear warmup, then cosine decay to min_lr; a multiplier of each group's lr."""
+    floor = train.min_lr / train.lr
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _skip_cpu_shm_op() -> None:
+    """DeepSpeed compiles a shared-memory all-reduce op on every CPU init (~50 s cold).
+
+    It serves only `inference_all_reduce`; training collectives go through
+    torch.distributed (gloo). Returning None is DeepSpeed's own fallback when
+    the op is unavailable.
+    """
+    import importlib
+
+    # `import deepspeed.comm.torch as m` would bind the torch package itself:
+    # deepspeed.comm re-exports a name `torch`.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
+def initialize(model: torch.nn.Module, groups: list[dict], train: TrainConfig, ds_config: dict[str, Any]):
+    import deepspeed
+
+    if not train.use_gpu:
+        _skip_cpu_shm_op()
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler
