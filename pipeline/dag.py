@@ -90,7 +90,11 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
         return {**done, "status": "cached", "seconds": round(time.perf_counter() - start, 2)}
     storage.remove_tree(ctx.out_dir)  # whatever a killed run left behind
     storage.makedirs(ctx.out_dir)
-    result = stage.run(ctx)
+    try:
+        result = stage.run(ctx)
+    except BaseException:
+        storage.remove_tree(ctx.out_dir)  # leave nothing half-written behind
+        raise
     record = {
         "fingerprint": ctx.fingerprint,
         "seconds": round(time.perf_counter() - start, 2),

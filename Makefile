@@ -1,0 +1,30 @@
+# Two commands on a fresh machine (see README):
+#   make smoke   set up .venv and run the whole pipeline on the embedded data
+#   make test    set up .venv and run the test suite
+VENV ?= .venv
+PYTHON ?= python3
+WORKDIR ?= runs/smoke
+
+.PHONY: setup smoke test test-fast bench
+
+# torch is pinned and installed first: a bare `torch` requirement would pull
+# several GB of CUDA wheels instead of the CPU build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+smoke: setup
+	$(VENV)/bin/pipeline run configs/smoke.yaml --workdir $(WORKDIR) --summary $(WORKDIR)/summary.json
+
+test: setup
+	$(VENV)/bin/pytest -q -rs
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: setup
+	$(VENV)/bin/python bench/smoke_dag.py

@@ -1,0 +1,71 @@
+"""Shared fixtures: a real local Ray cluster and a tiny pipeline workdir.
+
+The tiny config is the smoke config scaled down so that every stage runs in
+seconds; its stage tests share one workdir, so upstream stages are cache hits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+VENV_BIN = Path(sys.executable).parent
+
+TINY_OVERRIDES = [
+    "data.grids.train_count=256",
+    "data.grids.test_count=64",
+    "data.grids.samples_per_shard=128",
+    "data.text.max_bytes=400000",
+    "data.text.docs_per_shard=40",
+    "tokenize.vocab_size=1024",
+    "tokenize.seq_len=64",
+    "pretrain_gpt.train.max_steps=30",
+    "pretrain_gpt.train.warmup_steps=3",
+    "pretrain_gpt.train.log_every=5",
+    "pretrain_vit.train.max_steps=40",
+    "pretrain_vit.train.warmup_steps=4",
+    "pretrain_vit.train.log_every=5",
+    "finetune.train.max_steps=30",
+    "finetune.train.warmup_steps=3",
+    "finetune.train.log_every=5",
+    "evaluate.max_val_sequences=200",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    temp_dir = f"/tmp/tw-ray-{os.getpid()}"
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from pipeline.config import load_config
+
+    return lambda *extra: load_config(SMOKE, TINY_OVERRIDES + list(extra))
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def run_tiny(ray_cluster, tiny_config, tiny_workdir):
+    """Run stages of the tiny pipeline in the shared workdir; returns the summary."""
+    from pipeline.runner import run_pipeline
+
+    def run(targets, *extra):
+        return run_pipeline(tiny_config(*extra), targets, tiny_workdir)
+
+    return run

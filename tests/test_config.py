@@ -1,0 +1,59 @@
+import pytest
+
+from pipeline.config import ConfigError, config_from_dict, load_config
+
+from conftest import SMOKE
+
+
+def test_smoke_config_loads_with_types():
+    config = load_config(SMOKE)
+    assert config.pretrain_gpt.train.zero_stage == 3
+    assert isinstance(config.pretrain_vit.train.lr, float)
+    assert config.data.grids.rows == 2
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"pretrain_gpt": {"model": {"n_layers": 2}}}, "pretrain_gpt.model.n_layers"),
+        ({"pretrain_gpt": {"train": {"lr": "fast"}}}, "pretrain_gpt.train.lr"),
+        ({"pretrain_vit": {"train": {"zero_stage": 4}}}, "pretrain_vit.train.zero_stage"),
+        ({"data": {"grids": {"rows": 11}}}, "data.grids.rows"),
+        ({"data": {"text": {"source": "web"}}}, "data.text.source"),
+        ({"data": {"text": {"source": "hf"}}}, "data.text.hf_dataset"),
+        ({"finetune": {"decoder": {"d_model": 100, "n_head": 3}}}, "finetune.decoder.d_model"),
+        ({"tokenize": {"vocab_size": True}}, "tokenize.vocab_size"),
+        ({"patchify": {"patch_size": 5}}, "patchify.patch_size"),
+        ({"pretrain_gpt": {"train": {"min_lr": 1.0, "lr": 0.1}}}, "pretrain_gpt.train.min_lr"),
+        ({"pretrain_gpt": 3}, "pretrain_gpt"),
+    ],
+)
+def test_bad_config_names_the_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert key in str(err.value)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        config_from_dict({"pretrain_gpt": {"train": {"max_step": 3}}})
+
+
+def test_overrides_are_typed_and_validated():
+    config = load_config(SMOKE, ["pretrain_gpt.train.max_steps=7", "data.text.paths=[a.txt, b.txt]"])
+    assert config.pretrain_gpt.train.max_steps == 7
+    assert config.data.text.paths == ["a.txt", "b.txt"]
+    with pytest.raises(ConfigError, match="pretrain_gpt.train.max_steps"):
+        load_config(SMOKE, ["pretrain_gpt.train.max_steps=seven"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(SMOKE, ["pretrain_gpt.train.max_steps"])
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
+    from pipeline.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain_vit:\n  train:\n    zero_stag: 3\n")
+    assert main(["run", str(bad), "--workdir", str(tmp_path / "w")]) == 2
+    assert "pretrain_vit.train.zero_stag" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,106 @@
+"""WebDataset shards: manifests, checksums, the decode allow-list, atomic writes."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipeline import storage
+from pipeline.data import shards
+from pipeline.data.shards import ShardFormatError
+
+
+def _samples(n):
+    for i in range(n):
+        yield {"__key__": f"s{i:03d}", "png": np.full((28, 28), i, np.uint8), "cls": i % 10,
+               "txt": f"sample {i}", "json": {"i": i}, "npy": np.arange(i + 1, dtype=np.int32)}
+
+
+def test_roundtrip_and_manifest(tmp_path):
+    d = str(tmp_path / "set")
+    info = shards.write_shard(f"{d}/a-000000.tar", _samples(5))
+    shards.write_manifest(d, [info], {"png": "image"}, "fp")
+    paths = shards.shard_paths(d, verify=True)
+    got = list(shards.iter_shards(paths))
+    assert [s["__key__"] for s in got] == [f"s{i:03d}" for i in range(5)]
+    assert got[3]["cls"] == 3 and got[3]["txt"] == "sample 3" and got[3]["json"] == {"i": 3}
+    assert np.array_equal(got[4]["npy"], np.arange(5)) and got[2]["png"][0, 0] == 2
+    manifest = shards.read_manifest(d)
+    assert manifest["total_samples"] == 5 and manifest["shards"][0]["bytes"] == (tmp_path / "set/a-000000.tar").stat().st_size
+
+
+def test_shards_are_readable_by_webdataset_itself(tmp_path):
+    path = str(tmp_path / "a.tar")
+    shards.write_shard(path, _samples(3))
+    keys = [s["__key__"] for s in wds.WebDataset(path, shardshuffle=False)]
+    assert keys == ["s000", "s001", "s002"]
+
+
+def test_same_samples_give_the_same_bytes(tmp_path):
+    a = shards.write_shard(str(tmp_path / "a.tar"), _samples(4))
+    b = shards.write_shard(str(tmp_path / "b.tar"), _samples(4))
+    assert a.sha256 == b.sha256
+
+
+def test_corrupt_shard_is_caught_by_checksum(tmp_path):
+    d = str(tmp_path / "set")
+    info = shards.write_shard(f"{d}/a.tar", _samples(3))
+    shards.write_manifest(d, [info], {}, "fp")
+    raw = bytearray((tmp_path / "set/a.tar").read_bytes())
+    raw[600] ^= 0xFF
+    (tmp_path / "set/a.tar").write_bytes(bytes(raw))
+    with pytest.raises(ShardFormatError, match="sha256"):
+        shards.shard_paths(d, verify=True)
+
+
+def _tar_with(tmp_path, name, data):
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_pickle_members_are_refused(tmp_path):
+    import pickle
+
+    path = _tar_with(tmp_path, "x001.pyd", pickle.dumps({"a": 1}))
+    with pytest.raises(ShardFormatError, match="'.pyd' is not allowed"):
+        list(shards.iter_shard(path))
+
+
+def test_object_arrays_in_npy_are_refused(tmp_path):
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    path = _tar_with(tmp_path, "x001.npy", buf.getvalue())
+    with pytest.raises(ShardFormatError, match="cannot decode '.npy'"):
+        list(shards.iter_shard(path))
+
+
+def test_missing_manifest_and_garbage_shard(tmp_path):
+    with pytest.raises(ShardFormatError, match="no manifest.json"):
+        shards.shard_paths(str(tmp_path))
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ShardFormatError, match="not a readable tar"):
+        list(shards.iter_shard(str(bad)))
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    def broken():
+        yield from _samples(2)
+        raise RuntimeError("source died")
+
+    path = tmp_path / "a.tar"
+    with pytest.raises(RuntimeError):
+        shards.write_shard(str(path), broken())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_json_write(tmp_path):
+    storage.write_json_atomic(str(tmp_path / "m.json"), {"a": 1})
+    assert storage.read_json(str(tmp_path / "m.json")) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
