@@ -123,8 +123,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     max_failures: int = 0
-    # Peak FLOP/s of one worker's device, for MFU. 140e9: the measured fp32 matmul
-    # rate of the 2-core CI machine; set ~989e12 for an H100 in bf16.
+    # Peak FLOP/s of one worker's device, for MFU. 70e9: half the ~140 GFLOP/s fp32
+    # matmul rate measured on the 2-core CI machine (one core per worker); an H100
+    # in bf16 is ~989e12 dense.
     peak_flops_per_worker: float = 70e9
     seed: int = 0
 

@@ -40,8 +40,8 @@ def test_unknown_key_suggests_the_close_one():
 
 
 def test_overrides_are_typed_and_validated():
-    config = load_config(SMOKE, ["pretrain_gpt.train.max_steps=7", "data.text.paths=[a.txt, b.txt]"])
-    assert config.pretrain_gpt.train.max_steps == 7
+    config = load_config(SMOKE, ["pretrain_gpt.train.max_steps=70", "data.text.paths=[a.txt, b.txt]"])
+    assert config.pretrain_gpt.train.max_steps == 70
     assert config.data.text.paths == ["a.txt", "b.txt"]
     with pytest.raises(ConfigError, match="pretrain_gpt.train.max_steps"):
         load_config(SMOKE, ["pretrain_gpt.train.max_steps=seven"])
