@@ -44,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after the options too (`run CFG --workdir W a.b=1`): argparse
+    # leaves those in `extra`.
+    args, extra = parser.parse_known_args(argv)
+    for arg in extra:
+        if arg.startswith("-") or "=" not in arg:
+            parser.error(f"unrecognized argument: {arg}")
+    args.overrides = list(args.overrides) + extra
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -25,6 +25,10 @@ def ensure_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed: no warning per worker
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
@@ -81,14 +85,18 @@ def _asdict(section: Any) -> Any:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """A plain table: stage, status, seconds, headline metrics."""
-    rows = [("stage", "status", "seconds", "metrics")]
+    """A table of stages (status, seconds, outputs' count), then every evaluation metric."""
+    rows = [("stage", "status", "seconds", "checkpoint / outputs")]
     for name, s in summary["stages"].items():
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(s["metrics"].items())[:6])
-        rows.append((name, s["status"], f"{s['seconds']:.1f}", shown))
+        where = s["outputs"].get("checkpoint") or f"{len(s['outputs'])} outputs"
+        rows.append((name, s["status"], f"{s['seconds']:.1f}", str(where)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
+    metrics = summary["stages"].get("evaluate", {}).get("metrics", {})
+    if metrics:
+        width = max(len(k) for k in metrics)
+        lines += ["", "evaluation"] + [f"  {k:<{width}}  {_fmt(v)}" for k, v in metrics.items()]
     return "\n".join(lines)
 
 

@@ -20,7 +20,8 @@ STAGES = ["shard", "tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "fine
 
 
 def _pipeline(workdir, summary, *extra):
-    env = {**os.environ, "RAY_TMPDIR": str(workdir) + "-ray"}
+    # Ray's socket paths must stay under 108 bytes: a short temp dir of its own.
+    env = {**os.environ, "RAY_TMPDIR": f"/tmp/twe-{os.getpid()}"}
     env.pop("RAY_ADDRESS", None)
     cmd = [str(VENV_BIN / "pipeline"), "run", str(SMOKE), "--workdir", str(workdir), "--summary", str(summary), *extra]
     start = time.perf_counter()

@@ -19,12 +19,23 @@ from pipeline import storage
 TAG = "state"  # one DeepSpeed tag per checkpoint directory: Ray versions the directories
 
 
+def _deepspeed_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed's checkpoints hold (checked for ZeRO 0-3)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
 def _weights_only_loads(engine) -> None:
     """Make DeepSpeed's checkpoint engine refuse to unpickle arbitrary objects."""
     checkpoint_engine = engine.checkpoint_engine
+    allowed = _deepspeed_safe_globals()
 
     def load(path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
 
     checkpoint_engine.load = load
 

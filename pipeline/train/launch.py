@@ -32,4 +32,9 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training under {run_dir} finished without reporting a checkpoint")
-    return {"checkpoint": result.checkpoint.path, "metrics": dict(result.metrics or {})}
+    kept = sorted((metrics.get("step", -1), ckpt.path) for ckpt, metrics in result.best_checkpoints or [])
+    return {
+        "checkpoint": result.checkpoint.path,
+        "metrics": dict(result.metrics or {}),
+        "checkpoints_by_step": {step: path for step, path in kept},
+    }

@@ -39,7 +39,11 @@ def _mean_across_ranks(value: float, device) -> float:
 
 
 def train_worker(loop_config: dict) -> None:
+    import logging
+
     import ray.train
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     spec: TrainSpec = loop_config["spec"]
     train = spec.train
@@ -64,6 +68,8 @@ def train_worker(loop_config: dict) -> None:
 
     step = 0
     resume = ray.train.get_checkpoint()
+    if resume is None and spec.resume_from:
+        resume = ray.train.Checkpoint(spec.resume_from)
     if resume is not None:
         with resume.as_directory() as directory:
             state = ckpt.load_engine(engine, directory, rank)
@@ -105,6 +111,9 @@ def train_worker(loop_config: dict) -> None:
             }
             if logger:
                 logger.log_metrics(metrics, step)
+            if rank == 0:
+                print(f"[{spec.kind}] step {step}/{train.max_steps} loss {last_loss:.4f} "
+                      f"{metrics[f'{unit}_per_s']:.0f} {unit}/s mfu {metrics['mfu']:.1%}", flush=True)
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
 
         final = step == train.max_steps

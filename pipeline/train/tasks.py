@@ -40,6 +40,7 @@ class TrainSpec:
     max_shift: int = 0
     tracking_uri: Optional[str] = None
     mlflow_run_id: Optional[str] = None
+    resume_from: Optional[str] = None  # a reported checkpoint to start from (Ray's own restore wins)
 
 
 def build_model(kind: str, model: TransformerConfig, args: dict[str, Any], encoder_model: Optional[TransformerConfig] = None) -> torch.nn.Module:
