@@ -22,12 +22,21 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or holds a bad value."""
 
 
+def _require_positive(section: Any, key: str, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(section, name)}")
+
+
 # --------------------------------------------------------------------------- data
 
 
 @dataclass
 class MnistConfig:
     samples_per_shard: int = 1000
+
+    def validate(self, key: str) -> None:
+        _require_positive(self, key, "samples_per_shard")
 
 
 @dataclass
@@ -40,6 +49,7 @@ class GridConfig:
     samples_per_shard: int = 1000
 
     def validate(self, key: str) -> None:
+        _require_positive(self, key, "train_count", "test_count", "samples_per_shard")
         for name in ("rows", "cols"):
             if not 1 <= getattr(self, name) <= 10:
                 raise ConfigError(f"{key}.{name} must be in 1..10, got {getattr(self, name)}")
@@ -62,6 +72,7 @@ class TextConfig:
     docs_per_shard: int = 200
 
     def validate(self, key: str) -> None:
+        _require_positive(self, key, "max_bytes", "docs_per_shard")
         if self.source == "hf" and not self.hf_dataset:
             raise ConfigError(f"{key}.hf_dataset is required when {key}.source is 'hf'")
         if self.source == "files" and not self.paths:
@@ -86,6 +97,8 @@ class TokenizeConfig:
     def validate(self, key: str) -> None:
         if self.vocab_size < 257:
             raise ConfigError(f"{key}.vocab_size must be at least 257 (256 bytes + 1), got {self.vocab_size}")
+        if self.seq_len < 8:
+            raise ConfigError(f"{key}.seq_len must be at least 8, got {self.seq_len}")
 
 
 @dataclass
@@ -134,9 +147,7 @@ class TrainConfig:
             raise ConfigError(f"{key}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError(f"{key}.offload_optimizer needs {key}.zero_stage >= 1")
-        for name in ("num_workers", "micro_batch_size", "grad_accum", "max_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
+        _require_positive(self, key, "num_workers", "micro_batch_size", "grad_accum", "max_steps", "log_every")
         if not 0 < self.min_lr <= self.lr:
             raise ConfigError(f"{key}.min_lr must be in (0, {key}.lr], got {self.min_lr}")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -151,8 +162,7 @@ class TransformerConfig:
     dropout: float = 0.0
 
     def validate(self, key: str) -> None:
-        if min(self.n_layer, self.n_head, self.d_model) < 1:
-            raise ConfigError(f"{key}: n_layer, n_head and d_model must be >= 1")
+        _require_positive(self, key, "n_layer", "n_head", "d_model")
         if self.d_model % self.n_head:
             raise ConfigError(f"{key}.d_model ({self.d_model}) must be divisible by {key}.n_head ({self.n_head})")
 
@@ -188,6 +198,9 @@ class FinetuneConfig:
 class EvaluateConfig:
     batch_size: int = 64
     max_val_sequences: int = 2000
+
+    def validate(self, key: str) -> None:
+        _require_positive(self, key, "batch_size", "max_val_sequences")
 
 
 # --------------------------------------------------------------------------- run

@@ -26,6 +26,8 @@ def test_smoke_config_loads_with_types():
         ({"patchify": {"patch_size": 5}}, "patchify.patch_size"),
         ({"pretrain_gpt": {"train": {"min_lr": 1.0, "lr": 0.1}}}, "pretrain_gpt.train.min_lr"),
         ({"pretrain_gpt": 3}, "pretrain_gpt"),
+        ({"data": {"grids": {"train_count": 0}}}, "data.grids.train_count"),
+        ({"pretrain_vit": {"model": {"n_head": 0}}}, "pretrain_vit.model.n_head"),
     ],
 )
 def test_bad_config_names_the_key(data, key):
