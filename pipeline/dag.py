@@ -46,6 +46,7 @@ class Stage:
     deps: tuple[str, ...]
     section: Callable[[RunConfig], Any]  # the config this stage's output depends on
     run: Callable[[StageContext], StageResult]
+    uses_ray: bool = True  # False: runs in the driver process alone
 
 
 def fingerprint(stage: Stage, config: RunConfig, input_fingerprints: dict[str, str]) -> str:

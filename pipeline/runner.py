@@ -59,7 +59,8 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
             with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
                                   tags={"stage": name, "fingerprint": fp, "git_commit": commit}) as run:
                 if cached is None:
-                    ensure_ray(config.ray)
+                    if stage.uses_ray:
+                        ensure_ray(config.ray)
                     print(f"[{name}] running -> {out_dir}", flush=True)
                     section = stage.section(config)
                     mlflow.log_params(tracking.params_for_mlflow({"config": _asdict(section)}))

@@ -256,6 +256,7 @@ STAGES: dict[str, Stage] = {
         Stage("pretrain_gpt", ("tokenize",), lambda c: c.pretrain_gpt, run_pretrain_gpt),
         Stage("pretrain_vit", ("patchify",), lambda c: c.pretrain_vit, run_pretrain_vit),
         Stage("finetune", ("patchify", "pretrain_vit"), lambda c: c.finetune, run_finetune),
-        Stage("evaluate", ("tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "finetune"), lambda c: c.evaluate, run_evaluate),
+        Stage("evaluate", ("tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "finetune"), lambda c: c.evaluate, run_evaluate,
+              uses_ray=False),
     ]
 }

@@ -83,8 +83,9 @@ def train_worker(loop_config: dict) -> None:
         logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id)
 
     samples_per_step = train.micro_batch_size * train.grad_accum * world
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    last_loss = float("nan")
+    # The loss stays a device tensor until a log step: .item() every step would stall a GPU.
+    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    last_loss, last_metrics = float("nan"), {}
     while step < train.max_steps:
         engine.train()
         for micro in range(train.grad_accum):
@@ -92,12 +93,12 @@ def train_worker(loop_config: dict) -> None:
             loss = compute_loss(spec, engine, batch, device, dtype, gen)
             engine.backward(loss)
             engine.step()
-            window_loss += float(loss.item()) / train.grad_accum
+            window_loss += loss.detach().float() / train.grad_accum
         step += 1
         window_steps += 1
 
         if step % train.log_every == 0 or step == train.max_steps:
-            last_loss = _mean_across_ranks(window_loss / window_steps, device)
+            last_loss = _mean_across_ranks(float(window_loss) / window_steps, device)
             elapsed = time.perf_counter() - window_start
             samples_per_s = window_steps * samples_per_step / elapsed
             metrics = {
@@ -109,12 +110,13 @@ def train_worker(loop_config: dict) -> None:
                 "mfu": samples_per_s * sample_flops / (train.peak_flops_per_worker * world),
                 "epoch": schedule.epoch_of(step * train.grad_accum),
             }
+            last_metrics = metrics
             if logger:
                 logger.log_metrics(metrics, step)
             if rank == 0:
                 print(f"[{spec.kind}] step {step}/{train.max_steps} loss {last_loss:.4f} "
                       f"{metrics[f'{unit}_per_s']:.0f} {unit}/s mfu {metrics['mfu']:.1%}", flush=True)
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
 
         final = step == train.max_steps
         if final or (train.checkpoint_every and step % train.checkpoint_every == 0):
@@ -122,5 +124,5 @@ def train_worker(loop_config: dict) -> None:
                 ckpt.save_engine(engine, directory, step, gen, rank)
                 if final:
                     ckpt.export_weights(engine, train.zero_stage, spec.weights_out, rank)
-                report = {"step": step, "loss": last_loss}
+                report = {**last_metrics, "step": step, "loss": last_loss}
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
