@@ -136,10 +136,10 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     max_failures: int = 0
-    # Peak FLOP/s of one worker's device, for MFU. 70e9: half the ~140 GFLOP/s fp32
-    # matmul rate measured on the 2-core CI machine (one core per worker); an H100
-    # in bf16 is ~989e12 dense.
-    peak_flops_per_worker: float = 70e9
+    # Peak FLOP/s of one worker's device, for MFU. 180e9: the fp32 matmul rate of one
+    # core of the 2-core CI machine (1024-2048 square, measured 176-183 GFLOP/s), as
+    # each CPU worker gets one core; an H100 in bf16 is ~989e12 dense.
+    peak_flops_per_worker: float = 180e9
     seed: int = 0
 
     def validate(self, key: str) -> None:

@@ -49,12 +49,16 @@ class Stage:
     uses_ray: bool = True  # False: runs in the driver process alone
 
 
-def fingerprint(stage: Stage, config: RunConfig, input_fingerprints: dict[str, str]) -> str:
+def section_dict(stage: Stage, config: RunConfig) -> Any:
     section = stage.section(config)
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+
+
+def fingerprint(stage: Stage, config: RunConfig, input_fingerprints: dict[str, str]) -> str:
     payload = {
         "stage": stage.name,
         "format": FORMAT_VERSION,
-        "config": dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section,
+        "config": section_dict(stage, config),
         "inputs": input_fingerprints,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from pipeline import storage, tracking
 from pipeline.config import RunConfig, RayConfig
-from pipeline.dag import StageContext, closure, fingerprint, read_done, run_stage
+from pipeline.dag import StageContext, closure, fingerprint, read_done, run_stage, section_dict
 from pipeline.stages import STAGES
 
 PIPELINE_ORDER = list(STAGES)
@@ -62,8 +62,7 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
                     if stage.uses_ray:
                         ensure_ray(config.ray)
                     print(f"[{name}] running -> {out_dir}", flush=True)
-                    section = stage.section(config)
-                    mlflow.log_params(tracking.params_for_mlflow({"config": _asdict(section)}))
+                    mlflow.log_params(tracking.params_for_mlflow({"config": section_dict(stage, config)}))
                 ctx = StageContext(config, out_dir, {d: outputs[d] for d in stage.deps}, fp, uri, run.info.run_id)
                 record = run_stage(stage, ctx)
                 mlflow.set_tag("status", record["status"])
@@ -77,12 +76,6 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
             summary["stages"][name] = {k: record[k] for k in ("status", "seconds", "outputs", "metrics")}
             print(f"[{name}] {record['status']} in {record['seconds']:.1f}s", flush=True)
     return summary
-
-
-def _asdict(section: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -19,8 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, resolved = fsspec.core.url_to_fs(path)
-    return fs, resolved
+    return fsspec.core.url_to_fs(path)
 
 
 def is_local(path: str) -> bool:
@@ -50,13 +49,6 @@ def remove_tree(path: str) -> None:
     fs, p = _fs(path)
     if fs.exists(p):
         fs.rm(p, recursive=True)
-
-
-def list_names(path: str) -> list[str]:
-    fs, p = _fs(path)
-    if not fs.exists(p):
-        return []
-    return sorted(os.path.basename(x.rstrip("/")) for x in fs.ls(p, detail=False))
 
 
 def open_file(path: str, mode: str = "rb") -> IO:
@@ -101,9 +93,3 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def local_copy_dir(src: str, dst: str) -> None:
-    """Copy a local directory tree `src` to `dst` (local or remote)."""
-    fs, p = _fs(dst)
-    fs.put(src.rstrip("/") + "/", p, recursive=True)
