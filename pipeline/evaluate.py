@@ -16,6 +16,8 @@ from pipeline.data.sources import BLANK
 from pipeline.train.checkpoint import load_trained
 from pipeline.train.data import load_table
 
+EXAMPLES = 16  # test grids written out for a person to read, mistakes first
+
 
 def _batches(n: int, size: int):
     for start in range(0, n, size):
@@ -89,10 +91,14 @@ def score_grids(predicted: list[str], target: list[str]) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_captioner(trained: dict[str, Any], grids_test: str, cfg: EvaluateConfig) -> dict[str, float]:
     model = load_trained(trained["model_config"], trained["weights"])
-    table = load_table(shard_paths(grids_test), {"npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])})
+    fields = {"__key__": str, "npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])}
+    table = load_table(shard_paths(grids_test), fields)
     x, texts, shapes = table.columns["npy"], list(table.columns["txt"]), table.columns["json"]
     predicted: list[str] = []
     for s in _batches(len(texts), cfg.batch_size):
         rows, cols = (int(v) for v in shapes[s.start])
         predicted += model.generate(torch.from_numpy(x[s]), rows, cols)
-    return {**score_grids(predicted, texts), "captioner_test_grids": float(len(texts))}
+    keys = table.columns["__key__"]
+    wrong_first = sorted(range(len(texts)), key=lambda i: predicted[i] == texts[i])[:EXAMPLES]
+    examples = [{"key": str(keys[i]), "target": texts[i], "predicted": predicted[i]} for i in wrong_first]
+    return {**score_grids(predicted, texts), "captioner_test_grids": float(len(texts)), "captioner_examples": examples}

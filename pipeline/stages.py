@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any, Callable, Iterable, Iterator
 
-from pipeline import storage
+from pipeline import storage, tracking
 from pipeline.dag import Stage, StageContext, StageResult
 from pipeline.data import shards, sources
 from pipeline.data.shards import ShardInfo
@@ -195,6 +195,9 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, model_args: di
     params = {**counts, "world_size": section.train.num_workers, "zero_stage": section.train.zero_stage}
     metrics = {"final_train_loss": float(result["metrics"].get("loss", float("nan")))}
     outputs = {"checkpoint": result["checkpoint"], "weights": weights, "model_config": model_config_path}
+    if ctx.mlflow_run_id:
+        outputs["loss_plot"] = storage.join(ctx.out_dir, "loss.png")
+        tracking.plot_loss(ctx.tracking_uri, ctx.mlflow_run_id, "tokens" if kind == "gpt" else "images", outputs["loss_plot"])
     return StageResult(outputs, metrics, params)
 
 
@@ -242,9 +245,12 @@ def run_evaluate(ctx: StageContext) -> StageResult:
         **evaluate.evaluate_vit(ctx.inputs["pretrain_vit"], ctx.inputs["patchify"]["mnist_test"], cfg),
         **evaluate.evaluate_captioner(ctx.inputs["finetune"], ctx.inputs["patchify"]["grids_test"], cfg),
     }
+    examples = metrics.pop("captioner_examples")
     metrics_path = storage.join(ctx.out_dir, "metrics.json")
+    examples_path = storage.join(ctx.out_dir, "captioner_examples.json")
     storage.write_json_atomic(metrics_path, metrics)
-    return StageResult({"metrics": metrics_path}, metrics)
+    storage.write_json_atomic(examples_path, examples)
+    return StageResult({"metrics": metrics_path, "captioner_examples": examples_path}, metrics)
 
 
 STAGES: dict[str, Stage] = {

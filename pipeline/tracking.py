@@ -85,3 +85,36 @@ class RunLogger:
 
         ts = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def plot_loss(uri: str, run_id: str, unit: str, path: str) -> None:
+    """Training loss against data seen and against compute, from the run's history;
+    saved to `path` and attached to the run as an artifact."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    history = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in ("loss", unit, "flops")}
+    steps = sorted(history["loss"])
+    if not steps:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, key, label in ((axes[0], unit, unit), (axes[1], "flops", "training FLOPs (6N + 12·L·T·d per token)")):
+        ax.plot([history[key][s] for s in steps], [history["loss"][s] for s in steps], marker=".")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss")
+    fig.suptitle(client.get_run(run_id).info.run_name)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "loss.png")
+        fig.savefig(local, dpi=110)
+        plt.close(fig)
+        with open(local, "rb") as f:
+            storage.write_bytes_atomic(path, f.read())
+        client.log_artifact(run_id, local)

@@ -135,6 +135,8 @@ def test_pretrain_vit(run_tiny):
     assert run.data.params["zero_stage"] == "2"
     _, images = _mlflow_history(summary, "pretrain_vit", "images")
     assert images[-1] == (40, 40 * 64 * 2)
+    with open(summary["stages"]["pretrain_vit"]["outputs"]["loss_plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_finetune_starts_from_the_pretrained_vit(run_tiny):
@@ -160,6 +162,8 @@ def test_evaluate(run_tiny):
     assert metrics["vit_test_accuracy"] > 0.3  # 40 steps: far above the 0.1 of chance
     written = storage.read_json(summary["stages"]["evaluate"]["outputs"]["metrics"])
     assert written == json.loads(json.dumps(metrics))
+    examples = storage.read_json(summary["stages"]["evaluate"]["outputs"]["captioner_examples"])
+    assert len(examples) == 16 and all(set(e) == {"key", "target", "predicted"} for e in examples)
 
 
 def test_failed_stage_leaves_no_output(run_tiny, tiny_workdir):
