@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any, Callable, Iterable, Iterator
 
 from pipeline import storage, tracking
@@ -40,13 +39,17 @@ def _write_samples(path: str, make: Callable[..., Iterable[dict]], args: tuple) 
     return shards.write_shard(path, make(*args))
 
 
+def _shard_ranges(count: int, per_shard: int) -> list[tuple[int, int]]:
+    return [(start, min(count, start + per_shard)) for start in range(0, max(count, 1), per_shard)]
+
+
 def _write_split(out_dir: str, prefix: str, count: int, per_shard: int, make, args: tuple,
                  schema: dict[str, str], fingerprint: str, desc: str) -> dict:
-    """Shards of `count` samples, shard i holding samples [i*per_shard, (i+1)*per_shard)."""
-    n_shards = max(1, math.ceil(count / per_shard))
+    """Shards of `count` samples, shard i holding samples [i*per_shard, (i+1)*per_shard):
+    `make(*args, start, stop)` yields them."""
     calls = [
-        (storage.join(out_dir, f"{prefix}-{i:06d}.tar"), make, (*args, i * per_shard, min(count, (i + 1) * per_shard)))
-        for i in range(n_shards)
+        (storage.join(out_dir, f"{prefix}-{i:06d}.tar"), make, (*args, start, stop))
+        for i, (start, stop) in enumerate(_shard_ranges(count, per_shard))
     ]
     infos = _ray_map(_write_samples, calls, desc)
     return shards.write_manifest(out_dir, infos, schema, fingerprint)
@@ -55,9 +58,8 @@ def _write_split(out_dir: str, prefix: str, count: int, per_shard: int, make, ar
 # --------------------------------------------------------------------------- shard
 
 
-def _text_samples(docs: list[tuple[str, str]], start: int, stop: int) -> Iterator[dict]:
-    for n in range(start, stop):
-        key, text = docs[n]
+def _text_samples(docs: list[tuple[str, str]], first: int) -> Iterator[dict]:
+    for n, (key, text) in enumerate(docs, start=first):
         yield {"__key__": f"doc-{n:06d}", "txt": text, "json": {"source_key": key}}
 
 
@@ -93,8 +95,12 @@ def run_shard(ctx: StageContext) -> StageResult:
     text_schema = {"txt": "a UTF-8 document", "json": "source_key"}
     for split, split_docs in splits.items():
         d = storage.join(out, "text", split)
-        m = _write_split(d, "text", len(split_docs), data.text.docs_per_shard, _text_samples, (split_docs,),
-                         text_schema, fp, f"shard text/{split}")
+        # Each task gets only its own documents, not the whole corpus.
+        calls = [
+            (storage.join(d, f"text-{i:06d}.tar"), _text_samples, (split_docs[start:stop], start))
+            for i, (start, stop) in enumerate(_shard_ranges(len(split_docs), data.text.docs_per_shard))
+        ]
+        m = shards.write_manifest(d, _ray_map(_write_samples, calls, f"shard text/{split}"), text_schema, fp)
         outputs[f"text_{split}"] = d
         metrics[f"text_{split}_docs"] = m["total_samples"]
         metrics[f"text_{split}_bytes"] = sum(len(t.encode("utf-8")) for _, t in split_docs)
