@@ -171,7 +171,7 @@ def run_patchify(ctx: StageContext) -> StageResult:
 def _train(ctx: StageContext, kind: str, section, train_dir: str, model_args: dict[str, Any], **spec_extra) -> StageResult:
     from pipeline.train.engine import load_zero_config
     from pipeline.train.launch import fit
-    from pipeline.train.tasks import TrainSpec, build_model, param_counts
+    from pipeline.train.tasks import TrainSpec, build_model, param_counts, units_per_sample
 
     model_cfg = section.decoder if kind == "captioner" else section.model
     weights = storage.join(ctx.out_dir, "model.safetensors")
@@ -203,7 +203,8 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, model_args: di
     outputs = {"checkpoint": result["checkpoint"], "weights": weights, "model_config": model_config_path}
     if ctx.mlflow_run_id:
         outputs["loss_plot"] = storage.join(ctx.out_dir, "loss.png")
-        tracking.plot_loss(ctx.tracking_uri, ctx.mlflow_run_id, "tokens" if kind == "gpt" else "images", outputs["loss_plot"])
+        unit, _ = units_per_sample(spec)
+        tracking.plot_loss(ctx.tracking_uri, ctx.mlflow_run_id, unit, outputs["loss_plot"])
     return StageResult(outputs, metrics, params)
 
 

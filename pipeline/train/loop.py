@@ -60,7 +60,7 @@ def train_worker(loop_config: dict) -> None:
         ckpt.load_weights(model.encoder, spec.init_encoder)
     table = load_training_table(spec, rank, world)
     schedule = BatchSchedule(table, train.micro_batch_size, train.seed, rank)
-    unit, units_each = units_per_sample(spec, table)
+    unit, units_each = units_per_sample(spec)
     sample_flops = flops_per_sample(spec, model, table)
 
     engine, _, scheduler = initialize(model, param_groups(spec, model), train, deepspeed_config(spec.deepspeed, train, world))

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import TrainConfig, TransformerConfig
 from pipeline.models import flops
-from pipeline.models.captioner import PAD, Captioner, encode_text
+from pipeline.models.captioner import MAX_TEXT_LEN, PAD, Captioner, encode_text
 from pipeline.models.gpt import GPT
 from pipeline.models.layers import count_params
 from pipeline.models.vit import ViT
@@ -75,8 +75,6 @@ def load_training_table(spec: TrainSpec, rank: int, world: int) -> SampleTable:
 
 
 def _padded_text_ids(text: str) -> np.ndarray:
-    from pipeline.models.captioner import MAX_TEXT_LEN
-
     ids = encode_text(text)
     return np.asarray(ids + [PAD] * (MAX_TEXT_LEN + 2 - len(ids)), dtype=np.int64)
 
@@ -114,7 +112,7 @@ def compute_loss(spec: TrainSpec, engine, batch: dict[str, np.ndarray], device, 
     return loss
 
 
-def units_per_sample(spec: TrainSpec, table: SampleTable) -> tuple[str, float]:
+def units_per_sample(spec: TrainSpec) -> tuple[str, float]:
     """The unit of data a run counts (tokens or images) and how many a sample holds."""
     if spec.kind == "gpt":
         return "tokens", float(spec.model_args["seq_len"])
