@@ -23,7 +23,7 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
         tiny_config().pretrain_vit.train, zero_stage=zero_stage, max_steps=12, warmup_steps=2, log_every=4, checkpoint_every=6
     )
 
-    def spec(name, resume_from=None):
+    def spec(name, resume_from=None, fail_at_step=0):
         return TrainSpec(
             kind="vit",
             train_shards=shards.shard_paths(summary["stages"]["patchify"]["outputs"]["mnist_train"]),
@@ -34,6 +34,7 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
             model_args={"patch_size": 7, "num_patches": 16, "patch_dim": 49, "num_classes": 10, "background": -0.42},
             max_shift=1,  # shifts come from the per-rank generator: its state must be restored too
             resume_from=resume_from,
+            fail_at_step=fail_at_step,
         )
 
     full = fit(spec("full"), str(tmp_path / "full"))
@@ -42,7 +43,23 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
     # It really started at step 6: a run from scratch would also have saved step 6.
     assert sorted(resumed["checkpoints_by_step"]) == [12]
 
-    a, b = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    _assert_same_weights(tmp_path / "full.safetensors", tmp_path / "resumed.safetensors")
+
+    if zero_stage == 3:
+        # The drill really kills the run when Ray may not restart it...
+        with pytest.raises(Exception, match="fault drill"):
+            fit(spec("dies", fail_at_step=9), str(tmp_path / "dies"))
+        # ...and with one restart allowed, Ray resumes the new worker group from the
+        # step-6 checkpoint through ray.train.get_checkpoint() and it ends identically.
+        failing = dataclasses.replace(spec("restarted", fail_at_step=9),
+                                      train=dataclasses.replace(train, max_failures=1))
+        restarted = fit(failing, str(tmp_path / "restarted"))
+        assert sorted(restarted["checkpoints_by_step"]) == [6, 12]
+        _assert_same_weights(tmp_path / "full.safetensors", tmp_path / "restarted.safetensors")
+
+
+def _assert_same_weights(path_a, path_b):
+    a, b = load_file(path_a), load_file(path_b)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -38,6 +38,10 @@ def _mean_across_ranks(value: float, device) -> float:
     return float(t.item())
 
 
+class InjectedFault(RuntimeError):
+    """Raised by the `fail_at_step` drill."""
+
+
 def train_worker(loop_config: dict) -> None:
     import logging
 
@@ -96,6 +100,8 @@ def train_worker(loop_config: dict) -> None:
             window_loss += loss.detach().float() / train.grad_accum
         step += 1
         window_steps += 1
+        if step == spec.fail_at_step and resume is None and rank == world - 1:
+            raise InjectedFault(f"fault drill: rank {rank} fails at step {step}")
 
         if step % train.log_every == 0 or step == train.max_steps:
             last_loss = _mean_across_ranks(float(window_loss) / window_steps, device)

@@ -41,6 +41,9 @@ class TrainSpec:
     tracking_uri: Optional[str] = None
     mlflow_run_id: Optional[str] = None
     resume_from: Optional[str] = None  # a reported checkpoint to start from (Ray's own restore wins)
+    # Fault drill: the last rank raises once at this step of a run that did not
+    # resume, so Ray's restart-from-checkpoint path can be exercised (0: never).
+    fail_at_step: int = 0
 
 
 def build_model(kind: str, model: TransformerConfig, args: dict[str, Any], encoder_model: Optional[TransformerConfig] = None) -> torch.nn.Module:
