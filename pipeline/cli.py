@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pretrain" and args.model != "both":
         targets = [f"pretrain_{args.model}"]
     summary = run_pipeline(config, targets, args.workdir)
+    _stop_local_ray()  # flushes the workers' trailing logs, so the summary prints last
     print()
     print(format_summary(summary))
     if args.summary:
@@ -71,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(summary, f, indent=2)
         print(f"\nsummary written to {args.summary}")
     return 0
+
+
+def _stop_local_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":
