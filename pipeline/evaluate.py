@@ -89,7 +89,8 @@ def score_grids(predicted: list[str], target: list[str]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_captioner(trained: dict[str, Any], grids_test: str, cfg: EvaluateConfig) -> dict[str, float]:
+def evaluate_captioner(trained: dict[str, Any], grids_test: str, cfg: EvaluateConfig) -> tuple[dict[str, float], list[dict]]:
+    """Metrics, and a few written-out test grids (mistakes first) for a person to read."""
     model = load_trained(trained["model_config"], trained["weights"])
     fields = {"__key__": str, "npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])}
     table = load_table(shard_paths(grids_test), fields)
@@ -101,4 +102,4 @@ def evaluate_captioner(trained: dict[str, Any], grids_test: str, cfg: EvaluateCo
     keys = table.columns["__key__"]
     wrong_first = sorted(range(len(texts)), key=lambda i: predicted[i] == texts[i])[:EXAMPLES]
     examples = [{"key": str(keys[i]), "target": texts[i], "predicted": predicted[i]} for i in wrong_first]
-    return {**score_grids(predicted, texts), "captioner_test_grids": float(len(texts)), "captioner_examples": examples}
+    return {**score_grids(predicted, texts), "captioner_test_grids": float(len(texts))}, examples

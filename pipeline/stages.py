@@ -43,16 +43,11 @@ def _shard_ranges(count: int, per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(count, start + per_shard)) for start in range(0, max(count, 1), per_shard)]
 
 
-def _write_split(out_dir: str, prefix: str, count: int, per_shard: int, make, args: tuple,
+def _write_split(out_dir: str, prefix: str, make: Callable[..., Iterable[dict]], shard_args: list[tuple],
                  schema: dict[str, str], fingerprint: str, desc: str) -> dict:
-    """Shards of `count` samples, shard i holding samples [i*per_shard, (i+1)*per_shard):
-    `make(*args, start, stop)` yields them."""
-    calls = [
-        (storage.join(out_dir, f"{prefix}-{i:06d}.tar"), make, (*args, start, stop))
-        for i, (start, stop) in enumerate(_shard_ranges(count, per_shard))
-    ]
-    infos = _ray_map(_write_samples, calls, desc)
-    return shards.write_manifest(out_dir, infos, schema, fingerprint)
+    """One shard per entry of `shard_args`, shard i yielded by `make(*shard_args[i])`, then the manifest."""
+    calls = [(storage.join(out_dir, f"{prefix}-{i:06d}.tar"), make, args) for i, args in enumerate(shard_args)]
+    return shards.write_manifest(out_dir, _ray_map(_write_samples, calls, desc), schema, fingerprint)
 
 
 # --------------------------------------------------------------------------- shard
@@ -73,7 +68,8 @@ def run_shard(ctx: StageContext) -> StageResult:
     for split in ("train", "test"):
         count = len(sources.mnist_split(split)[1])
         d = storage.join(out, "mnist", split)
-        m = _write_split(d, "mnist", count, data.mnist.samples_per_shard, sources.digit_samples, (split,),
+        ranges = _shard_ranges(count, data.mnist.samples_per_shard)
+        m = _write_split(d, "mnist", sources.digit_samples, [(split, a, b) for a, b in ranges],
                          digit_schema, fp, f"shard mnist/{split}")
         outputs[f"mnist_{split}"] = d
         metrics[f"mnist_{split}_samples"] = m["total_samples"]
@@ -83,8 +79,9 @@ def run_shard(ctx: StageContext) -> StageResult:
     for split in ("train", "test"):
         count = data.grids.train_count if split == "train" else data.grids.test_count
         d = storage.join(out, "grids", split)
-        m = _write_split(d, "grids", count, data.grids.samples_per_shard, sources.grid_samples,
-                         (data.grids, split, data.seed), grid_schema, fp, f"shard grids/{split}")
+        ranges = _shard_ranges(count, data.grids.samples_per_shard)
+        m = _write_split(d, "grids", sources.grid_samples, [(data.grids, split, data.seed, a, b) for a, b in ranges],
+                         grid_schema, fp, f"shard grids/{split}")
         outputs[f"grids_{split}"] = d
         metrics[f"grids_{split}_samples"] = m["total_samples"]
 
@@ -96,11 +93,9 @@ def run_shard(ctx: StageContext) -> StageResult:
     for split, split_docs in splits.items():
         d = storage.join(out, "text", split)
         # Each task gets only its own documents, not the whole corpus.
-        calls = [
-            (storage.join(d, f"text-{i:06d}.tar"), _text_samples, (split_docs[start:stop], start))
-            for i, (start, stop) in enumerate(_shard_ranges(len(split_docs), data.text.docs_per_shard))
-        ]
-        m = shards.write_manifest(d, _ray_map(_write_samples, calls, f"shard text/{split}"), text_schema, fp)
+        ranges = _shard_ranges(len(split_docs), data.text.docs_per_shard)
+        m = _write_split(d, "text", _text_samples, [(split_docs[a:b], a) for a, b in ranges],
+                         text_schema, fp, f"shard text/{split}")
         outputs[f"text_{split}"] = d
         metrics[f"text_{split}_docs"] = m["total_samples"]
         metrics[f"text_{split}_bytes"] = sum(len(t.encode("utf-8")) for _, t in split_docs)
@@ -247,12 +242,12 @@ def run_evaluate(ctx: StageContext) -> StageResult:
     from pipeline import evaluate
 
     cfg = ctx.config.evaluate
+    captioner_metrics, examples = evaluate.evaluate_captioner(ctx.inputs["finetune"], ctx.inputs["patchify"]["grids_test"], cfg)
     metrics = {
         **evaluate.evaluate_gpt(ctx.inputs["pretrain_gpt"], ctx.inputs["tokenize"]["tokens_val"], cfg),
         **evaluate.evaluate_vit(ctx.inputs["pretrain_vit"], ctx.inputs["patchify"]["mnist_test"], cfg),
-        **evaluate.evaluate_captioner(ctx.inputs["finetune"], ctx.inputs["patchify"]["grids_test"], cfg),
+        **captioner_metrics,
     }
-    examples = metrics.pop("captioner_examples")
     metrics_path = storage.join(ctx.out_dir, "metrics.json")
     examples_path = storage.join(ctx.out_dir, "captioner_examples.json")
     storage.write_json_atomic(metrics_path, metrics)
