@@ -46,7 +46,7 @@ def _encode(ext: str, value: Any) -> bytes:
     raise ShardFormatError(f"cannot encode field '.{ext}': allowed extensions are {ALLOWED_EXTENSIONS}")
 
 
-def _decode(ext: str, data: bytes, where: str) -> Any:
+def decode_field(ext: str, data: bytes, where: str) -> Any:
     try:
         if ext == "npy":
             return np.load(io.BytesIO(data), allow_pickle=False)
@@ -128,40 +128,81 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
-def shard_paths(directory: str, verify: bool = False) -> list[str]:
-    """Paths of the shards a manifest lists, optionally checking size and sha256."""
-    manifest = read_manifest(directory)
-    paths = []
-    for entry in manifest["shards"]:
-        path = storage.join(directory, entry["name"])
-        if not storage.exists(path):
-            raise ShardFormatError(f"{path} is listed in the manifest but missing")
-        if verify:
-            data = storage.read_bytes(path)
-            if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise ShardFormatError(f"{path} does not match its manifest entry (size or sha256 differ): corrupt or replaced")
-        paths.append(path)
-    return paths
+def shard_entries(directory: str) -> list[dict]:
+    """The manifest's shard entries, each with its full `path` added (no data is read)."""
+    return [{**entry, "path": storage.join(directory, entry["name"])} for entry in read_manifest(directory)["shards"]]
 
 
-def iter_shard(path: str) -> Iterator[dict[str, Any]]:
-    """Decoded samples of one shard, in order."""
-    with storage.open_file(path, "rb") as f:
+def shard_paths(directory: str) -> list[str]:
+    return [entry["path"] for entry in shard_entries(directory)]
+
+
+class _HashingReader(io.RawIOBase):
+    """Pass reads through from `inner` while hashing them: a shard is verified as it is read."""
+
+    def __init__(self, inner):
+        self.inner, self.sha256, self.nbytes = inner, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self.sha256.update(data)
+        self.nbytes += len(data)
+        return len(data)
+
+
+def iter_raw_shard(path: str, expected: dict | None = None) -> Iterator[dict[str, Any]]:
+    """Undecoded samples of one shard, in order: `__key__` plus raw bytes per extension.
+
+    With `expected` (a manifest entry), the bytes are hashed as they stream past;
+    the check runs when the shard ends, so a consumer that acts only on whole
+    shards never acts on a corrupt one.
+    """
+    try:
+        f = storage.open_file(path, "rb")
+    except FileNotFoundError as e:
+        raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
+    with f:
+        reader = _HashingReader(f)
         try:
-            members = ({**m, "__url__": path} for m in tar_file_iterator(f))
+            members = ({**m, "__url__": path} for m in tar_file_iterator(io.BufferedReader(reader, 1 << 20)))
             for raw in group_by_keys(members):
-                sample = {"__key__": raw["__key__"]}
-                for field, data in raw.items():
-                    if field.startswith("__"):
-                        continue
-                    sample[field] = _decode(field.rsplit(".", 1)[-1].lower(), data, f"{path}:{raw['__key__']}")
-                yield sample
+                yield {k: v for k, v in raw.items() if k != "__url__"}
+            while reader.read(1 << 20):  # tar padding after the last member is part of the hash
+                pass
         except ShardFormatError:
             raise
         except Exception as e:
             raise ShardFormatError(f"{path} is not a readable tar shard: {e}") from e
+        if expected is not None and (reader.nbytes != expected["bytes"] or reader.sha256.hexdigest() != expected["sha256"]):
+            raise ShardFormatError(
+                f"{path} does not match its manifest entry (size or sha256 differ): corrupt or replaced"
+            )
+
+
+def decode_sample(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    sample = {"__key__": raw["__key__"]}
+    for field, data in raw.items():
+        if not field.startswith("__"):
+            sample[field] = decode_field(field.rsplit(".", 1)[-1].lower(), data, f"{where}:{raw['__key__']}")
+    return sample
+
+
+def iter_shard(path: str, expected: dict | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded samples of one shard, in order (verified against `expected` when given)."""
+    for raw in iter_raw_shard(path, expected):
+        yield decode_sample(raw, path)
 
 
 def iter_shards(paths: Iterable[str]) -> Iterator[dict[str, Any]]:
     for path in paths:
         yield from iter_shard(path)
+
+
+def iter_verified(directory: str) -> Iterator[dict[str, Any]]:
+    """Every sample of a manifest's shards, each shard checked against its entry as it is read."""
+    for entry in shard_entries(directory):
+        yield from iter_shard(entry["path"], entry)
