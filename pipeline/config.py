@@ -45,11 +45,12 @@ class GridConfig:
     cols: int = 2
     blank_prob: float = 0.0
     train_count: int = 3000
+    val_count: int = 200
     test_count: int = 500
     samples_per_shard: int = 1000
 
     def validate(self, key: str) -> None:
-        _require_positive(self, key, "train_count", "test_count", "samples_per_shard")
+        _require_positive(self, key, "train_count", "val_count", "test_count", "samples_per_shard")
         for name in ("rows", "cols"):
             if not 1 <= getattr(self, name) <= 10:
                 raise ConfigError(f"{key}.{name} must be in 1..10, got {getattr(self, name)}")
@@ -93,10 +94,12 @@ class DataConfig:
 class TokenizeConfig:
     vocab_size: int = 4096
     seq_len: int = 128
+    train_bytes: int = 2_000_000  # the tokenizer trains on this much of the training text
 
     def validate(self, key: str) -> None:
         if self.vocab_size < 257:
             raise ConfigError(f"{key}.vocab_size must be at least 257 (256 bytes + 1), got {self.vocab_size}")
+        _require_positive(self, key, "train_bytes")
         if self.seq_len < 8:
             raise ConfigError(f"{key}.seq_len must be at least 8, got {self.seq_len}")
 
@@ -134,7 +137,16 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     log_every: int = 10
+    # Validation loss and accuracy every this many steps and at the end (0: never).
+    eval_every: int = 0
+    eval_samples: int = 512  # validation samples, the first of the validation shards
     checkpoint_every: int = 0  # 0: only at the end
+    # Loader: DataLoader worker processes per rank (0: read in the training process),
+    # batches each worker prepares ahead, and the shuffle block of the global order
+    # (samples; much larger than a shard, and what bounds a worker's memory).
+    loader_workers: int = 1
+    prefetch: int = 2
+    shuffle_block: int = 16384
     max_failures: int = 0
     # Peak FLOP/s of one worker's device, for MFU. 180e9: the fp32 matmul rate of one
     # core of the 2-core CI machine (1024-2048 square, measured 176-183 GFLOP/s), as
@@ -147,7 +159,11 @@ class TrainConfig:
             raise ConfigError(f"{key}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError(f"{key}.offload_optimizer needs {key}.zero_stage >= 1")
-        _require_positive(self, key, "num_workers", "micro_batch_size", "grad_accum", "max_steps", "log_every")
+        _require_positive(self, key, "num_workers", "micro_batch_size", "grad_accum", "max_steps", "log_every",
+                          "eval_samples", "prefetch", "shuffle_block")
+        for name in ("eval_every", "checkpoint_every", "loader_workers", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.min_lr <= self.lr:
             raise ConfigError(f"{key}.min_lr must be in (0, {key}.lr], got {self.min_lr}")
         if not 0 <= self.warmup_steps < self.max_steps:

@@ -11,17 +11,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import EvaluateConfig
-from pipeline.data.shards import shard_paths
+from pipeline.data.loader import head_batches
+from pipeline.data.shards import read_manifest, shard_entries
 from pipeline.data.sources import BLANK
 from pipeline.train.checkpoint import load_trained
-from pipeline.train.data import load_table
 
 EXAMPLES = 16  # test grids written out for a person to read, mistakes first
 
 
-def _batches(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
+def _batches(directory: str, fields: dict, batch_size: int, limit: int | None = None) -> list[dict]:
+    """Every sample of a split (or the first `limit`), in batches, each shard checked as read."""
+    total = limit or int(read_manifest(directory)["total_samples"])
+    return head_batches(shard_entries(directory), fields, total, 0, 1, batch_size)
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -35,10 +36,9 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 @torch.no_grad()
 def evaluate_gpt(trained: dict[str, Any], tokens_val: str, cfg: EvaluateConfig) -> dict[str, float]:
     model = load_trained(trained["model_config"], trained["weights"])
-    seqs = load_table(shard_paths(tokens_val), {"npy": lambda a: a.astype(np.int64)}).columns["npy"][: cfg.max_val_sequences]
+    batches = [b["npy"].long() for b in _batches(tokens_val, {"npy": np.asarray}, cfg.batch_size, cfg.max_val_sequences)]
     total, count = 0.0, 0
-    for s in _batches(len(seqs), cfg.batch_size):
-        batch = torch.from_numpy(seqs[s])
+    for batch in batches:
         logits, _ = model(batch[:, :-1])
         total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"))
         count += batch[:, 1:].numel()
@@ -46,24 +46,23 @@ def evaluate_gpt(trained: dict[str, Any], tokens_val: str, cfg: EvaluateConfig) 
     return {
         "gpt_val_loss": loss,
         "gpt_val_ppl": math.exp(loss),
-        "gpt_unigram_entropy": unigram_entropy(seqs[:, 1:]),
+        "gpt_unigram_entropy": unigram_entropy(torch.cat(batches)[:, 1:].numpy()),
         "gpt_val_tokens": float(count),
     }
 
 
 @torch.no_grad()
-def evaluate_vit(trained: dict[str, Any], patches_test: str, cfg: EvaluateConfig) -> dict[str, float]:
+def evaluate_vit(trained: dict[str, Any], patches: str, cfg: EvaluateConfig, split: str = "test") -> dict[str, float]:
     model = load_trained(trained["model_config"], trained["weights"])
-    table = load_table(shard_paths(patches_test), {"npy": lambda a: a.astype(np.float32), "cls": int})
-    x, y = table.columns["npy"], table.columns["cls"]
-    correct = 0
-    for s in _batches(len(y), cfg.batch_size):
-        logits, _ = model(torch.from_numpy(x[s]))
-        correct += int((logits.argmax(-1).numpy() == y[s]).sum())
-    return {"vit_test_accuracy": correct / len(y), "vit_test_images": float(len(y))}
+    correct = count = 0
+    for batch in _batches(patches, {"npy": lambda a: a.astype(np.float32), "cls": int}, cfg.batch_size):
+        logits, _ = model(batch["npy"])
+        correct += int((logits.argmax(-1) == batch["cls"]).sum())
+        count += len(batch["cls"])
+    return {f"vit_{split}_accuracy": correct / count, f"vit_{split}_images": float(count)}
 
 
-def score_grids(predicted: list[str], target: list[str]) -> dict[str, float]:
+def score_grids(predicted: list[str], target: list[str], split: str = "test") -> dict[str, float]:
     """Per-digit accuracy over the target's digit cells, blank-cell accuracy, and
     exact match of the whole written grid. A missing or extra cell counts wrong."""
     digits = digits_right = blanks = blanks_right = exact = 0
@@ -79,27 +78,30 @@ def score_grids(predicted: list[str], target: list[str]) -> dict[str, float]:
                 else:
                     digits += 1
                     digits_right += got == ch
+    prefix = "captioner_" if split == "test" else f"captioner_{split}_"
     scores = {
-        "captioner_per_digit_accuracy": digits_right / max(1, digits),
-        "captioner_exact_match": exact / max(1, len(target)),
+        f"{prefix}per_digit_accuracy": digits_right / max(1, digits),
+        f"{prefix}exact_match": exact / max(1, len(target)),
     }
     if blanks:
-        scores["captioner_blank_accuracy"] = blanks_right / blanks
+        scores[f"{prefix}blank_accuracy"] = blanks_right / blanks
     return scores
 
 
 @torch.no_grad()
-def evaluate_captioner(trained: dict[str, Any], grids_test: str, cfg: EvaluateConfig) -> tuple[dict[str, float], list[dict]]:
-    """Metrics, and a few written-out test grids (mistakes first) for a person to read."""
+def evaluate_captioner(trained: dict[str, Any], grids: str, cfg: EvaluateConfig, split: str = "test") -> tuple[dict[str, float], list[dict]]:
+    """Metrics, and a few written-out grids (mistakes first) for a person to read."""
     model = load_trained(trained["model_config"], trained["weights"])
-    fields = {"__key__": str, "npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])}
-    table = load_table(shard_paths(grids_test), fields)
-    x, texts, shapes = table.columns["npy"], list(table.columns["txt"]), table.columns["json"]
+    fields = {"npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])}
+    keys: list[str] = []
+    texts: list[str] = []
     predicted: list[str] = []
-    for s in _batches(len(texts), cfg.batch_size):
-        rows, cols = (int(v) for v in shapes[s.start])
-        predicted += model.generate(torch.from_numpy(x[s]), rows, cols)
-    keys = table.columns["__key__"]
+    for batch in _batches(grids, fields, cfg.batch_size):
+        rows, cols = (int(v) for v in batch["json"][0])
+        predicted += model.generate(batch["npy"], rows, cols)
+        keys += batch["__key__"]
+        texts += [str(t) for t in batch["txt"]]
     wrong_first = sorted(range(len(texts)), key=lambda i: predicted[i] == texts[i])[:EXAMPLES]
-    examples = [{"key": str(keys[i]), "target": texts[i], "predicted": predicted[i]} for i in wrong_first]
-    return {**score_grids(predicted, texts), "captioner_test_grids": float(len(texts))}, examples
+    examples = [{"key": keys[i], "target": texts[i], "predicted": predicted[i]} for i in wrong_first]
+    count_key = "captioner_test_grids" if split == "test" else f"captioner_{split}_grids"
+    return {**score_grids(predicted, texts, split), count_key: float(len(texts))}, examples

@@ -65,7 +65,7 @@ def run_shard(ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
 
     digit_schema = {"png": "uint8 28x28 grayscale digit", "cls": "int label 0-9"}
-    for split in ("train", "test"):
+    for split in sources.SPLITS:
         count = len(sources.mnist_split(split)[1])
         d = storage.join(out, "mnist", split)
         ranges = _shard_ranges(count, data.mnist.samples_per_shard)
@@ -76,8 +76,8 @@ def run_shard(ctx: StageContext) -> StageResult:
 
     grid_schema = {"png": "uint8 grid image of 28x28 cells", "txt": "digits row by row, '_' blank",
                    "json": "rows, cols, digit_indices"}
-    for split in ("train", "test"):
-        count = data.grids.train_count if split == "train" else data.grids.test_count
+    for split in sources.SPLITS:
+        count = getattr(data.grids, f"{split}_count")
         d = storage.join(out, "grids", split)
         ranges = _shard_ranges(count, data.grids.samples_per_shard)
         m = _write_split(d, "grids", sources.grid_samples, [(data.grids, split, data.seed, a, b) for a, b in ranges],
@@ -106,28 +106,30 @@ def run_shard(ctx: StageContext) -> StageResult:
 
 
 def run_tokenize(ctx: StageContext) -> StageResult:
-    from pipeline.preprocess.tokenize import tokenize_shard, train_bpe
+    import ray
+
+    from pipeline.preprocess.tokenize import tokenize_shard, train_bpe_on_shards
 
     cfg = ctx.config.tokenize
     raw = ctx.inputs["shard"]
-    train_texts = (s["txt"] for s in shards.iter_shards(shards.shard_paths(raw["text_train"], verify=True)))
-    tokenizer = train_bpe(train_texts, cfg.vocab_size)
+    # Trained in a Ray task on a bounded sample of the training text: the driver holds no text.
+    task = ray.remote(num_cpus=1)(train_bpe_on_shards)
+    tokenizer_json = ray.get(task.remote(shards.shard_entries(raw["text_train"]), cfg.vocab_size, cfg.train_bytes))
     tokenizer_path = storage.join(ctx.out_dir, "tokenizer.json")
-    tokenizer_json = tokenizer.to_str()
     storage.write_bytes_atomic(tokenizer_path, tokenizer_json.encode("utf-8"))
+    vocab_size = len(json.loads(tokenizer_json)["model"]["vocab"])
 
     outputs: dict[str, Any] = {"tokenizer": tokenizer_path}
-    metrics: dict[str, float] = {"vocab_size": tokenizer.get_vocab_size()}
+    metrics: dict[str, float] = {"vocab_size": vocab_size}
     schema = {"npy": f"uint16/int32 array of seq_len+1 = {cfg.seq_len + 1} token ids"}
     for split in ("train", "val"):
         out = storage.join(ctx.out_dir, "tokens", split)
         calls = [
-            (path, storage.join(out, f"tokens-{i:06d}.tar"), tokenizer_json, cfg.seq_len)
-            for i, path in enumerate(shards.shard_paths(raw[f"text_{split}"], verify=True))
+            (entry, storage.join(out, f"tokens-{i:06d}.tar"), tokenizer_json, cfg.seq_len)
+            for i, entry in enumerate(shards.shard_entries(raw[f"text_{split}"]))
         ]
         infos = _ray_map(tokenize_shard, calls, f"tokenize {split}")
-        m = shards.write_manifest(out, infos, schema, ctx.fingerprint, seq_len=cfg.seq_len,
-                                  vocab_size=tokenizer.get_vocab_size())
+        m = shards.write_manifest(out, infos, schema, ctx.fingerprint, seq_len=cfg.seq_len, vocab_size=vocab_size)
         if m["total_samples"] == 0:
             raise ValueError(f"the {split} text is shorter than one sequence of {cfg.seq_len + 1} tokens")
         outputs[f"tokens_{split}"] = out
@@ -147,11 +149,11 @@ def run_patchify(ctx: StageContext) -> StageResult:
     outputs: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     schema = {"npy": f"float16 (num_patches, {cfg.patch_size ** 2}) normalised patches, raster order"}
-    for name in ("mnist_train", "mnist_test", "grids_train", "grids_test"):
+    for name in (f"{kind}_{split}" for kind in ("mnist", "grids") for split in sources.SPLITS):
         out = storage.join(ctx.out_dir, *name.split("_"))
         calls = [
-            (path, storage.join(out, f"patches-{i:06d}.tar"), cfg.patch_size, cfg.mean, cfg.std)
-            for i, path in enumerate(shards.shard_paths(raw[name], verify=True))
+            (entry, storage.join(out, f"patches-{i:06d}.tar"), cfg.patch_size, cfg.mean, cfg.std)
+            for i, entry in enumerate(shards.shard_entries(raw[name]))
         ]
         infos = _ray_map(patchify_shard, calls, f"patchify {name}")
         m = shards.write_manifest(out, infos, schema, ctx.fingerprint, patch_size=cfg.patch_size)
@@ -163,7 +165,8 @@ def run_patchify(ctx: StageContext) -> StageResult:
 # --------------------------------------------------------------------------- training
 
 
-def _train(ctx: StageContext, kind: str, section, train_dir: str, model_args: dict[str, Any], **spec_extra) -> StageResult:
+def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, model_args: dict[str, Any],
+           **spec_extra) -> StageResult:
     from pipeline.train.engine import load_zero_config
     from pipeline.train.launch import fit
     from pipeline.train.tasks import TrainSpec, build_model, param_counts, units_per_sample
@@ -172,7 +175,8 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, model_args: di
     weights = storage.join(ctx.out_dir, "model.safetensors")
     spec = TrainSpec(
         kind=kind,
-        train_shards=shards.shard_paths(train_dir, verify=True),
+        train_data=train_dir,
+        val_data=val_dir,
         model=model_cfg,
         train=section.train,
         deepspeed=load_zero_config(section.train.zero_stage),
@@ -194,7 +198,8 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, model_args: di
 
     result = fit(spec, ctx.out_dir)
     params = {**counts, "world_size": section.train.num_workers, "zero_stage": section.train.zero_stage}
-    metrics = {"final_train_loss": float(result["metrics"].get("loss", float("nan")))}
+    reported = result["metrics"]
+    metrics = {f"final_{k}": float(reported[k]) for k in ("loss", "val_loss", "val_accuracy") if k in reported}
     outputs = {"checkpoint": result["checkpoint"], "weights": weights, "model_config": model_config_path}
     if ctx.mlflow_run_id:
         outputs["loss_plot"] = storage.join(ctx.out_dir, "loss.png")
@@ -207,7 +212,7 @@ def run_pretrain_gpt(ctx: StageContext) -> StageResult:
     tok = ctx.inputs["tokenize"]
     manifest = shards.read_manifest(tok["tokens_train"])
     args = {"vocab_size": int(manifest["vocab_size"]), "seq_len": int(manifest["seq_len"])}
-    return _train(ctx, "gpt", ctx.config.pretrain_gpt, tok["tokens_train"], args)
+    return _train(ctx, "gpt", ctx.config.pretrain_gpt, tok["tokens_train"], tok["tokens_val"], args)
 
 
 def _patch_args(ctx: StageContext) -> dict[str, Any]:
@@ -219,7 +224,8 @@ def _patch_args(ctx: StageContext) -> dict[str, Any]:
 
 def run_pretrain_vit(ctx: StageContext) -> StageResult:
     cfg = ctx.config.pretrain_vit
-    return _train(ctx, "vit", cfg, ctx.inputs["patchify"]["mnist_train"], _patch_args(ctx), max_shift=cfg.max_shift)
+    patches = ctx.inputs["patchify"]
+    return _train(ctx, "vit", cfg, patches["mnist_train"], patches["mnist_val"], _patch_args(ctx), max_shift=cfg.max_shift)
 
 
 def run_finetune(ctx: StageContext) -> StageResult:
@@ -229,7 +235,7 @@ def run_finetune(ctx: StageContext) -> StageResult:
     encoder = json.loads(storage.read_bytes(vit["model_config"]))
     cfg = ctx.config.finetune
     return _train(
-        ctx, "captioner", cfg, ctx.inputs["patchify"]["grids_train"], _patch_args(ctx),
+        ctx, "captioner", cfg, ctx.inputs["patchify"]["grids_train"], ctx.inputs["patchify"]["grids_val"], _patch_args(ctx),
         init_encoder=vit["weights"], encoder_model=TransformerConfig(**encoder["model"]),
         encoder_lr_scale=cfg.encoder_lr_scale,
     )
@@ -242,10 +248,14 @@ def run_evaluate(ctx: StageContext) -> StageResult:
     from pipeline import evaluate
 
     cfg = ctx.config.evaluate
-    captioner_metrics, examples = evaluate.evaluate_captioner(ctx.inputs["finetune"], ctx.inputs["patchify"]["grids_test"], cfg)
+    patches = ctx.inputs["patchify"]
+    captioner_metrics, examples = evaluate.evaluate_captioner(ctx.inputs["finetune"], patches["grids_test"], cfg)
+    captioner_val, _ = evaluate.evaluate_captioner(ctx.inputs["finetune"], patches["grids_val"], cfg, "val")
     metrics = {
         **evaluate.evaluate_gpt(ctx.inputs["pretrain_gpt"], ctx.inputs["tokenize"]["tokens_val"], cfg),
-        **evaluate.evaluate_vit(ctx.inputs["pretrain_vit"], ctx.inputs["patchify"]["mnist_test"], cfg),
+        **evaluate.evaluate_vit(ctx.inputs["pretrain_vit"], patches["mnist_val"], cfg, "val"),
+        **evaluate.evaluate_vit(ctx.inputs["pretrain_vit"], patches["mnist_test"], cfg),
+        **captioner_val,
         **captioner_metrics,
     }
     metrics_path = storage.join(ctx.out_dir, "metrics.json")

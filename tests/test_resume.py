@@ -26,7 +26,7 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
     def spec(name, resume_from=None, fail_at_step=0):
         return TrainSpec(
             kind="vit",
-            train_shards=shards.shard_paths(summary["stages"]["patchify"]["outputs"]["mnist_train"]),
+            train_data=summary["stages"]["patchify"]["outputs"]["mnist_train"],
             model=TransformerConfig(n_layer=2, n_head=4, d_model=64),
             train=train,
             deepspeed=load_zero_config(zero_stage),

@@ -35,21 +35,24 @@ def _mlflow_history(summary, stage, key):
 def test_shard(run_tiny):
     summary = run_tiny(["shard"])
     out = summary["stages"]["shard"]["outputs"]
-    for name in ("mnist_train", "mnist_test", "grids_train", "grids_test", "text_train", "text_val"):
-        shards.shard_paths(out[name], verify=True)  # sha256 and sizes match the manifest
+    for name in ("mnist_train", "mnist_val", "mnist_test", "grids_train", "grids_val", "grids_test", "text_train", "text_val"):
+        list(shards.iter_verified(out[name]))  # sha256 and sizes match the manifest
 
-    train_keys = {s["__key__"] for s in shards.iter_shards(shards.shard_paths(out["mnist_train"]))}
-    test_keys = {s["__key__"] for s in shards.iter_shards(shards.shard_paths(out["mnist_test"]))}
-    assert len(train_keys) == 4000 and len(test_keys) == 1000 and not train_keys & test_keys
-    assert all(sources.is_test_index(int(k.split("-")[1])) for k in test_keys)
+    keys = {split: {s["__key__"] for s in shards.iter_shards(shards.shard_paths(out[f"mnist_{split}"]))}
+            for split in ("train", "val", "test")}
+    assert {k: len(v) for k, v in keys.items()} == {"train": 3600, "val": 400, "test": 1000}
+    assert not (keys["train"] & keys["val"]) | (keys["train"] & keys["test"]) | (keys["val"] & keys["test"])
+    for split, split_keys in keys.items():
+        assert all(sources.split_of(int(k.split("-")[1])) == split for k in split_keys)
 
     images, labels = sources.load_mnist()
-    for split in ("train", "test"):
+    for split, count in (("train", 256), ("val", 200), ("test", 64)):
         grids = list(shards.iter_shards(shards.shard_paths(out[f"grids_{split}"])))
-        assert len(grids) == (256 if split == "train" else 64)
+        assert len(grids) == count
         for g in grids:
             idx = np.array(g["json"]["digit_indices"])
-            assert all(sources.is_test_index(i) == (split == "test") for i in idx.ravel())
+            # Grids use only their own split's digits: no test or validation digit reaches training.
+            assert all(sources.split_of(i) == split for i in idx.ravel())
             rows = g["txt"].split("\n")
             assert len(rows) == 2 and all(len(r) == 2 for r in rows)
             for r, row in enumerate(rows):
@@ -71,7 +74,7 @@ def test_tokenize(run_tiny):
     out = summary["stages"]["tokenize"]["outputs"]
     tokenizer = Tokenizer.from_file(out["tokenizer"])
     assert tokenizer.get_vocab_size() == 1024
-    seqs = [s["npy"] for s in shards.iter_shards(shards.shard_paths(out["tokens_val"], verify=True))]
+    seqs = [s["npy"] for s in shards.iter_shards(shards.shard_paths(out["tokens_val"]))]
     assert seqs and all(s.shape == (65,) for s in seqs)
     # The first packed sequence decodes back to the start of the first validation document.
     first_doc = next(shards.iter_shards(shards.shard_paths(summary["stages"]["shard"]["outputs"]["text_val"])))["txt"]
@@ -85,7 +88,7 @@ def test_patchify(run_tiny):
     out = summary["stages"]["patchify"]["outputs"]
     for name, grid in (("mnist_test", 4), ("grids_test", 8)):
         originals = list(shards.iter_shards(shards.shard_paths(raw[name])))
-        patched = list(shards.iter_shards(shards.shard_paths(out[name], verify=True)))
+        patched = list(shards.iter_shards(shards.shard_paths(out[name])))
         assert [s["__key__"] for s in originals] == [s["__key__"] for s in patched]
         for o, p in zip(originals[:20], patched[:20]):
             assert p["npy"].shape == (grid * grid, 49)

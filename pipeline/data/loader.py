@@ -31,10 +31,15 @@ Transform = Callable[[dict[str, Any], int], dict[str, Any]]
 
 
 def collate(samples: list[dict[str, Any]], fields: Fields) -> dict[str, Any]:
-    """Stack each field into one tensor (dtype kept: token ids stay uint16); keys stay a list."""
+    """Stack each numeric field into one tensor (dtype kept: token ids stay uint16);
+    keys and text stay lists."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
     for field in fields:
-        batch[field] = torch.from_numpy(np.stack([np.asarray(s[field]) for s in samples]))
+        values = [s[field] for s in samples]
+        if np.asarray(values[0]).dtype.kind in "biuf":
+            batch[field] = torch.from_numpy(np.stack([np.asarray(v) for v in values]))
+        else:
+            batch[field] = values
     return batch
 
 

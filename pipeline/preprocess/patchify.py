@@ -19,11 +19,13 @@ def patchify(image: np.ndarray, patch_size: int, mean: float, std: float) -> np.
     return x.reshape(H // p, p, W // p, p).transpose(0, 2, 1, 3).reshape((H // p) * (W // p), p * p)
 
 
-def patchify_shard(image_shard: str, out_path: str, patch_size: int, mean: float, std: float) -> ShardInfo:
-    """Keep every non-image field (label `.cls`, target `.txt`, `.json` metadata) alongside the patches."""
+def patchify_shard(entry: dict, out_path: str, patch_size: int, mean: float, std: float) -> ShardInfo:
+    """One image shard (a manifest entry, checked as read) -> patches; every non-image field
+    (label `.cls`, target `.txt`, `.json` metadata) is kept alongside."""
+    image_shard = entry["path"]
 
     def samples():
-        for sample in iter_shard(image_shard):
+        for sample in iter_shard(image_shard, entry):
             if "png" not in sample:
                 raise ShardFormatError(f"{image_shard}:{sample['__key__']} has no .png image")
             try:

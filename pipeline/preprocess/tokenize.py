@@ -26,6 +26,23 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def train_bpe_on_shards(entries: list[dict], vocab_size: int, train_bytes: int) -> str:
+    """Train on the first `train_bytes` of the text shards (read and checked shard by shard);
+    returns the tokenizer as JSON."""
+
+    def texts():
+        seen = 0
+        for entry in entries:
+            for sample in iter_shard(entry["path"], entry):
+                if seen < train_bytes:
+                    seen += len(sample["txt"].encode("utf-8"))
+                    yield sample["txt"]
+            if seen >= train_bytes:
+                return
+
+    return train_bpe(texts(), vocab_size).to_str()
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
 
@@ -44,12 +61,13 @@ def pack_sequences(docs: Iterable[list[int]], eot_id: int, length: int) -> Itera
             buffer = buffer[length:]
 
 
-def tokenize_shard(text_shard: str, out_path: str, tokenizer_json: str, seq_len: int) -> ShardInfo:
-    """One text shard -> one shard of packed (seq_len + 1)-token sequences (inputs and shifted targets)."""
+def tokenize_shard(text_shard: dict, out_path: str, tokenizer_json: str, seq_len: int) -> ShardInfo:
+    """One text shard (a manifest entry, checked as read) -> one shard of packed
+    (seq_len + 1)-token sequences (inputs and shifted targets)."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
     eot = tokenizer.token_to_id(END_OF_TEXT)
     dtype = token_dtype(tokenizer.get_vocab_size())
-    texts = [s["txt"] for s in iter_shard(text_shard)]
+    texts = [s["txt"] for s in iter_shard(text_shard["path"], text_shard)]
     encoded = (e.ids for e in tokenizer.encode_batch(texts))
     stem = out_path.rsplit("/", 1)[-1].removesuffix(".tar")
     samples = (

@@ -19,7 +19,7 @@ from pipeline import storage
 TAG = "state"  # one DeepSpeed tag per checkpoint directory: Ray versions the directories
 
 
-def _deepspeed_safe_globals() -> list:
+def deepspeed_safe_globals() -> list:
     """The only non-tensor classes DeepSpeed's checkpoints hold (checked for ZeRO 0-3)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -31,7 +31,7 @@ def _deepspeed_safe_globals() -> list:
 def _weights_only_loads(engine) -> None:
     """Make DeepSpeed's checkpoint engine refuse to unpickle arbitrary objects."""
     checkpoint_engine = engine.checkpoint_engine
-    allowed = _deepspeed_safe_globals()
+    allowed = deepspeed_safe_globals()
 
     def load(path: str, map_location=None):
         with torch.serialization.safe_globals(allowed):
@@ -40,18 +40,28 @@ def _weights_only_loads(engine) -> None:
     checkpoint_engine.load = load
 
 
-def save_engine(engine, directory: str, step: int, gen: torch.Generator, rank: int) -> None:
-    engine.save_checkpoint(directory, tag=TAG, client_state={"step": step})
-    save_file({"rng": gen.get_state()}, os.path.join(directory, f"rng_rank{rank}.safetensors"))
+DATA_STATE = "data_state.json"
 
 
-def load_engine(engine, directory: str, rank: int) -> dict:
+def save_engine(engine, directory: str, data_state: dict, rank: int) -> None:
+    """Every rank's DeepSpeed shard; rank 0 adds the data counter (plain JSON, readable by the driver)."""
+    engine.save_checkpoint(directory, tag=TAG, client_state={"step": data_state["step"]})
+    if rank == 0:
+        storage.write_json_atomic(os.path.join(directory, DATA_STATE), data_state)
+
+
+def read_data_state(directory: str) -> dict:
+    path = storage.join(directory, DATA_STATE)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{directory} holds no {DATA_STATE}: not a checkpoint this pipeline wrote")
+    return storage.read_json(path)
+
+
+def load_engine(engine, directory: str) -> None:
     _weights_only_loads(engine)
-    path, client_state = engine.load_checkpoint(directory, tag=TAG)
+    path, _ = engine.load_checkpoint(directory, tag=TAG)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint with tag '{TAG}' under {directory}")
-    rng = load_file(os.path.join(directory, f"rng_rank{rank}.safetensors"))["rng"]
-    return {"step": client_state["step"], "rng": rng}
 
 
 def export_weights(engine, zero_stage: int, path: str, rank: int) -> None:

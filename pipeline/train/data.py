@@ -1,84 +1,73 @@
-"""Training batches from shards, deterministic in (seed, rank, step).
+"""A training run's view of its data: the shards, their global order, how a global
+batch splits over this run's ranks, and the counter a checkpoint keeps.
 
-Each rank reads its own share of the shards into memory once and walks a
-seeded permutation of it, epoch after epoch. The batch at a step depends only
-on the step, so a resumed run sees exactly the batches an uninterrupted one
-would. (Sized for data that fits a worker's memory; a streaming reader is the
-seam for corpora that do not.)
+Resuming recomputes every position from (samples consumed, global batch); the
+data fingerprint makes sure the counter still means the same samples.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
-
-from pipeline.data.shards import ShardFormatError, iter_shards
-
-
-def rank_shards(paths: list[str], rank: int, world: int) -> tuple[list[str], int, int]:
-    """The shards this rank reads, and which slice of their samples it keeps.
-
-    With at least one shard per rank, ranks read disjoint shards; otherwise all
-    read everything and keep every world-th sample.
-    """
-    if len(paths) >= world:
-        return paths[rank::world], 0, 1
-    return paths, rank, world
+from pipeline.config import TrainConfig
+from pipeline.data import shards
+from pipeline.data.loader import ShardStream, make_loader
+from pipeline.data.order import BatchLayout, GlobalOrder, data_fingerprint
 
 
-class SampleTable:
-    """Columns of equal length, one numpy array per field."""
-
-    def __init__(self, columns: dict[str, np.ndarray]):
-        lengths = {len(v) for v in columns.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"columns of unequal length: { {k: len(v) for k, v in columns.items()} }")
-        self.columns = columns
-        self.size = lengths.pop()
-
-    def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: v[index] for k, v in self.columns.items()}
+class ResumeMismatchError(ValueError):
+    """A checkpoint's data counter cannot be continued by this run."""
 
 
-def load_table(paths: list[str], fields: dict[str, Callable[[Any], Any]], rank: int = 0, world: int = 1) -> SampleTable:
-    """Read `fields` (extension -> converter) of the samples this rank owns."""
-    mine, offset, stride = rank_shards(paths, rank, world)
-    rows: dict[str, list] = {f: [] for f in fields}
-    for n, sample in enumerate(iter_shards(mine)):
-        if n % stride != offset:
-            continue
-        for field, convert in fields.items():
-            if field not in sample:
-                raise ShardFormatError(f"sample {sample['__key__']} has no '.{field}' field")
-            rows[field].append(convert(sample[field]))
-    if not rows or not next(iter(rows.values())):
-        raise ShardFormatError(f"no samples for rank {rank} of {world} in {len(paths)} shards")
-    columns = {}
-    for field, values in rows.items():
-        try:
-            columns[field] = np.stack(values) if isinstance(values[0], np.ndarray) else np.asarray(values)
-        except ValueError as e:
-            raise ShardFormatError(f"'.{field}' arrays differ in shape across samples: {e}") from e
-    return SampleTable(columns)
+@dataclass
+class TrainingData:
+    entries: list[dict]
+    order: GlobalOrder
+    layout: BatchLayout
+    fingerprint: str
 
+    @classmethod
+    def open(cls, directory: str, train: TrainConfig, world_size: int) -> "TrainingData":
+        manifest = shards.read_manifest(directory)
+        entries = shards.shard_entries(directory)
+        order = GlobalOrder([e["samples"] for e in entries], train.seed, train.shuffle_block)
+        layout = BatchLayout(train.micro_batch_size, train.grad_accum, world_size)
+        return cls(entries, order, layout, data_fingerprint(manifest, train.seed, train.shuffle_block))
 
-class BatchSchedule:
-    """Batch `i` of a rank: a slice of a per-epoch permutation, seeded by (seed, rank, epoch)."""
+    def stream(self, rank: int, first_step: int, stop_step: int, fields, transform=None) -> ShardStream:
+        accum = self.layout.grad_accum
+        return ShardStream(self.entries, self.order, self.layout, rank, first_step * accum, stop_step * accum, fields, transform)
 
-    def __init__(self, table: SampleTable, batch_size: int, seed: int, rank: int):
-        if table.size < batch_size:
-            raise ValueError(f"only {table.size} samples on rank {rank}, fewer than one batch of {batch_size}")
-        self.table, self.batch_size, self.seed, self.rank = table, batch_size, seed, rank
-        self.batches_per_epoch = table.size // batch_size
-        self._epoch, self._order = -1, np.arange(0)
+    def loader(self, rank: int, first_step: int, stop_step: int, fields, transform, train: TrainConfig):
+        stream = self.stream(rank, first_step, stop_step, fields, transform)
+        return make_loader(stream, train.loader_workers, train.prefetch, pin_memory=train.use_gpu)
 
-    def epoch_of(self, i: int) -> int:
-        return i // self.batches_per_epoch
+    def epoch_at(self, step: int) -> int:
+        return step * self.layout.global_batch // self.order.epoch_size
 
-    def batch(self, i: int) -> dict[str, np.ndarray]:
-        epoch, j = divmod(i, self.batches_per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.table.size)
-        return self.table.take(self._order[j * self.batch_size : (j + 1) * self.batch_size])
+    def state(self, step: int) -> dict[str, Any]:
+        """What a checkpoint records about the data: a counter and what it counts over."""
+        consumed = step * self.layout.global_batch
+        return {
+            "step": step,
+            "samples_consumed": consumed,
+            "epoch": consumed // self.order.epoch_size,
+            "data_fingerprint": self.fingerprint,
+            "global_batch": self.layout.global_batch,
+            "world_size": self.layout.world_size,
+        }
+
+    def check_resume(self, state: dict[str, Any]) -> int:
+        """The step to resume at, or an error naming what differs."""
+        if state["data_fingerprint"] != self.fingerprint:
+            raise ResumeMismatchError(
+                f"resume refused: data fingerprint differs (checkpoint {state['data_fingerprint']}, this run "
+                f"{self.fingerprint}): the shards, the seed or the shuffle block changed"
+            )
+        if state["global_batch"] != self.layout.global_batch:
+            raise ResumeMismatchError(
+                f"resume refused: global batch differs (checkpoint {state['global_batch']}, this run "
+                f"{self.layout.global_batch} = micro_batch_size x grad_accum x num_workers)"
+            )
+        return state["samples_consumed"] // self.layout.global_batch

@@ -1,12 +1,69 @@
-"""Driver side of training: a Ray Train `TorchTrainer` around `train_worker`."""
+"""Driver side of training: a Ray Train `TorchTrainer` around `train_worker`.
+
+Before workers start, an explicit resume is checked against this run's data
+(fingerprint, global batch), so a mismatch fails in seconds with a clear line.
+A checkpoint written at another world size is first converted to DeepSpeed's
+universal format (in a Ray task, not on the driver), which any world size loads.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 from pipeline import storage
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.data import TrainingData
 from pipeline.train.loop import train_worker
 from pipeline.train.tasks import TrainSpec
+
+
+def _to_universal(source: str, target: str) -> str:
+    """DeepSpeed's ds_to_universal, with every torch.load forced to weights_only=True."""
+    import argparse
+    import contextlib
+    import io
+    import shutil
+
+    import torch
+    from deepspeed.checkpoint import ds_to_universal
+
+    allowed = ckpt.deepspeed_safe_globals()
+    real_load = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return real_load(*args, **kwargs)
+
+    args = argparse.Namespace(input_folder=os.path.join(source, ckpt.TAG), output_folder=os.path.join(target, ckpt.TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    torch.load = safe_load
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it narrates every parameter
+            ds_to_universal.main(args)
+    finally:
+        torch.load = real_load
+    shutil.copy(os.path.join(source, ckpt.DATA_STATE), os.path.join(target, ckpt.DATA_STATE))
+    return target
+
+
+def prepare_resume(spec: TrainSpec, run_dir: str) -> TrainSpec:
+    """Refuse a checkpoint this run cannot continue; convert one from another world size."""
+    import ray
+
+    state = ckpt.read_data_state(spec.resume_from)
+    TrainingData.open(spec.train_data, spec.train, spec.train.num_workers).check_resume(state)
+    if state["world_size"] == spec.train.num_workers:
+        return spec
+    if not storage.is_local(spec.resume_from):
+        raise NotImplementedError("resuming at another world size needs the checkpoint on a local or shared path")
+    target = storage.join(storage.absolute(run_dir), f"universal-from-world-size-{state['world_size']}")
+    ray.get(ray.remote(num_cpus=1)(_to_universal).remote(spec.resume_from, target))
+    deepspeed = {**spec.deepspeed, "checkpoint": {"load_universal": True}}
+    return dataclasses.replace(spec, resume_from=target, deepspeed=deepspeed)
 
 
 def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
@@ -14,6 +71,8 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if spec.resume_from:
+        spec = prepare_resume(spec, run_dir)
     train = spec.train
     trainer = TorchTrainer(
         train_worker,
@@ -32,7 +91,7 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training under {run_dir} finished without reporting a checkpoint")
-    kept = sorted((metrics.get("step", -1), ckpt.path) for ckpt, metrics in result.best_checkpoints or [])
+    kept = sorted((metrics.get("step", -1), c.path) for c, metrics in result.best_checkpoints or [])
     return {
         "checkpoint": result.checkpoint.path,
         "metrics": dict(result.metrics or {}),

@@ -1,10 +1,11 @@
 """The training function every Ray Train worker runs: one code path for one CPU
 process on a laptop and N GPUs on M nodes.
 
-Rank 0 logs to MLflow every `log_every` steps. Every rank saves its DeepSpeed
-shard and reports it with `ray.train.report`; a restarted run resumes from
-`ray.train.get_checkpoint()` with model, optimizer, scheduler, RNG and data
-position (derived from the step) restored.
+The loop body only steps the engine on the loader's micro-batches. Everything
+else (metrics and MLflow, validation, checkpoint cadence, the fault drill) is a
+callback that looks at the run after each step. A restarted run resumes from
+`ray.train.get_checkpoint()` (or `spec.resume_from`): engine state from
+DeepSpeed, data position recomputed from the checkpoint's sample counter.
 """
 
 from __future__ import annotations
@@ -12,34 +13,175 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline.data.loader import head_batches
+from pipeline.data.order import DIGEST_BITS, batch_digest_part
+from pipeline.data.shards import iter_shard, shard_entries
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.data import BatchSchedule
+from pipeline.train.data import TrainingData
 from pipeline.train.engine import deepspeed_config, initialize
-from pipeline.train.tasks import (
-    TrainSpec,
-    build_model,
-    compute_loss,
-    flops_per_sample,
-    load_training_table,
-    param_groups,
-    units_per_sample,
-)
+from pipeline.train.tasks import IGNORE, TASKS, Task, TrainSpec, build_model, param_groups
 
 
-def _mean_across_ranks(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def _sum_across_ranks(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return float(t.item())
+    return t.tolist()
+
+
+@dataclass
+class Run:
+    """What the callbacks may look at."""
+
+    spec: TrainSpec
+    task: Task
+    engine: Any
+    scheduler: Any
+    data: TrainingData
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    sample_flops: float
+    resumed: bool
+    metrics: dict[str, float] = field(default_factory=dict)  # latest logged values, reported with checkpoints
+
+    def progress(self, step: int) -> dict[str, float]:
+        """The x axes every logged value shares: data seen and compute spent."""
+        samples = step * self.data.layout.global_batch
+        unit, each = self.task.unit, self.task.units_per_sample(self.spec)
+        return {unit: samples * each, "flops": samples * self.sample_flops}
 
 
 class InjectedFault(RuntimeError):
     """Raised by the `fail_at_step` drill."""
+
+
+class FaultDrill:
+    """The last rank raises once at `fail_at_step`, in a run that did not resume."""
+
+    def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:
+        if step == run.spec.fail_at_step and not run.resumed and run.rank == run.world - 1:
+            raise InjectedFault(f"fault drill: rank {run.rank} fails at step {step}")
+
+
+class MetricsLogger:
+    """Every `log_every` steps: mean loss over the window and ranks, throughput, MFU,
+    and the digest of the step's global batch (what `pipeline batches` recomputes)."""
+
+    def __init__(self, run: Run):
+        self.window_loss = torch.zeros((), device=run.device)  # stays on device: .item() per step stalls a GPU
+        self.window_steps, self.window_start = 0, time.perf_counter()
+        self.logger = None
+        if run.rank == 0 and run.spec.mlflow_run_id:
+            from pipeline.tracking import RunLogger
+
+            self.logger = RunLogger(run.spec.tracking_uri, run.spec.mlflow_run_id)
+
+    def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:
+        train = run.spec.train
+        self.window_loss += loss
+        self.window_steps += 1
+        if step % train.log_every and step != train.max_steps:
+            return
+        loss_sum, digest_sum = _sum_across_ranks([float(self.window_loss), float(digest)], run.device)
+        elapsed = time.perf_counter() - self.window_start
+        samples_per_s = self.window_steps * run.data.layout.global_batch / elapsed
+        unit, each = run.task.unit, run.task.units_per_sample(run.spec)
+        metrics = {
+            "loss": loss_sum / self.window_steps / run.world,
+            "lr": run.scheduler.get_last_lr()[0],
+            **run.progress(step),
+            f"{unit}_per_s": samples_per_s * each,
+            "mfu": samples_per_s * run.sample_flops / (train.peak_flops_per_worker * run.world),
+            "epoch": run.data.epoch_at(step),
+            "batch_digest": float(int(digest_sum) % (1 << DIGEST_BITS)),
+        }
+        run.metrics.update(metrics)
+        if self.logger:
+            self.logger.log_metrics(metrics, step)
+        if run.rank == 0:
+            print(f"[{run.spec.kind}] step {step}/{train.max_steps} loss {metrics['loss']:.4f} "
+                  f"{metrics[f'{unit}_per_s']:.0f} {unit}/s mfu {metrics['mfu']:.1%}", flush=True)
+        self.window_loss = torch.zeros((), device=run.device)
+        self.window_steps, self.window_start = 0, time.perf_counter()
+
+
+class Validator:
+    """Every `eval_every` steps and at the end: loss and accuracy on the validation
+    shards, on the same data and FLOPs axes as the training loss. Every rank
+    evaluates an equal share (ZeRO-3 needs all ranks in every forward)."""
+
+    def __init__(self, run: Run):
+        spec = run.spec
+        self.batches = head_batches(shard_entries(spec.val_data), run.task.fields, spec.train.eval_samples,
+                                    run.rank, run.world, spec.train.micro_batch_size) if spec.val_data else []
+
+    @torch.no_grad()
+    def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:
+        train = run.spec.train
+        if not self.batches or not train.eval_every or (step % train.eval_every and step != train.max_steps):
+            return
+        run.engine.eval()
+        loss_sum = correct = counted = 0.0
+        for batch in self.batches:
+            logits, batch_loss, targets = run.task.forward(run.engine, batch, run.device, run.dtype)
+            keep = targets != IGNORE
+            n = float(keep.sum())
+            loss_sum += float(batch_loss) * n
+            correct += float(((logits.argmax(-1) == targets) & keep).sum())
+            counted += n
+        run.engine.train()
+        loss_sum, correct, counted = _sum_across_ranks([loss_sum, correct, counted], run.device)
+        metrics = {"val_loss": loss_sum / counted, "val_accuracy": correct / counted}
+        run.metrics.update(metrics)
+        if run.rank == 0:
+            if run.spec.mlflow_run_id:
+                from pipeline.tracking import RunLogger
+
+                RunLogger(run.spec.tracking_uri, run.spec.mlflow_run_id).log_metrics({**metrics, **run.progress(step)}, step)
+            print(f"[{run.spec.kind}] step {step} val_loss {metrics['val_loss']:.4f} "
+                  f"val_accuracy {metrics['val_accuracy']:.4f}", flush=True)
+
+
+class Checkpointer:
+    """Every `checkpoint_every` steps and at the end: every rank saves its DeepSpeed
+    shard, rank 0 the data counter, and all report them to Ray Train."""
+
+    def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:
+        import ray.train
+
+        train = run.spec.train
+        final = step == train.max_steps
+        if not final and not (train.checkpoint_every and step % train.checkpoint_every == 0):
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            ckpt.save_engine(run.engine, directory, run.data.state(step), run.rank)
+            if final:
+                ckpt.export_weights(run.engine, train.zero_stage, run.spec.weights_out, run.rank)
+            report = {**run.metrics, "step": step}
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _resume(engine, data: TrainingData, spec: TrainSpec) -> int | None:
+    """The step a restored checkpoint continues from, or None for a fresh run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and spec.resume_from:
+        checkpoint = ray.train.Checkpoint(spec.resume_from)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        step = data.check_resume(ckpt.read_data_state(directory))
+        ckpt.load_engine(engine, directory)
+    return step
 
 
 def train_worker(loop_config: dict) -> None:
@@ -62,73 +204,27 @@ def train_worker(loop_config: dict) -> None:
     model = build_model(spec.kind, spec.model, spec.model_args, spec.encoder_model)
     if spec.init_encoder:
         ckpt.load_weights(model.encoder, spec.init_encoder)
-    table = load_training_table(spec, rank, world)
-    schedule = BatchSchedule(table, train.micro_batch_size, train.seed, rank)
-    unit, units_each = units_per_sample(spec)
-    sample_flops = flops_per_sample(spec, model, table)
+    task = TASKS[spec.kind]
+    data = TrainingData.open(spec.train_data, train, world)
+    sample_flops = task.flops_per_sample(spec, model, next(iter_shard(data.entries[0]["path"])))
 
     engine, _, scheduler = initialize(model, param_groups(spec, model), train, deepspeed_config(spec.deepspeed, train, world))
-    gen = torch.Generator().manual_seed(train.seed * 1000 + rank)
+    resumed_at = _resume(engine, data, spec)
+    step = resumed_at or 0
+    run = Run(spec, task, engine, scheduler, data, rank, world, device, dtype, sample_flops, resumed_at is not None)
+    callbacks = [FaultDrill(), MetricsLogger(run), Validator(run), Checkpointer()]
 
-    step = 0
-    resume = ray.train.get_checkpoint()
-    if resume is None and spec.resume_from:
-        resume = ray.train.Checkpoint(spec.resume_from)
-    if resume is not None:
-        with resume.as_directory() as directory:
-            state = ckpt.load_engine(engine, directory, rank)
-        step = int(state["step"])
-        gen.set_state(state["rng"])
-
-    logger = None
-    if rank == 0 and spec.mlflow_run_id:
-        from pipeline.tracking import RunLogger
-
-        logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id)
-
-    samples_per_step = train.micro_batch_size * train.grad_accum * world
-    # The loss stays a device tensor until a log step: .item() every step would stall a GPU.
-    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-    last_loss, last_metrics = float("nan"), {}
+    batches = iter(data.loader(rank, step, train.max_steps, task.fields, task.transform(spec), train))
+    engine.train()
     while step < train.max_steps:
-        engine.train()
-        for micro in range(train.grad_accum):
-            batch = schedule.batch(step * train.grad_accum + micro)
-            loss = compute_loss(spec, engine, batch, device, dtype, gen)
+        loss_sum, digest = torch.zeros((), device=device), 0
+        for _ in range(train.grad_accum):
+            batch = next(batches)
+            _, loss, _ = task.forward(engine, batch, device, dtype)
             engine.backward(loss)
             engine.step()
-            window_loss += loss.detach().float() / train.grad_accum
+            loss_sum += loss.detach().float()
+            digest += batch_digest_part(batch["__key__"])
         step += 1
-        window_steps += 1
-        if step == spec.fail_at_step and resume is None and rank == world - 1:
-            raise InjectedFault(f"fault drill: rank {rank} fails at step {step}")
-
-        if step % train.log_every == 0 or step == train.max_steps:
-            last_loss = _mean_across_ranks(float(window_loss) / window_steps, device)
-            elapsed = time.perf_counter() - window_start
-            samples_per_s = window_steps * samples_per_step / elapsed
-            metrics = {
-                "loss": last_loss,
-                "lr": scheduler.get_last_lr()[0],
-                unit: step * samples_per_step * units_each,
-                "flops": step * samples_per_step * sample_flops,
-                f"{unit}_per_s": samples_per_s * units_each,
-                "mfu": samples_per_s * sample_flops / (train.peak_flops_per_worker * world),
-                "epoch": schedule.epoch_of(step * train.grad_accum),
-            }
-            last_metrics = metrics
-            if logger:
-                logger.log_metrics(metrics, step)
-            if rank == 0:
-                print(f"[{spec.kind}] step {step}/{train.max_steps} loss {last_loss:.4f} "
-                      f"{metrics[f'{unit}_per_s']:.0f} {unit}/s mfu {metrics['mfu']:.1%}", flush=True)
-            window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-
-        final = step == train.max_steps
-        if final or (train.checkpoint_every and step % train.checkpoint_every == 0):
-            with tempfile.TemporaryDirectory() as directory:
-                ckpt.save_engine(engine, directory, step, gen, rank)
-                if final:
-                    ckpt.export_weights(engine, train.zero_stage, spec.weights_out, rank)
-                report = {**last_metrics, "step": step, "loss": last_loss}
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        for callback in callbacks:
+            callback.after_step(run, step, loss_sum / train.grad_accum, digest)

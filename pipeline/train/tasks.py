@@ -18,7 +18,6 @@ from pipeline.models.captioner import MAX_TEXT_LEN, PAD, Captioner, encode_text
 from pipeline.models.gpt import GPT
 from pipeline.models.layers import count_params
 from pipeline.models.vit import ViT
-from pipeline.train.data import SampleTable, load_table
 
 CELL = 28
 
@@ -28,11 +27,12 @@ class TrainSpec:
     """Everything a worker needs, resolved by the driver (plain data, sent once)."""
 
     kind: str  # "gpt" | "vit" | "captioner"
-    train_shards: list[str]
+    train_data: str  # directory of the training shards' manifest
     model: TransformerConfig
     train: TrainConfig
     deepspeed: dict[str, Any]
     weights_out: str  # where rank 0 writes the final safetensors
+    val_data: Optional[str] = None  # directory of the validation shards' manifest
     model_args: dict[str, Any] = field(default_factory=dict)
     init_encoder: Optional[str] = None  # safetensors of a pretrained ViT (captioner)
     encoder_model: Optional[TransformerConfig] = None
@@ -64,17 +64,11 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"params_total": total, "params_non_embedding": total - model.embedding_params()}
 
 
-# --------------------------------------------------------------------------- batches
+# --------------------------------------------------------------------------- per-kind descriptions
 
 
-def load_training_table(spec: TrainSpec, rank: int, world: int) -> SampleTable:
-    if spec.kind == "gpt":
-        fields = {"npy": lambda a: a.astype(np.int64)}
-    elif spec.kind == "vit":
-        fields = {"npy": lambda a: a.astype(np.float32), "cls": int}
-    else:
-        fields = {"npy": lambda a: a.astype(np.float32), "txt": _padded_text_ids, "json": lambda m: (m["rows"], m["cols"])}
-    return load_table(spec.train_shards, fields, rank, world)
+def _as_float32(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32)
 
 
 def _padded_text_ids(text: str) -> np.ndarray:
@@ -82,61 +76,125 @@ def _padded_text_ids(text: str) -> np.ndarray:
     return np.asarray(ids + [PAD] * (MAX_TEXT_LEN + 2 - len(ids)), dtype=np.int64)
 
 
-def random_shift(patches: torch.Tensor, patch_size: int, max_shift: int, background: float, gen: torch.Generator) -> torch.Tensor:
-    """Shift each 28x28 image by up to `max_shift` pixels, filling with background."""
-    B, P, _ = patches.shape
-    g = int(round(P**0.5))
-    p = patch_size
-    images = patches.view(B, g, g, p, p).permute(0, 1, 3, 2, 4).reshape(B, g * p, g * p)
-    padded = torch.nn.functional.pad(images, (max_shift,) * 4, value=background)
-    dx, dy = torch.randint(0, 2 * max_shift + 1, (2, B), generator=gen)
-    size = g * p
-    shifted = torch.stack([padded[b, dy[b] : dy[b] + size, dx[b] : dx[b] + size] for b in range(B)])
-    return shifted.view(B, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(B, P, p * p)
+def _grid_shape(meta: dict) -> np.ndarray:
+    return np.asarray([meta["rows"], meta["cols"]], dtype=np.int64)
 
 
-def compute_loss(spec: TrainSpec, engine, batch: dict[str, np.ndarray], device, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    if spec.kind == "gpt":
-        seq = torch.from_numpy(batch["npy"]).to(device)
-        _, loss = engine(seq[:, :-1], seq[:, 1:])
-        return loss
-    if spec.kind == "vit":
-        patches = torch.from_numpy(batch["npy"])
-        if spec.max_shift:
-            background = float(spec.model_args["background"])
-            patches = random_shift(patches, spec.model_args["patch_size"], spec.max_shift, background, gen)
-        _, loss = engine(patches.to(device, dtype), torch.from_numpy(batch["cls"]).to(device))
-        return loss
-    rows, cols = (int(v) for v in batch["json"][0])
-    ids = torch.from_numpy(batch["txt"]).to(device)
-    length = int((ids != PAD).sum(1).max())
-    ids = ids[:, :length]
-    _, loss = engine(torch.from_numpy(batch["npy"]).to(device, dtype), rows, cols, ids[:, :-1], ids[:, 1:])
-    return loss
+class KeyedShift:
+    """Shift a 28x28 image (as patches) by up to `max_shift` pixels, filling with background.
+
+    The shift is drawn from (seed, epoch, sample key) alone, so it is the same
+    whichever rank or loader worker reads the sample, and a resumed run redraws it.
+    """
+
+    def __init__(self, seed: int, patch_size: int, max_shift: int, background: float):
+        self.seed, self.p, self.m, self.background = seed, patch_size, max_shift, background
+
+    def __call__(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        from pipeline.data.order import key_hash
+
+        patches = sample["npy"]
+        P, p, m = patches.shape[0], self.p, self.m
+        g = int(round(P**0.5))
+        image = patches.reshape(g, g, p, p).transpose(0, 2, 1, 3).reshape(g * p, g * p)
+        padded = np.pad(image, m, constant_values=np.float32(self.background))
+        dx, dy = np.random.default_rng([self.seed, epoch, key_hash(sample["__key__"])]).integers(0, 2 * m + 1, size=2)
+        shifted = padded[dy : dy + g * p, dx : dx + g * p]
+        return {**sample, "npy": shifted.reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(P, p * p)}
+
+
+class Task:
+    """What one model kind reads from a shard, how it computes its loss, and what a sample costs."""
+
+    unit = "images"  # what a run counts: tokens or images
+    fields: dict[str, Any] = {}
+
+    def units_per_sample(self, spec: TrainSpec) -> float:
+        return 1.0
+
+    def transform(self, spec: TrainSpec):
+        return None
+
+    def forward(self, model, batch: dict[str, Any], device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, loss, targets); targets equal to IGNORE do not count for accuracy."""
+        raise NotImplementedError
+
+    def flops_per_sample(self, spec: TrainSpec, model: torch.nn.Module, first: dict[str, Any]) -> float:
+        raise NotImplementedError
+
+
+IGNORE = -100
+
+
+class GPTTask(Task):
+    unit = "tokens"
+    fields = {"npy": np.asarray}  # token ids stay uint16 until they reach the device
+
+    def units_per_sample(self, spec):
+        return float(spec.model_args["seq_len"])
+
+    def forward(self, model, batch, device, dtype):
+        seq = batch["npy"].to(device, non_blocking=True).long()
+        logits, loss = model(seq[:, :-1], seq[:, 1:])
+        return logits, loss, seq[:, 1:]
+
+    def flops_per_sample(self, spec, model, first):
+        m = spec.model
+        return flops.gpt_flops_per_sequence(param_counts(model)["params_non_embedding"], m.n_layer,
+                                            spec.model_args["seq_len"], m.d_model)
+
+
+class ViTTask(Task):
+    fields = {"npy": _as_float32, "cls": int}
+
+    def transform(self, spec):
+        if not spec.max_shift:
+            return None
+        a = spec.model_args
+        return KeyedShift(spec.train.seed, a["patch_size"], spec.max_shift, float(a["background"]))
+
+    def forward(self, model, batch, device, dtype):
+        labels = batch["cls"].to(device, non_blocking=True)
+        logits, loss = model(batch["npy"].to(device, dtype, non_blocking=True), labels)
+        return logits, loss, labels
+
+    def flops_per_sample(self, spec, model, first):
+        m = spec.model
+        return flops.vit_flops_per_image(param_counts(model)["params_non_embedding"], m.n_layer,
+                                         spec.model_args["num_patches"], m.d_model)
+
+
+class CaptionerTask(Task):
+    fields = {"npy": _as_float32, "txt": _padded_text_ids, "json": _grid_shape}
+
+    def forward(self, model, batch, device, dtype):
+        rows, cols = (int(v) for v in batch["json"][0])
+        ids = batch["txt"].to(device, non_blocking=True)
+        length = int((ids != PAD).sum(1).max())
+        ids = ids[:, :length]
+        logits, loss = model(batch["npy"].to(device, dtype, non_blocking=True), rows, cols, ids[:, :-1], ids[:, 1:])
+        targets = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, IGNORE)
+        return logits, loss, targets
+
+    def flops_per_sample(self, spec, model, first):
+        m = spec.model
+        enc = model.encoder
+        enc_params = param_counts(enc)["params_non_embedding"]
+        rows, cols = first["json"]["rows"], first["json"]["cols"]
+        text_len = len(encode_text(first["txt"])) - 1  # predicted positions
+        return flops.captioner_flops_per_sample(
+            enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, rows * cols,
+            param_counts(model)["params_non_embedding"] - enc_params, m.n_layer, m.d_model, text_len,
+        )
+
+
+TASKS: dict[str, Task] = {"gpt": GPTTask(), "vit": ViTTask(), "captioner": CaptionerTask()}
 
 
 def units_per_sample(spec: TrainSpec) -> tuple[str, float]:
     """The unit of data a run counts (tokens or images) and how many a sample holds."""
-    if spec.kind == "gpt":
-        return "tokens", float(spec.model_args["seq_len"])
-    return "images", 1.0
-
-
-def flops_per_sample(spec: TrainSpec, model: torch.nn.Module, table: SampleTable) -> float:
-    counts = param_counts(model)
-    m = spec.model
-    if spec.kind == "gpt":
-        return flops.gpt_flops_per_sequence(counts["params_non_embedding"], m.n_layer, spec.model_args["seq_len"], m.d_model)
-    if spec.kind == "vit":
-        return flops.vit_flops_per_image(counts["params_non_embedding"], m.n_layer, spec.model_args["num_patches"], m.d_model)
-    enc = model.encoder
-    enc_params = param_counts(enc)["params_non_embedding"]
-    rows, cols = (int(v) for v in table.columns["json"][0])
-    text_len = float((table.columns["txt"] != PAD).sum(1).mean()) - 1
-    return flops.captioner_flops_per_sample(
-        enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, rows * cols,
-        counts["params_non_embedding"] - enc_params, m.n_layer, m.d_model, int(round(text_len)),
-    )
+    task = TASKS[spec.kind]
+    return task.unit, task.units_per_sample(spec)
 
 
 def param_groups(spec: TrainSpec, model: torch.nn.Module) -> list[dict[str, Any]]:
