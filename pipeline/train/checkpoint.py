@@ -57,11 +57,22 @@ def read_data_state(directory: str) -> dict:
     return storage.read_json(path)
 
 
+def _param_groups(engine) -> list[dict]:
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer).param_groups  # the torch optimizer inside ZeRO's wrapper
+
+
 def load_engine(engine, directory: str) -> None:
     _weights_only_loads(engine)
+    # DeepSpeed's universal load copies param group 0's hyperparameters onto every group:
+    # groups with their own weight decay or learning-rate scale would silently lose them.
+    own = [{k: v for k, v in group.items() if k != "params"} for group in _param_groups(engine)]
     path, _ = engine.load_checkpoint(directory, tag=TAG)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint with tag '{TAG}' under {directory}")
+    if engine.load_universal_checkpoint():
+        for group, settings, lr in zip(_param_groups(engine), own, engine.lr_scheduler.get_last_lr()):
+            group.update(settings, lr=lr)  # lr: where the restored schedule stands
 
 
 def export_weights(engine, zero_stage: int, path: str, rank: int) -> None:

@@ -39,7 +39,7 @@ def _to_universal(source: str, target: str) -> str:
 
     args = argparse.Namespace(input_folder=os.path.join(source, ckpt.TAG), output_folder=os.path.join(target, ckpt.TAG),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
+                              inject_missing_state=True)
     torch.load = safe_load
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # it narrates every parameter
@@ -60,6 +60,11 @@ def prepare_resume(spec: TrainSpec, run_dir: str) -> TrainSpec:
         return spec
     if not storage.is_local(spec.resume_from):
         raise NotImplementedError("resuming at another world size needs the checkpoint on a local or shared path")
+    if spec.train.zero_stage == 3:
+        # Measured on the smoke ViT: weights and Adam moments come back exactly, yet the next
+        # step's loss drifts ~3e-4 relative from an uninterrupted run; from ZeRO-2 it matched.
+        print(f"warning: resuming a ZeRO-3 checkpoint at world size {spec.train.num_workers} "
+              f"(saved at {state['world_size']}): DeepSpeed's universal load is close, not exact", flush=True)
     target = storage.join(storage.absolute(run_dir), f"universal-from-world-size-{state['world_size']}")
     ray.get(ray.remote(num_cpus=1)(_to_universal).remote(spec.resume_from, target))
     deepspeed = {**spec.deepspeed, "checkpoint": {"load_universal": True}}

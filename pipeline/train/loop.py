@@ -108,7 +108,7 @@ class MetricsLogger:
             self.logger.log_metrics(metrics, step)
         if run.rank == 0:
             print(f"[{run.spec.kind}] step {step}/{train.max_steps} loss {metrics['loss']:.4f} "
-                  f"{metrics[f'{unit}_per_s']:.0f} {unit}/s mfu {metrics['mfu']:.1%}", flush=True)
+                  f"lr {metrics['lr']:.3g} {metrics[f'{unit}_per_s']:.0f} {unit}/s mfu {metrics['mfu']:.1%}", flush=True)
         self.window_loss = torch.zeros((), device=run.device)
         self.window_steps, self.window_start = 0, time.perf_counter()
 
