@@ -17,6 +17,7 @@ COMMANDS = {
     "pretrain": ["pretrain_gpt", "pretrain_vit"],
     "finetune": ["finetune"],
     "evaluate": ["evaluate"],
+    "batches": None,
 }
 HELP = {
     "run": "the whole DAG: shard, tokenize, patchify, pretrain (GPT, ViT), finetune, evaluate",
@@ -26,6 +27,7 @@ HELP = {
     "pretrain": "pretrain the GPT and/or the ViT with DeepSpeed inside Ray Train",
     "finetune": "fine-tune the captioner (pretrained ViT encoder + cross-attention decoder)",
     "evaluate": "held-out metrics for the GPT, the ViT and the captioner",
+    "batches": "print the sample keys of each global step of a training stage (what was in that batch?)",
 }
 
 
@@ -40,10 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--summary", help="write the run summary as JSON to this file")
         if name == "pretrain":
             p.add_argument("--model", choices=["gpt", "vit", "both"], default="both")
+        if name == "batches":
+            p.add_argument("--stage", required=True, help="pretrain_gpt, pretrain_vit or finetune")
+            p.add_argument("--steps", required=True, help="A:B, steps A to B-1, numbered as in the training logs (from 1)")
+            p.add_argument("--world-size", type=int, help="split the global batch this many ways (default: the config's num_workers)")
+            p.add_argument("--json", action="store_true", help="one JSON object per step")
     return parser
 
 
+_RAY_WAS_UP = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _RAY_WAS_UP
+    import ray
+
+    _RAY_WAS_UP = ray.is_initialized()
     parser = build_parser()
     # Overrides may come after the options too (`run CFG --workdir W a.b=1`): argparse
     # leaves those in `extra`.
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(args.overrides) + extra
     try:
         config = load_config(args.config, args.overrides)
+        if args.command == "batches":
+            return _batches(config, args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -74,10 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _batches(config, args) -> int:
+    from pipeline import batches
+
+    steps = batches.parse_steps(args.steps)
+    described = batches.describe(config, args.stage, steps, args.world_size, args.workdir)
+    _stop_local_ray()
+    if args.json:
+        for b in described:
+            print(json.dumps(b))
+    else:
+        print(batches.format_text(described))
+    return 0
+
+
 def _stop_local_ray() -> None:
+    """Shut down Ray if this command started it; a caller that had it up keeps it."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized() and not _RAY_WAS_UP:
         ray.shutdown()
 
 

@@ -106,6 +106,7 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
         "outputs": result.outputs,
         "metrics": result.metrics,
         "params": result.params,
+        "mlflow_run_id": ctx.mlflow_run_id,  # the run that produced these outputs, for cache hits to link to
     }
     storage.write_json_atomic(storage.join(ctx.out_dir, DONE), record)
     return {**record, "status": "ran"}

@@ -66,6 +66,8 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
                 ctx = StageContext(config, out_dir, {d: outputs[d] for d in stage.deps}, fp, uri, run.info.run_id)
                 record = run_stage(stage, ctx)
                 mlflow.set_tag("status", record["status"])
+                if record["status"] == "cached" and record.get("mlflow_run_id"):
+                    mlflow.set_tag("produced_by_run", record["mlflow_run_id"])
                 if record["status"] == "ran":
                     if record.get("params"):
                         mlflow.log_params(tracking.params_for_mlflow(record["params"]))
@@ -73,7 +75,7 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
                         mlflow.log_metrics(record["metrics"])
                     mlflow.log_metric("stage_seconds", record["seconds"])
             outputs[name] = record["outputs"]
-            summary["stages"][name] = {k: record[k] for k in ("status", "seconds", "outputs", "metrics")}
+            summary["stages"][name] = {k: record.get(k) for k in ("status", "seconds", "outputs", "metrics", "mlflow_run_id")}
             print(f"[{name}] {record['status']} in {record['seconds']:.1f}s", flush=True)
     return summary
 

@@ -177,3 +177,49 @@ def test_failed_stage_leaves_no_output(run_tiny, tiny_workdir):
     shard_dirs = os.listdir(os.path.join(tiny_workdir, "shard"))
     for d in shard_dirs:
         assert os.path.exists(os.path.join(tiny_workdir, "shard", d, "stage.json")), d
+
+
+def test_pipeline_batches_reproduces_the_digests_training_logged(run_tiny, tiny_workdir, capsys):
+    from pipeline import cli
+    from pipeline.data.order import batch_digest
+    from conftest import SMOKE, TINY_OVERRIDES
+
+    from mlflow.tracking import MlflowClient
+
+    summary = run_tiny(["pretrain_vit"])  # a cache hit here: the digests are in the run that trained it
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    producer = summary["stages"]["pretrain_vit"]["mlflow_run_id"]
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(producer, "batch_digest"))
+    assert len(logged) == 8  # log_every 5 over 40 steps
+    capsys.readouterr()
+    argv = ["batches", str(SMOKE), "--stage", "pretrain_vit", "--steps", "1:41", "--json", "--workdir", tiny_workdir]
+    assert cli.main(argv + TINY_OVERRIDES) == 0
+    steps = {b["step"]: b for b in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert sorted(steps) == list(range(1, 41))
+    for step, digest in logged:
+        assert steps[step]["digest"] == digest
+        assert batch_digest(k for keys in steps[step]["ranks"] for k in keys) == digest
+    # Two ranks of 64: the world size the config trains at.
+    assert [len(keys) for keys in steps[1]["ranks"]] == [64, 64]
+
+    # Split four ways, the same global batches.
+    assert cli.main(argv + ["--world-size", "4"] + TINY_OVERRIDES) == 0
+    four = {b["step"]: b for b in map(json.loads, capsys.readouterr().out.splitlines())}
+    for step in steps:
+        assert [len(k) for k in four[step]["ranks"]] == [32] * 4
+        assert sorted(sum(four[step]["ranks"], [])) == sorted(sum(steps[step]["ranks"], []))
+
+    # The MNIST source is sorted by class; every batch mixes classes (keys name the digit's index).
+    labels = sources.load_mnist()[1]
+    for b in steps.values():
+        classes = {int(labels[int(k.split("-")[1])]) for keys in b["ranks"] for k in keys}
+        assert len(classes) >= 8
+
+
+def test_pipeline_batches_refuses_a_world_size_that_does_not_divide(capsys, tiny_workdir):
+    from pipeline import cli
+    from conftest import SMOKE, TINY_OVERRIDES
+
+    assert cli.main(["batches", str(SMOKE), "--stage", "pretrain_vit", "--steps", "1:3", "--world-size", "3",
+                     "--workdir", tiny_workdir] + TINY_OVERRIDES) == 2
+    assert "--world-size 3: global batch 128 does not split into 3 ranks" in capsys.readouterr().err

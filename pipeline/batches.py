@@ -1,0 +1,79 @@
+"""`pipeline batches`: which samples each global step of a training stage reads.
+
+It runs the loader's own code (`ShardStream`) with no fields to decode, so the
+keys it prints are the ones training read, and the digests match the
+`batch_digest` metric training logs. Steps are numbered as in the training
+logs: step 1 is the first update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from typing import Any, Optional
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.data.order import DataOrderError, batch_digest, split_global_batch
+from pipeline.train.data import TrainingData
+
+# Training stage -> (its config section, where its training shards come from)
+TRAINING_DATA = {
+    "pretrain_gpt": (lambda c: c.pretrain_gpt, lambda out: out["tokenize"]["tokens_train"]),
+    "pretrain_vit": (lambda c: c.pretrain_vit, lambda out: out["patchify"]["mnist_train"]),
+    "finetune": (lambda c: c.finetune, lambda out: out["patchify"]["grids_train"]),
+}
+
+
+def parse_steps(text: str) -> range:
+    try:
+        first, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--steps must look like A:B (steps A to B-1), got {text!r}") from None
+    if not 1 <= first < stop:
+        raise ConfigError(f"--steps {text}: steps start at 1 (the first update) and A must be less than B")
+    return range(first, stop)
+
+
+def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[int], workdir: Optional[str]) -> list[dict[str, Any]]:
+    from pipeline.runner import run_pipeline
+    from pipeline.stages import STAGES
+
+    if stage not in TRAINING_DATA:
+        raise ConfigError(f"--stage must be one of {', '.join(TRAINING_DATA)}, got {stage!r}")
+    section, data_dir = TRAINING_DATA[stage]
+    train = section(config).train
+    world = world_size or train.num_workers
+    global_batch = train.micro_batch_size * train.grad_accum * train.num_workers
+    try:
+        layout = split_global_batch(global_batch, world, train.micro_batch_size)
+    except DataOrderError as e:
+        raise ConfigError(f"--world-size {world}: {e}") from None
+
+    with contextlib.redirect_stdout(sys.stderr):  # stage progress must not mix with the answer
+        summary = run_pipeline(config, list(STAGES[stage].deps), workdir)
+    outputs = {name: s["outputs"] for name, s in summary["stages"].items()}
+    data = TrainingData.open(data_dir(outputs), dataclasses.replace(train, grad_accum=layout.grad_accum), world)
+
+    ranks = []
+    for rank in range(world):
+        micro_batches = iter(data.stream(rank, steps.start - 1, steps.stop - 1, fields={}))
+        ranks.append([sum((next(micro_batches)["__key__"] for _ in range(layout.grad_accum)), []) for _ in steps])
+    return [
+        {
+            "step": step,
+            "epoch": data.epoch_at(step - 1),
+            "ranks": [ranks[r][i] for r in range(world)],
+            "digest": batch_digest(key for r in range(world) for key in ranks[r][i]),
+        }
+        for i, step in enumerate(steps)
+    ]
+
+
+def format_text(batches: list[dict[str, Any]]) -> str:
+    lines = []
+    for b in batches:
+        lines.append(f"step {b['step']}  epoch {b['epoch']}  digest {b['digest']}")
+        for rank, keys in enumerate(b["ranks"]):
+            lines.append(f"  rank {rank}: {' '.join(keys)}")
+    return "\n".join(lines)
