@@ -53,7 +53,8 @@ def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[i
     with contextlib.redirect_stdout(sys.stderr):  # stage progress must not mix with the answer
         summary = run_pipeline(config, list(STAGES[stage].deps), workdir)
     outputs = {name: s["outputs"] for name, s in summary["stages"].items()}
-    data = TrainingData.open(data_dir(outputs), dataclasses.replace(train, grad_accum=layout.grad_accum), world)
+    train = dataclasses.replace(train, micro_batch_size=layout.micro_batch, grad_accum=layout.grad_accum)
+    data = TrainingData.open(data_dir(outputs), train, world)
 
     ranks = []
     for rank in range(world):

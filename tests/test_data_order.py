@@ -93,7 +93,10 @@ def test_layout_refuses_a_batch_that_does_not_split():
 
     with pytest.raises(DataOrderError, match="does not split into 3 ranks"):
         split_global_batch(8, 3, 2)
-    assert BatchLayout(2, 2, 2).global_batch == 8
+    with pytest.raises(DataOrderError, match="not whole micro batches of 4"):
+        split_global_batch(12, 2, 4)
+    assert split_global_batch(8, 2, 2) == BatchLayout(2, 2, 2)
+    assert split_global_batch(8, 8, 2) == BatchLayout(1, 1, 8)  # a rank's share smaller than a micro batch
 
 
 def test_a_flipped_byte_is_caught_and_names_the_shard(class_sorted_shards, tmp_path):

@@ -106,12 +106,15 @@ class BatchLayout:
 
 
 def split_global_batch(global_batch: int, world_size: int, micro_batch: int) -> BatchLayout:
-    """The layout that gives `world_size` ranks the same global batch, by grad accumulation."""
-    if global_batch % (world_size * micro_batch):
-        raise DataOrderError(
-            f"global batch {global_batch} does not split into {world_size} ranks x micro batches of {micro_batch}"
-        )
-    return BatchLayout(micro_batch, global_batch // (world_size * micro_batch), world_size)
+    """The layout that gives `world_size` ranks the same global batch: grad accumulation
+    over micro batches of `micro_batch`, or one smaller micro batch when a rank's share is less."""
+    if global_batch % world_size:
+        raise DataOrderError(f"global batch {global_batch} does not split into {world_size} ranks")
+    share = global_batch // world_size
+    if share % micro_batch and share > micro_batch:
+        raise DataOrderError(f"a rank's {share} samples of the global batch {global_batch} are not whole micro batches of {micro_batch}")
+    micro = min(micro_batch, share)
+    return BatchLayout(micro, share // micro, world_size)
 
 
 def data_fingerprint(manifest: dict, seed: int, block: int) -> str:
