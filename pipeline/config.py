@@ -33,10 +33,19 @@ def _require_positive(section: Any, key: str, *names: str) -> None:
 
 @dataclass
 class MnistConfig:
+    """The single digits: the embedded MNIST sample, or a local folder of 28x28 grayscale
+    images, either one sub-folder per class (`folder/3/x.png`) or images plus a CSV
+    `labels_file` of `filename,label` rows."""
+
+    source: Literal["embedded", "folder"] = "embedded"
+    folder: Optional[str] = None
+    labels_file: Optional[str] = None
     samples_per_shard: int = 1000
 
     def validate(self, key: str) -> None:
         _require_positive(self, key, "samples_per_shard")
+        if self.source == "folder" and not self.folder:
+            raise ConfigError(f"{key}.folder is required when {key}.source is 'folder'")
 
 
 @dataclass
@@ -70,10 +79,11 @@ class TextConfig:
     paths: list[str] = field(default_factory=list)
     max_bytes: int = 3_000_000
     val_fraction: float = 0.05
-    docs_per_shard: int = 200
+    docs_per_shard: int = 200  # files per shard task (a parquet file is one task)
+    hf_parts: int = 4  # a Hugging Face dataset is streamed by this many tasks, each its own slice
 
     def validate(self, key: str) -> None:
-        _require_positive(self, key, "max_bytes", "docs_per_shard")
+        _require_positive(self, key, "max_bytes", "docs_per_shard", "hf_parts")
         if self.source == "hf" and not self.hf_dataset:
             raise ConfigError(f"{key}.hf_dataset is required when {key}.source is 'hf'")
         if self.source == "files" and not self.paths:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from pipeline import storage, tracking
 from pipeline.dag import Stage, StageContext, StageResult
@@ -18,14 +18,14 @@ from pipeline.data.shards import ShardInfo
 # --------------------------------------------------------------------------- Ray fan-out
 
 
-def _ray_map(fn: Callable[..., ShardInfo], calls: list[tuple], desc: str) -> list[ShardInfo]:
+def _ray_map(fn: Callable[..., Any], calls: list[tuple], desc: str) -> list[Any]:
     """Run `fn(*args)` for every args tuple as a Ray task, with a progress bar."""
     import ray
     from tqdm import tqdm
 
     task = ray.remote(num_cpus=1)(fn)
     pending = [task.remote(*args) for args in calls]
-    results: dict[Any, ShardInfo] = {}
+    results: dict[Any, Any] = {}
     order = list(pending)
     with tqdm(total=len(pending), desc=desc, unit="shard", leave=False) as bar:
         while pending:
@@ -53,9 +53,17 @@ def _write_split(out_dir: str, prefix: str, make: Callable[..., Iterable[dict]],
 # --------------------------------------------------------------------------- shard
 
 
-def _text_samples(docs: list[tuple[str, str]], first: int) -> Iterator[dict]:
-    for n, (key, text) in enumerate(docs, start=first):
-        yield {"__key__": f"doc-{n:06d}", "txt": text, "json": {"source_key": key}}
+def _write_text_part(cfg, part: sources.TextPart, train_path: str, val_path: str, every: int) -> tuple[ShardInfo, ShardInfo]:
+    """Read one part of the text source and write its train and validation shards
+    (every `every`-th document of the part goes to validation)."""
+    docs = list(sources.read_text_part(cfg, part))
+
+    def samples(split: str):
+        for n, (key, text) in enumerate(docs):
+            if (n % every == 0) == (split == "val"):
+                yield {"__key__": f"doc-{part.number:05d}-{n:06d}", "txt": text, "json": {"source_key": key}}
+
+    return shards.write_shard(train_path, samples("train")), shards.write_shard(val_path, samples("val"))
 
 
 def run_shard(ctx: StageContext) -> StageResult:
@@ -65,12 +73,16 @@ def run_shard(ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
 
     digit_schema = {"png": "uint8 28x28 grayscale digit", "cls": "int label 0-9"}
+    folder = sources.plan_image_folder(data.mnist.folder, data.mnist.labels_file) if data.mnist.source == "folder" else None
     for split in sources.SPLITS:
-        count = len(sources.mnist_split(split)[1])
         d = storage.join(out, "mnist", split)
-        ranges = _shard_ranges(count, data.mnist.samples_per_shard)
-        m = _write_split(d, "mnist", sources.digit_samples, [(split, a, b) for a, b in ranges],
-                         digit_schema, fp, f"shard mnist/{split}")
+        if folder is None:
+            ranges = _shard_ranges(len(sources.mnist_split(split)[1]), data.mnist.samples_per_shard)
+            make, shard_args = sources.digit_samples, [(split, a, b) for a, b in ranges]
+        else:  # each task gets only its own file names
+            ranges = _shard_ranges(len(folder[split]), data.mnist.samples_per_shard)
+            make, shard_args = sources.folder_digit_samples, [(folder[split][a:b], a) for a, b in ranges]
+        m = _write_split(d, "mnist", make, shard_args, digit_schema, fp, f"shard mnist/{split}")
         outputs[f"mnist_{split}"] = d
         metrics[f"mnist_{split}_samples"] = m["total_samples"]
 
@@ -85,20 +97,21 @@ def run_shard(ctx: StageContext) -> StageResult:
         outputs[f"grids_{split}"] = d
         metrics[f"grids_{split}_samples"] = m["total_samples"]
 
-    docs = sources.text_documents(data.text, data.seed)
-    every = max(2, round(1 / data.text.val_fraction))
-    splits = {"val": [d for i, d in enumerate(docs) if i % every == 0],
-              "train": [d for i, d in enumerate(docs) if i % every != 0]}
+    # The driver lists the parts; each Ray task reads only its own.
     text_schema = {"txt": "a UTF-8 document", "json": "source_key"}
-    for split, split_docs in splits.items():
-        d = storage.join(out, "text", split)
-        # Each task gets only its own documents, not the whole corpus.
-        ranges = _shard_ranges(len(split_docs), data.text.docs_per_shard)
-        m = _write_split(d, "text", _text_samples, [(split_docs[a:b], a) for a, b in ranges],
-                         text_schema, fp, f"shard text/{split}")
-        outputs[f"text_{split}"] = d
+    dirs = {split: storage.join(out, "text", split) for split in ("train", "val")}
+    every = max(2, round(1 / data.text.val_fraction))
+    calls = [(data.text, part, storage.join(dirs["train"], f"text-{part.number:06d}.tar"),
+              storage.join(dirs["val"], f"text-{part.number:06d}.tar"), every)
+             for part in sources.plan_text_parts(data.text, data.seed)]
+    written = _ray_map(_write_text_part, calls, "shard text")
+    for split, infos in zip(("train", "val"), zip(*written)):
+        m = shards.write_manifest(dirs[split], list(infos), text_schema, fp)
+        if m["total_samples"] == 0:
+            raise sources.SourceError(f"text source '{data.text.source}' gave no {split} documents")
+        outputs[f"text_{split}"] = dirs[split]
         metrics[f"text_{split}_docs"] = m["total_samples"]
-        metrics[f"text_{split}_bytes"] = sum(len(t.encode("utf-8")) for _, t in split_docs)
+        metrics[f"text_{split}_shard_bytes"] = m["total_bytes"]
     return StageResult(outputs, metrics)
 
 

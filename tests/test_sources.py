@@ -1,11 +1,22 @@
-"""Text sources other than the standard library, on local data (no hub at test time)."""
+"""Sources other than the embedded ones, on local data the tests make (no hub at test time):
+text from a Hugging Face dataset or local files, digits from a local image folder.
+The driver plans parts from metadata; each part is read on its own."""
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline.config import TextConfig
-from pipeline.data.sources import SourceError, text_documents
+from pipeline.data.sources import (
+    SourceError,
+    folder_digit_samples,
+    load_mnist,
+    plan_image_folder,
+    plan_text_parts,
+    read_text_part,
+)
 
 
 @pytest.fixture
@@ -13,39 +24,116 @@ def corpus(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
     rows = [f"document number {i} " * 20 for i in range(30)]
-    pq.write_table(pa.table({"content": rows, "id": list(range(30))}), folder / "train.parquet")
+    pq.write_table(pa.table({"content": rows, "id": list(range(30))}), folder / "train.parquet", row_group_size=10)
     (tmp_path / "a.txt").write_text("alpha " * 100)
     (tmp_path / "b.txt").write_text("beta " * 100)
     return tmp_path, rows
 
 
-def test_hf_loader_reads_a_local_dataset(corpus, monkeypatch):
+def _read_all(cfg):
+    return [[text for _, text in read_text_part(cfg, part)] for part in plan_text_parts(cfg, seed=0)]
+
+
+def test_hf_dataset_is_read_in_disjoint_parts(corpus, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root, rows = corpus
-    cfg = TextConfig(source="hf", hf_dataset=str(root / "corpus"), text_field="content", max_bytes=2000)
-    docs = text_documents(cfg, seed=0)
-    assert [t for _, t in docs] == rows[: len(docs)]
-    assert 2000 <= sum(len(t) for _, t in docs) < 2000 + len(rows[0])
+    cfg = TextConfig(source="hf", hf_dataset=str(root / "corpus"), text_field="content", max_bytes=4000, hf_parts=2)
+    parts = _read_all(cfg)
+    assert len(parts) == 2 and all(parts)
+    assert not set(parts[0]) & set(parts[1]) and set(parts[0] + parts[1]) <= set(rows)
+    for texts in parts:  # each part stops once past its share of max_bytes
+        assert 2000 <= sum(len(t) for t in texts) < 2000 + len(rows[0])
 
 
 def test_hf_loader_names_a_missing_field(corpus, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     root, _ = corpus
+    cfg = TextConfig(source="hf", hf_dataset=str(root / "corpus"), hf_parts=1)
     with pytest.raises(SourceError, match="no field 'text'"):
-        text_documents(TextConfig(source="hf", hf_dataset=str(root / "corpus")), seed=0)
+        _read_all(cfg)
 
 
-def test_local_files_txt_and_parquet(corpus):
+def test_local_files_txt_and_parquet_row_groups(corpus):
     root, rows = corpus
-    cfg = TextConfig(source="files", paths=[str(root / "*.txt"), str(root / "corpus/train.parquet")], text_field="content")
-    docs = text_documents(cfg, seed=0)
-    assert [t for _, t in docs] == ["alpha " * 100, "beta " * 100, *rows]
+    cfg = TextConfig(source="files", paths=[str(root / "*.txt"), str(root / "corpus/train.parquet")],
+                     text_field="content", docs_per_shard=1)
+    plan = plan_text_parts(cfg, seed=0)
+    assert [p.files or p.row_groups for p in plan] == [(str(root / "a.txt"),), (str(root / "b.txt"),), (0, 1, 2)]
+    assert sum(_read_all(cfg), []) == ["alpha " * 100, "beta " * 100, *rows]
+    # max_bytes is met from metadata: the first row group already passes 700 bytes.
+    small = TextConfig(source="files", paths=[str(root / "corpus/train.parquet")], text_field="content", max_bytes=700)
+    assert _read_all(small) == [rows[:10]]
 
 
 def test_local_files_errors_name_the_problem(corpus):
     root, _ = corpus
     with pytest.raises(SourceError, match="matches no file"):
-        text_documents(TextConfig(source="files", paths=[str(root / "*.md")]), seed=0)
+        plan_text_parts(TextConfig(source="files", paths=[str(root / "*.md")]), seed=0)
     with pytest.raises(SourceError, match="no column 'body'"):
-        text_documents(TextConfig(source="files", paths=[str(root / "corpus/train.parquet")], text_field="body"), seed=0)
+        _read_all(TextConfig(source="files", paths=[str(root / "corpus/train.parquet")], text_field="body"))
+
+
+@pytest.fixture
+def digit_folder(tmp_path):
+    """25 real MNIST digits per class, one sub-folder per class."""
+    images, labels = load_mnist()
+    root = tmp_path / "digits"
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True)
+        for n, i in enumerate(np.flatnonzero(labels == label)[:25]):
+            Image.fromarray(images[i]).save(root / str(label) / f"img{n:03d}.png")
+    return root
+
+
+def test_image_folder_per_class(digit_folder):
+    splits = plan_image_folder(str(digit_folder), None)
+    assert {s: len(v) for s, v in splits.items()} == {"train": 18 * 10, "val": 2 * 10, "test": 5 * 10}
+    assert all(label == int(path.split("/")[-2]) for items in splits.values() for path, label in items)
+    samples = list(folder_digit_samples(splits["test"][:3], first=0))
+    assert [s["cls"] for s in samples] == [0, 0, 0]
+    assert np.array_equal(samples[0]["png"], np.asarray(Image.open(splits["test"][0][0])))
+
+
+def test_image_folder_with_a_labels_file(digit_folder, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    lines = ["filename,label"]
+    for label in range(10):
+        for p in sorted((digit_folder / str(label)).iterdir()):
+            name = f"{label}_{p.name}"
+            p.rename(flat / name)
+            lines.append(f"{name},{label}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    splits = plan_image_folder(str(flat), str(tmp_path / "labels.csv"))
+    assert len(splits["train"]) == 180 and {label for _, label in splits["val"]} == set(range(10))
+
+    (tmp_path / "bad.csv").write_text("filename,label\n0_img000.png,12\n")
+    with pytest.raises(SourceError, match=r"bad.csv:1: expected 'filename,label' with a label 0-9"):
+        plan_image_folder(str(flat), str(tmp_path / "bad.csv"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: Image.new("RGB", (28, 28)).save(p), "a RGB image; digits must be grayscale"),
+    (lambda p: Image.new("L", (28, 30)).save(p), "28x30 pixels; digits must be 28x28"),
+    (lambda p: p.write_bytes(b"not an image"), "not a readable image"),
+])
+def test_bad_images_are_named(tmp_path, make, message):
+    path = tmp_path / "x.png"
+    make(path)
+    with pytest.raises(SourceError, match=f"x.png: {message}"):
+        list(folder_digit_samples([(str(path), 3)], first=0))
+
+
+def test_shard_stage_reads_an_image_folder(digit_folder, tmp_path, ray_cluster, tiny_config):
+    from pipeline.data import shards
+    from pipeline.runner import run_pipeline
+
+    config = tiny_config("data.mnist.source=folder", f"data.mnist.folder={digit_folder}", "data.mnist.samples_per_shard=64")
+    summary = run_pipeline(config, ["shard"], str(tmp_path / "work"))
+    out = summary["stages"]["shard"]["outputs"]
+    train = list(shards.iter_verified(out["mnist_train"]))
+    assert len(train) == 180 and len(shards.shard_entries(out["mnist_train"])) == 3
+    assert sorted({s["cls"] for s in train}) == list(range(10))
+    test_files = {s["json"]["file"] for s in shards.iter_verified(out["mnist_test"])}
+    assert len(test_files) == 50 and not test_files & {s["json"]["file"] for s in train}

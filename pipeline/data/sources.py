@@ -10,8 +10,9 @@ import glob
 import os
 import random
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -47,13 +48,17 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return images, y.astype(np.int64)
 
 
-def split_of(i: int) -> str:
-    """Test: the last 100 of every 500 (final evaluation only). Validation: the 40
-    before them. Train: the rest."""
-    within = i % PER_CLASS
-    if within >= PER_CLASS - TEST_PER_CLASS:
+def split_by_position(position: int, count: int) -> str:
+    """The split of the `position`-th of a class's `count` images: the last 20% test (final
+    evaluation only), the 8% before them validation, the rest train."""
+    if position >= count - round(count * TEST_PER_CLASS / PER_CLASS):
         return "test"
-    return "val" if within >= PER_CLASS - TEST_PER_CLASS - VAL_PER_CLASS else "train"
+    return "val" if position >= count - round(count * (TEST_PER_CLASS + VAL_PER_CLASS) / PER_CLASS) else "train"
+
+
+def split_of(i: int) -> str:
+    """The split of embedded digit `i`: 100 test and 40 validation digits of every 500."""
+    return split_by_position(i % PER_CLASS, PER_CLASS)
 
 
 def mnist_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -103,6 +108,70 @@ def digit_samples(split: str, start: int, stop: int) -> Iterator[dict]:
         yield {"__key__": f"mnist-{index[i]:05d}", "png": images[i], "cls": int(labels[i])}
 
 
+# --------------------------------------------------------------------------- image folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm")
+
+
+def _labelled_images(folder: str, labels_file: Optional[str]) -> list[tuple[str, int]]:
+    """(path, label) of every image, from sub-folder names or a `filename,label` CSV."""
+    import csv
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise SourceError(f"data.mnist.folder: {folder} is not a directory")
+    if labels_file:
+        try:
+            with open(labels_file, newline="") as f:
+                rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+        except OSError as e:
+            raise SourceError(f"data.mnist.labels_file: cannot read {labels_file}: {e.strerror}") from None
+        if rows and rows[0][0] == "filename":
+            rows = rows[1:]
+        items = []
+        for n, row in enumerate(rows, start=1):
+            if len(row) != 2 or not row[1].strip().isdigit() or not 0 <= int(row[1]) <= 9:
+                raise SourceError(f"{labels_file}:{n}: expected 'filename,label' with a label 0-9, got {row}")
+            if not (root / row[0]).is_file():
+                raise SourceError(f"{labels_file}:{n}: {root / row[0]} does not exist")
+            items.append((str(root / row[0]), int(row[1])))
+    else:
+        items = [(str(p), int(p.parent.name)) for p in sorted(root.glob("[0-9]/*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise SourceError(f"data.mnist.folder: no images in {folder} (expected sub-folders 0-9, or a labels_file)")
+    return items
+
+
+def plan_image_folder(folder: str, labels_file: Optional[str]) -> dict[str, list[tuple[str, int]]]:
+    """Each split's (path, label) items; the split rule of the embedded digits, per class
+    in file-name order. Only names are listed here: the images are read by shard tasks."""
+    by_class: dict[int, list[str]] = {}
+    for path, label in sorted(_labelled_images(folder, labels_file)):
+        by_class.setdefault(label, []).append(path)
+    splits: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    for label, paths in sorted(by_class.items()):
+        for position, path in enumerate(paths):
+            splits[split_by_position(position, len(paths))].append((path, label))
+    return splits
+
+
+def folder_digit_samples(items: list[tuple[str, int]], first: int) -> Iterator[dict]:
+    """Images checked against the digit convention (28x28 grayscale) as they are read."""
+    from PIL import Image, UnidentifiedImageError
+
+    for n, (path, label) in enumerate(items, start=first):
+        try:
+            with Image.open(path) as image:
+                if image.mode not in ("L", "1", "I;16"):
+                    raise SourceError(f"{path}: a {image.mode} image; digits must be grayscale")
+                pixels = np.asarray(image.convert("L"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise SourceError(f"{path}: not a readable image ({e})") from None
+        if pixels.shape != (CELL, CELL):
+            raise SourceError(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} pixels; digits must be {CELL}x{CELL}")
+        yield {"__key__": f"folder-{n:07d}", "png": pixels, "cls": label, "json": {"file": os.path.basename(path)}}
+
+
 # --------------------------------------------------------------------------- text
 
 
@@ -119,58 +188,105 @@ def _read_text_file(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def _local_documents(cfg: TextConfig) -> Iterator[tuple[str, str]]:
-    for pattern in cfg.paths:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) or (
-            [pattern] if os.path.isfile(pattern) else []
-        )
-        if not matches:
-            raise SourceError(f"data.text.paths: '{pattern}' matches no file")
-        for match in matches:
-            path = Path(match)
-            if path.suffix == ".parquet":
-                import pyarrow.parquet as pq
+@dataclass(frozen=True)
+class TextPart:
+    """What one shard task reads: some text files, some row groups of one parquet file,
+    or one of `hf_parts` slices of a Hugging Face dataset."""
 
-                table = pq.read_table(path)
-                if cfg.text_field not in table.column_names:
-                    raise SourceError(
-                        f"{path} has no column '{cfg.text_field}' (data.text.text_field); columns: {table.column_names}"
-                    )
-                for i, text in enumerate(table.column(cfg.text_field).to_pylist()):
-                    yield f"{path.name}:{i}", text or ""
-            elif path.is_file():
-                yield path.name, _read_text_file(path)
+    number: int
+    files: tuple[str, ...] = ()
+    parquet: Optional[str] = None
+    row_groups: tuple[int, ...] = ()
+    hf_index: Optional[int] = None
 
 
-def _hf_documents(cfg: TextConfig) -> Iterator[tuple[str, str]]:
-    """A Hugging Face dataset, streamed so only what `max_bytes` needs is read."""
-    import datasets
-
-    ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split, streaming=True)
-    for i, row in enumerate(ds):
-        if cfg.text_field not in row:
-            raise SourceError(f"dataset {cfg.hf_dataset} has no field '{cfg.text_field}' (data.text.text_field): {list(row)}")
-        yield f"{i}", row[cfg.text_field] or ""
+def _expand(pattern: str) -> list[str]:
+    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    matches = matches or ([pattern] if os.path.isfile(pattern) else [])
+    if not matches:
+        raise SourceError(f"data.text.paths: '{pattern}' matches no file")
+    return [m for m in matches if os.path.isfile(m)]
 
 
-def text_documents(cfg: TextConfig, seed: int) -> list[tuple[str, str]]:
-    """(key, text) documents, up to `max_bytes` of text in all."""
+def plan_text_parts(cfg: TextConfig, seed: int) -> list[TextPart]:
+    """Partition the text source into parts, from metadata alone (names, sizes, parquet
+    footers): the driver reads no text. Files are taken until `max_bytes` is reached."""
+    if cfg.source == "hf":
+        return [TextPart(i, hf_index=i) for i in range(cfg.hf_parts)]
     if cfg.source == "stdlib":
-        files = _stdlib_files()
+        files = [str(p) for p in _stdlib_files()]
         random.Random(seed).shuffle(files)  # a mix of modules, not just the alphabet's start
-        stream: Iterator[tuple[str, str]] = ((p.stem, _read_text_file(p)) for p in files)
-    elif cfg.source == "hf":
-        stream = _hf_documents(cfg)
     else:
-        stream = _local_documents(cfg)
-    docs, total = [], 0
-    for key, text in stream:
-        if not text.strip():
-            continue
-        docs.append((key, text))
-        total += len(text.encode("utf-8"))
+        files = [f for pattern in cfg.paths for f in _expand(pattern)]
+    parts: list[TextPart] = []
+    batch: list[str] = []
+    total = 0
+    for path in files:
         if total >= cfg.max_bytes:
             break
-    if len(docs) < 2:
-        raise SourceError(f"text source '{cfg.source}' gave {len(docs)} non-empty documents; need at least 2 (train and val)")
-    return docs
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+            groups = []
+            for g in range(meta.num_row_groups):
+                if total >= cfg.max_bytes:
+                    break
+                groups.append(g)
+                total += meta.row_group(g).total_byte_size
+            parts.append(TextPart(len(parts), parquet=path, row_groups=tuple(groups)))
+            continue
+        batch.append(path)
+        total += os.path.getsize(path)
+        if len(batch) == cfg.docs_per_shard:
+            parts.append(TextPart(len(parts), files=tuple(batch)))
+            batch = []
+    if batch:
+        parts.append(TextPart(len(parts), files=tuple(batch)))
+    if not parts:
+        raise SourceError(f"text source '{cfg.source}' lists no files")
+    return parts
+
+
+def read_text_part(cfg: TextConfig, part: TextPart) -> Iterator[tuple[str, str]]:
+    """(source key, text) of one part's non-empty documents; runs in the part's own task."""
+    if part.hf_index is not None:
+        docs = _hf_part(cfg, part.hf_index)
+    elif part.parquet:
+        docs = _parquet_rows(cfg, part.parquet, part.row_groups)
+    else:
+        docs = ((Path(f).name, _read_text_file(Path(f))) for f in part.files)
+    for key, text in docs:
+        if text.strip():
+            yield key, text
+
+
+def _parquet_rows(cfg: TextConfig, path: str, row_groups: tuple[int, ...]) -> Iterator[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    if cfg.text_field not in f.schema_arrow.names:
+        raise SourceError(f"{path} has no column '{cfg.text_field}' (data.text.text_field); columns: {f.schema_arrow.names}")
+    for g in row_groups:
+        column = f.read_row_group(g, columns=[cfg.text_field]).column(cfg.text_field)
+        for i, text in enumerate(column.to_pylist()):
+            yield f"{Path(path).name}:{g}:{i}", text or ""
+
+
+def _hf_part(cfg: TextConfig, index: int) -> Iterator[tuple[str, str]]:
+    """Slice `index` of `hf_parts` of a streamed Hugging Face dataset, up to its share of
+    `max_bytes`: by whole data files when they divide evenly, else every n-th example."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split, streaming=True)
+    mine = split_dataset_by_node(ds, rank=index, world_size=cfg.hf_parts)
+    budget, seen = cfg.max_bytes / cfg.hf_parts, 0
+    for i, row in enumerate(mine):
+        if cfg.text_field not in row:
+            raise SourceError(f"dataset {cfg.hf_dataset} has no field '{cfg.text_field}' (data.text.text_field): {list(row)}")
+        text = row[cfg.text_field] or ""
+        yield f"{index}:{i}", text
+        seen += len(text.encode("utf-8"))
+        if seen >= budget:
+            return
