@@ -169,7 +169,7 @@ def folder_digit_samples(items: list[tuple[str, int]], first: int) -> Iterator[d
             raise SourceError(f"{path}: not a readable image ({e})") from None
         if pixels.shape != (CELL, CELL):
             raise SourceError(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} pixels; digits must be {CELL}x{CELL}")
-        yield {"__key__": f"folder-{n:07d}", "png": pixels, "cls": label, "json": {"file": os.path.basename(path)}}
+        yield {"__key__": f"folder-{n:07d}", "png": pixels, "cls": label, "json": {"file": path}}
 
 
 # --------------------------------------------------------------------------- text
