@@ -157,6 +157,9 @@ class TrainConfig:
     loader_workers: int = 1
     prefetch: int = 2
     shuffle_block: int = 16384
+    # A training set whose decoded arrays fit this budget (per loader worker) is decoded
+    # once and reused every epoch; a larger one is streamed. 0: always stream.
+    loader_cache_mb: int = 128
     max_failures: int = 0
     # Peak FLOP/s of one worker's device, for MFU. 180e9: the fp32 matmul rate of one
     # core of the 2-core CI machine (1024-2048 square, measured 176-183 GFLOP/s), as
@@ -171,7 +174,7 @@ class TrainConfig:
             raise ConfigError(f"{key}.offload_optimizer needs {key}.zero_stage >= 1")
         _require_positive(self, key, "num_workers", "micro_batch_size", "grad_accum", "max_steps", "log_every",
                           "eval_samples", "prefetch", "shuffle_block")
-        for name in ("eval_every", "checkpoint_every", "loader_workers", "max_failures"):
+        for name in ("eval_every", "checkpoint_every", "loader_workers", "max_failures", "loader_cache_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.min_lr <= self.lr:

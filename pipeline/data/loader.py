@@ -26,8 +26,8 @@ from pipeline.data.shards import ShardFormatError, decode_field, iter_raw_shard
 
 # extension -> converter of the decoded value to a numpy array or scalar
 Fields = dict[str, Callable[[Any], Any]]
-# (sample, epoch) -> sample: augmentation, keyed by the sample's key and epoch only
-Transform = Callable[[dict[str, Any], int], dict[str, Any]]
+# (batch, epoch of each sample) -> batch: augmentation, keyed by each sample's key and epoch only
+Transform = Callable[[dict[str, Any], np.ndarray], dict[str, Any]]
 
 
 def collate(samples: list[dict[str, Any]], fields: Fields) -> dict[str, Any]:
@@ -56,10 +56,16 @@ class ShardStream(IterableDataset):
     """Rank `rank`'s micro-batches `first_micro` .. `stop_micro - 1` (index = step * grad_accum + micro)."""
 
     def __init__(self, entries: list[dict], order: GlobalOrder, layout: BatchLayout, rank: int,
-                 first_micro: int, stop_micro: int, fields: Fields, transform: Optional[Transform] = None):
+                 first_micro: int, stop_micro: int, fields: Fields, transform: Optional[Transform] = None,
+                 cache_bytes: int = 0):
         self.entries, self.order, self.layout, self.rank = entries, order, layout, rank
         self.first_micro, self.stop_micro = first_micro, stop_micro
         self.fields, self.transform = fields, transform
+        # A training set that fits the cache (decoded arrays may take ~2x the tar bytes:
+        # float16 patches become float32) is decoded once per worker and reused every
+        # epoch. A larger one is streamed block by block, never cached.
+        self.cache_all = 2 * sum(e["bytes"] for e in entries) <= cache_bytes
+        self._cache: dict[int, list[dict[str, Any]]] = {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -75,7 +81,8 @@ class ShardStream(IterableDataset):
                 start, stop = self.order.block_span(*self.order.block_of(loaded_to))
                 ready.update(self._read(self._needed(mine[n:], start, stop)))
                 loaded_to = stop
-            yield collate([ready.pop(int(p)) for p in positions], self.fields)
+            batch = collate([ready.pop(int(p)) for p in positions], self.fields)
+            yield self.transform(batch, positions // self.order.epoch_size) if self.transform else batch
 
     def _needed(self, micros: range, start: int, stop: int) -> np.ndarray:
         """The positions in [start, stop) that these micro-batches (in increasing order) read."""
@@ -89,29 +96,43 @@ class ShardStream(IterableDataset):
 
     def _read(self, positions: np.ndarray) -> dict[int, dict[str, Any]]:
         """Decode the samples at these stream positions, shard by shard."""
-        epochs, shard_ids, indices = self.order.locate(positions)
-        wanted: dict[int, dict[int, tuple[int, int]]] = defaultdict(dict)
-        for position, epoch, shard, index in zip(positions, epochs, shard_ids, indices):
-            wanted[int(shard)][int(index)] = (int(position), int(epoch))
+        _, shard_ids, indices = self.order.locate(positions)
+        wanted: dict[int, dict[int, int]] = defaultdict(dict)  # shard -> {index in shard: position}
+        for position, shard, index in zip(positions, shard_ids, indices):
+            wanted[int(shard)][int(index)] = int(position)
         out: dict[int, dict[str, Any]] = {}
         for shard in sorted(wanted):
-            entry, want = self.entries[shard], wanted[shard]
-            decoded, count = {}, 0
-            for count, raw in enumerate(iter_raw_shard(entry["path"], entry), start=1):
-                if count - 1 in want:
-                    position, epoch = want[count - 1]
-                    sample = decode_fields(raw, self.fields, entry["path"])
-                    decoded[position] = self.transform(sample, epoch) if self.transform else sample
-            if count != entry["samples"]:
-                raise ShardFormatError(f"{entry['path']} holds {count} samples, its manifest entry says {entry['samples']}")
-            out.update(decoded)  # only once the whole shard has been read and verified
+            samples = self._decoded(shard, None if self.cache_all else set(wanted[shard]))
+            for index, position in wanted[shard].items():
+                out[position] = samples[index]
         return out
+
+    def _decoded(self, shard: int, only: Optional[set[int]]) -> dict[int, dict[str, Any]]:
+        """Samples of one shard by index (all of them, or those in `only`), read whole and
+        verified before any is returned."""
+        if shard in self._cache:
+            return self._cache[shard]
+        entry = self.entries[shard]
+        decoded, count = {}, 0
+        for count, raw in enumerate(iter_raw_shard(entry["path"], entry), start=1):
+            if only is None or count - 1 in only:
+                decoded[count - 1] = decode_fields(raw, self.fields, entry["path"])
+        if count != entry["samples"]:
+            raise ShardFormatError(f"{entry['path']} holds {count} samples, its manifest entry says {entry['samples']}")
+        if self.cache_all:
+            self._cache[shard] = decoded
+        return decoded
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
 
 
 def make_loader(stream: ShardStream, workers: int, prefetch: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
         stream,
         batch_size=None,  # the stream yields collated micro-batches: batching in the worker is 3-6x faster
+        collate_fn=_as_is,  # already tensors; torch's default_convert would walk every key string
         num_workers=workers,
         prefetch_factor=prefetch if workers else None,
         pin_memory=pin_memory,

@@ -35,12 +35,13 @@ class TrainingData:
         layout = BatchLayout(train.micro_batch_size, train.grad_accum, world_size)
         return cls(entries, order, layout, data_fingerprint(manifest, train.seed, train.shuffle_block))
 
-    def stream(self, rank: int, first_step: int, stop_step: int, fields, transform=None) -> ShardStream:
+    def stream(self, rank: int, first_step: int, stop_step: int, fields, transform=None, cache_mb: int = 0) -> ShardStream:
         accum = self.layout.grad_accum
-        return ShardStream(self.entries, self.order, self.layout, rank, first_step * accum, stop_step * accum, fields, transform)
+        return ShardStream(self.entries, self.order, self.layout, rank, first_step * accum, stop_step * accum, fields,
+                           transform, cache_bytes=cache_mb << 20)
 
     def loader(self, rank: int, first_step: int, stop_step: int, fields, transform, train: TrainConfig):
-        stream = self.stream(rank, first_step, stop_step, fields, transform)
+        stream = self.stream(rank, first_step, stop_step, fields, transform, train.loader_cache_mb)
         return make_loader(stream, train.loader_workers, train.prefetch, pin_memory=train.use_gpu)
 
     def epoch_at(self, step: int) -> int:

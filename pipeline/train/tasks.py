@@ -81,26 +81,39 @@ def _grid_shape(meta: dict) -> np.ndarray:
 
 
 class KeyedShift:
-    """Shift a 28x28 image (as patches) by up to `max_shift` pixels, filling with background.
+    """Shift each 28x28 image of a batch (as patches) by up to `max_shift` pixels, filling
+    with background.
 
-    The shift is drawn from (seed, epoch, sample key) alone, so it is the same
+    A sample's shift is a hash of (seed, epoch, sample key) alone, so it is the same
     whichever rank or loader worker reads the sample, and a resumed run redraws it.
     """
 
     def __init__(self, seed: int, patch_size: int, max_shift: int, background: float):
         self.seed, self.p, self.m, self.background = seed, patch_size, max_shift, background
 
-    def __call__(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+    def offsets(self, keys: list[str], epochs: np.ndarray) -> np.ndarray:
         from pipeline.data.order import key_hash
 
-        patches = sample["npy"]
-        P, p, m = patches.shape[0], self.p, self.m
+        span = 2 * self.m + 1
+        h = np.array([key_hash(f"{self.seed}:{e}:{k}") for k, e in zip(keys, epochs)], dtype=np.uint64)
+        return np.stack([h % span, (h // span) % span], axis=1).astype(np.int64)  # (dx, dy) per sample
+
+    def __call__(self, batch: dict[str, Any], epochs: np.ndarray) -> dict[str, Any]:
+        patches = batch["npy"]
+        B, P, _ = patches.shape
+        p, m = self.p, self.m
         g = int(round(P**0.5))
-        image = patches.reshape(g, g, p, p).transpose(0, 2, 1, 3).reshape(g * p, g * p)
-        padded = np.pad(image, m, constant_values=np.float32(self.background))
-        dx, dy = np.random.default_rng([self.seed, epoch, key_hash(sample["__key__"])]).integers(0, 2 * m + 1, size=2)
-        shifted = padded[dy : dy + g * p, dx : dx + g * p]
-        return {**sample, "npy": shifted.reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(P, p * p)}
+        size = g * p
+        images = patches.view(B, g, g, p, p).permute(0, 1, 3, 2, 4).reshape(B, size, size)
+        padded = torch.nn.functional.pad(images, (m,) * 4, value=self.background)
+        shifted = torch.empty_like(images)
+        offsets = torch.from_numpy(self.offsets(batch["__key__"], epochs))
+        for dx in range(2 * m + 1):
+            for dy in range(2 * m + 1):
+                rows = ((offsets[:, 0] == dx) & (offsets[:, 1] == dy)).nonzero().flatten()
+                shifted[rows] = padded[rows, dy : dy + size, dx : dx + size]
+        out = shifted.view(B, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(B, P, p * p)
+        return {**batch, "npy": out.contiguous()}
 
 
 class Task:
