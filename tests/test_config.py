@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import ConfigError, config_from_dict, load_config
@@ -59,3 +61,10 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
     assert main(["run", str(bad), "--workdir", str(tmp_path / "w")]) == 2
     assert "pretrain_vit.train.zero_stag" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    # YAML 1.1 reads `989.0e12` as a string: a preset nobody loaded once carried that.
+    config = load_config(path)
+    assert config.pretrain_gpt.train.peak_flops_per_worker > 1e9

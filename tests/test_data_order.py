@@ -110,3 +110,33 @@ def test_a_flipped_byte_is_caught_and_names_the_shard(class_sorted_shards, tmp_p
     open(victim, "wb").write(bytes(data))
     with pytest.raises(shards.ShardFormatError, match="part-002.tar does not match its manifest"):
         _epoch_stream(d, 1, 0, 20)
+
+
+def test_a_truncated_shard_is_an_error_not_a_shorter_epoch(class_sorted_shards, tmp_path):
+    import shutil
+
+    d = str(tmp_path / "copy")
+    shutil.copytree(class_sorted_shards, d)
+    victim = f"{d}/part-001.tar"
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 2])
+    with pytest.raises(shards.ShardFormatError, match="part-001.tar is not a readable tar shard: truncated"):
+        _epoch_stream(d, 2, 1, 20)
+
+
+def test_token_ids_stay_uint16_until_the_device(tmp_path):
+    import torch
+
+    from pipeline.train.tasks import TASKS
+
+    d = str(tmp_path / "tokens")
+    seqs = [np.arange(i, i + 9, dtype=np.uint16) * 7000 for i in range(16)]  # ids above int16's range
+    info = shards.write_shard(f"{d}/t-000.tar", ({"__key__": f"t{i:02d}", "npy": s} for i, s in enumerate(seqs)))
+    shards.write_manifest(d, [info], {}, "test")
+    entries = shards.shard_entries(d)
+    stream = ShardStream(entries, GlobalOrder([16], 0, 16), BatchLayout(4, 1, 1), 0, 0, 4, TASKS["gpt"].fields)
+    batch = next(iter(make_loader(stream, 1, 2, pin_memory=False)))
+    assert batch["npy"].dtype == torch.uint16
+    by_key = {f"t{i:02d}": s for i, s in enumerate(seqs)}
+    for key, row in zip(batch["__key__"], batch["npy"]):
+        assert np.array_equal(row.numpy(), by_key[key])
