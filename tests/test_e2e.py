@@ -63,8 +63,16 @@ def test_smoke_run_is_tracked_in_mlflow(smoke):
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
     gpt = next(r for r in children if r.data.tags["stage"] == "pretrain_gpt")
-    for key in ("loss", "tokens", "flops", "lr", "tokens_per_s", "mfu"):
+    for key in ("loss", "tokens", "flops", "lr", "tokens_per_s", "mfu", "batch_digest", "val_loss", "val_accuracy"):
         assert key in gpt.data.metrics, key
+    # Validation loss on the training run's own axes, every eval_every steps: what the scaling fits read.
+    for stage, steps in (("pretrain_gpt", [50, 100, 150]), ("pretrain_vit", [250, 500, 750, 1000]), ("finetune", [100, 200, 300])):
+        run = next(r for r in children if r.data.tags["stage"] == stage)
+        val = client.get_metric_history(run.info.run_id, "val_loss")
+        assert sorted(m.step for m in val) == steps, stage
+        flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "flops")}
+        assert all(flops[m.step] > 0 for m in val)
+        assert sorted(val, key=lambda m: m.step)[-1].value < sorted(val, key=lambda m: m.step)[0].value, stage
     assert gpt.data.params["config.train.zero_stage"] == "3"
     evaluate = next(r for r in children if r.data.tags["stage"] == "evaluate")
     assert evaluate.data.metrics["vit_test_accuracy"] == summary["stages"]["evaluate"]["metrics"]["vit_test_accuracy"]

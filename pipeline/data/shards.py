@@ -91,20 +91,33 @@ def decode_field(ext: str, data: bytes, where: str) -> Any:
     raise ShardFormatError(f"{where}: member extension '.{ext}' is not allowed (allowed: {', '.join(ALLOWED_EXTENSIONS)})")
 
 
-class _HashingWriter(io.RawIOBase):
-    """Pass writes through to `inner` while counting bytes and hashing them."""
+class _Hashing(io.RawIOBase):
+    """Pass reads or writes through to `inner`, counting and hashing the bytes: a shard's
+    sha256 comes from the one pass that writes or reads it."""
 
     def __init__(self, inner):
         self.inner, self.sha256, self.nbytes = inner, hashlib.sha256(), 0
+
+    def _seen(self, data) -> None:
+        self.sha256.update(data)
+        self.nbytes += len(data)
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
-        self.sha256.update(b)
-        self.nbytes += len(b)
+        self._seen(b)
         self.inner.write(b)
         return len(b)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self._seen(data)
+        return len(data)
 
 
 @dataclass
@@ -119,7 +132,7 @@ def write_shard(path: str, samples: Iterable[dict[str, Any]]) -> ShardInfo:
     """Write one shard atomically and return its manifest entry."""
     count = 0
     with storage.write_atomic(path) as raw:
-        hashing = _HashingWriter(raw)
+        hashing = _Hashing(raw)
         # mtime fixed so that the same samples always give the same bytes and sha256.
         with wds.TarWriter(hashing, encoder=False, mtime=0) as tar:
             for sample in samples:
@@ -163,23 +176,6 @@ def shard_entries(directory: str) -> list[dict]:
 
 def shard_paths(directory: str) -> list[str]:
     return [entry["path"] for entry in shard_entries(directory)]
-
-
-class _HashingReader(io.RawIOBase):
-    """Pass reads through from `inner` while hashing them: a shard is verified as it is read."""
-
-    def __init__(self, inner):
-        self.inner, self.sha256, self.nbytes = inner, hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self.inner.read(len(buffer))
-        buffer[: len(data)] = data
-        self.sha256.update(data)
-        self.nbytes += len(data)
-        return len(data)
 
 
 def _tar_members(f) -> Iterator[tuple[str, bytes]]:
@@ -235,7 +231,7 @@ def iter_raw_shard(path: str, expected: dict | None = None) -> Iterator[dict[str
     except FileNotFoundError as e:
         raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
     with f:
-        reader = io.BufferedReader(_HashingReader(f), 1 << 20)
+        reader = io.BufferedReader(_Hashing(f), 1 << 20)
         try:
             sample: dict[str, Any] = {}
             for name, data in _tar_members(reader):
