@@ -21,17 +21,19 @@ import numpy as np
 import torch
 
 
-def write_tokens(directory: str, n: int, seq_len: int, vocab: int) -> list[str]:
-    from pipeline.data.shards import write_shard
+def write_tokens(directory: str, n: int, seq_len: int, vocab: int) -> str:
+    """Two shards of random token sequences and their manifest; returns the directory."""
+    from pipeline.data.shards import write_manifest, write_shard
+    from pipeline.preprocess.tokenize import token_dtype
 
     rng = np.random.default_rng(0)
-    paths = []
+    infos = []
     for s in range(2):
         path = os.path.join(directory, f"tokens-{s}.tar")
-        write_shard(path, ({"__key__": f"{s}-{i}", "npy": rng.integers(0, vocab, seq_len + 1, dtype=np.int32)}
-                           for i in range(n // 2)))
-        paths.append(path)
-    return paths
+        ids = (rng.integers(0, vocab, seq_len + 1).astype(token_dtype(vocab)) for _ in range(n // 2))
+        infos.append(write_shard(path, ({"__key__": f"{s}-{i}", "npy": a} for i, a in enumerate(ids))))
+    write_manifest(directory, infos, {"npy": "token ids"}, "bench")
+    return directory
 
 
 def baseline_tokens_per_s(args, model_cfg, device, dtype) -> float:
@@ -91,13 +93,13 @@ def main() -> None:
     baseline = baseline_tokens_per_s(args, model_cfg, device, dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_tokens(tmp, max(64, args.micro_batch * args.workers * 4), args.seq_len, args.vocab)
+        tokens = write_tokens(os.path.join(tmp, "tokens"), max(64, args.micro_batch * args.workers * 4), args.seq_len, args.vocab)
         train = TrainConfig(
             num_workers=args.workers, use_gpu=args.gpu, zero_stage=args.zero, precision=args.precision,
             micro_batch_size=args.micro_batch, max_steps=args.steps, warmup_steps=1, lr=1e-4, min_lr=1e-5,
             log_every=args.steps // 2, peak_flops_per_worker=peak,
         )
-        spec = TrainSpec(kind="gpt", train_shards=paths, model=model_cfg, train=train,
+        spec = TrainSpec(kind="gpt", train_data=tokens, model=model_cfg, train=train,
                          deepspeed=load_zero_config(args.zero), weights_out=os.path.join(tmp, "w.safetensors"),
                          model_args={"vocab_size": args.vocab, "seq_len": args.seq_len})
         ray.init(num_cpus=None if args.gpu else args.workers, include_dashboard=False)
