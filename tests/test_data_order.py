@@ -140,3 +140,29 @@ def test_token_ids_stay_uint16_until_the_device(tmp_path):
     by_key = {f"t{i:02d}": s for i, s in enumerate(seqs)}
     for key, row in zip(batch["__key__"], batch["npy"]):
         assert np.array_equal(row.numpy(), by_key[key])
+
+
+def test_augmentation_is_keyed_by_seed_epoch_and_sample_key():
+    import torch
+
+    from pipeline.train.tasks import KeyedShift
+
+    shift = KeyedShift(seed=0, patch_size=7, max_shift=1, background=-1.0)
+    keys = [f"mnist-{i:05d}" for i in range(300)]
+    zeros = np.zeros(300, dtype=np.int64)
+    first = shift.offsets(keys, zeros)
+    # Whatever batch (rank, worker) a sample lands in, it gets the same shift...
+    assert np.array_equal(shift.offsets(keys[::-1], zeros)[::-1], first)
+    # ...every offset occurs, and the next epoch redraws them.
+    assert {tuple(o) for o in first} == {(dx, dy) for dx in range(3) for dy in range(3)}
+    assert (shift.offsets(keys, zeros + 1) != first).any(axis=1).mean() > 0.6
+    assert not np.array_equal(KeyedShift(1, 7, 1, -1.0).offsets(keys, zeros), first)
+
+    # The image moves by (dx - 1, dy - 1), background fills in.
+    image = torch.full((28, 28), -1.0)
+    image[14, 14] = 5.0
+    patches = image.view(4, 7, 4, 7).permute(0, 2, 1, 3).reshape(1, 16, 49)
+    (dx, dy), = shift.offsets(keys[:1], zeros[:1])
+    out = shift({"__key__": keys[:1], "npy": patches}, zeros[:1])["npy"]
+    moved = out.view(4, 4, 7, 7).permute(0, 2, 1, 3).reshape(28, 28)
+    assert moved[14 + 1 - dy, 14 + 1 - dx] == 5.0 and int((moved == 5.0).sum()) == 1

@@ -65,7 +65,7 @@ class ShardStream(IterableDataset):
         # float16 patches become float32) is decoded once per worker and reused every
         # epoch. A larger one is streamed block by block, never cached.
         self.cache_all = 2 * sum(e["bytes"] for e in entries) <= cache_bytes
-        self._cache: dict[int, list[dict[str, Any]]] = {}
+        self._cache: dict[int, dict[int, dict[str, Any]]] = {}  # shard -> {index: sample}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
