@@ -17,14 +17,6 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.data.order import DataOrderError, batch_digest, split_global_batch
 from pipeline.train.data import TrainingData
 
-# Training stage -> (its config section, where its training shards come from)
-TRAINING_DATA = {
-    "pretrain_gpt": (lambda c: c.pretrain_gpt, lambda out: out["tokenize"]["tokens_train"]),
-    "pretrain_vit": (lambda c: c.pretrain_vit, lambda out: out["patchify"]["mnist_train"]),
-    "finetune": (lambda c: c.finetune, lambda out: out["patchify"]["grids_train"]),
-}
-
-
 def parse_steps(text: str) -> range:
     try:
         first, stop = (int(v) for v in text.split(":"))
@@ -37,11 +29,11 @@ def parse_steps(text: str) -> range:
 
 def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[int], workdir: Optional[str]) -> list[dict[str, Any]]:
     from pipeline.runner import run_pipeline
-    from pipeline.stages import STAGES
+    from pipeline.stages import STAGES, TRAINING_DATA
 
     if stage not in TRAINING_DATA:
         raise ConfigError(f"--stage must be one of {', '.join(TRAINING_DATA)}, got {stage!r}")
-    section, data_dir = TRAINING_DATA[stage]
+    section, data_dirs = TRAINING_DATA[stage]
     train = section(config).train
     world = world_size or train.num_workers
     global_batch = train.micro_batch_size * train.grad_accum * train.num_workers
@@ -54,7 +46,7 @@ def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[i
         summary = run_pipeline(config, list(STAGES[stage].deps), workdir)
     outputs = {name: s["outputs"] for name, s in summary["stages"].items()}
     train = dataclasses.replace(train, micro_batch_size=layout.micro_batch, grad_accum=layout.grad_accum)
-    data = TrainingData.open(data_dir(outputs), train, world)
+    data = TrainingData.open(data_dirs(outputs)[0], train, world)
 
     ranks = []
     for rank in range(world):

@@ -221,11 +221,20 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, 
     return StageResult(outputs, metrics, params)
 
 
+# Training stage -> (its config section, its training and validation shard directories
+# among its inputs' outputs). `pipeline batches` reads the same table.
+TRAINING_DATA: dict[str, tuple[Callable, Callable]] = {
+    "pretrain_gpt": (lambda c: c.pretrain_gpt, lambda i: (i["tokenize"]["tokens_train"], i["tokenize"]["tokens_val"])),
+    "pretrain_vit": (lambda c: c.pretrain_vit, lambda i: (i["patchify"]["mnist_train"], i["patchify"]["mnist_val"])),
+    "finetune": (lambda c: c.finetune, lambda i: (i["patchify"]["grids_train"], i["patchify"]["grids_val"])),
+}
+
+
 def run_pretrain_gpt(ctx: StageContext) -> StageResult:
     tok = ctx.inputs["tokenize"]
     manifest = shards.read_manifest(tok["tokens_train"])
     args = {"vocab_size": int(manifest["vocab_size"]), "seq_len": int(manifest["seq_len"])}
-    return _train(ctx, "gpt", ctx.config.pretrain_gpt, tok["tokens_train"], tok["tokens_val"], args)
+    return _train(ctx, "gpt", ctx.config.pretrain_gpt, *TRAINING_DATA["pretrain_gpt"][1](ctx.inputs), args)
 
 
 def _patch_args(ctx: StageContext) -> dict[str, Any]:
@@ -237,8 +246,7 @@ def _patch_args(ctx: StageContext) -> dict[str, Any]:
 
 def run_pretrain_vit(ctx: StageContext) -> StageResult:
     cfg = ctx.config.pretrain_vit
-    patches = ctx.inputs["patchify"]
-    return _train(ctx, "vit", cfg, patches["mnist_train"], patches["mnist_val"], _patch_args(ctx), max_shift=cfg.max_shift)
+    return _train(ctx, "vit", cfg, *TRAINING_DATA["pretrain_vit"][1](ctx.inputs), _patch_args(ctx), max_shift=cfg.max_shift)
 
 
 def run_finetune(ctx: StageContext) -> StageResult:
@@ -248,7 +256,7 @@ def run_finetune(ctx: StageContext) -> StageResult:
     encoder = json.loads(storage.read_bytes(vit["model_config"]))
     cfg = ctx.config.finetune
     return _train(
-        ctx, "captioner", cfg, ctx.inputs["patchify"]["grids_train"], ctx.inputs["patchify"]["grids_val"], _patch_args(ctx),
+        ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), _patch_args(ctx),
         init_encoder=vit["weights"], encoder_model=TransformerConfig(**encoder["model"]),
         encoder_lr_scale=cfg.encoder_lr_scale,
     )

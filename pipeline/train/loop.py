@@ -50,6 +50,7 @@ class Run:
     dtype: torch.dtype
     sample_flops: float
     resumed: bool
+    tracker: Any = None  # rank 0's MLflow RunLogger, when the stage has a run
     metrics: dict[str, float] = field(default_factory=dict)  # latest logged values, reported with checkpoints
 
     def progress(self, step: int) -> dict[str, float]:
@@ -78,11 +79,6 @@ class MetricsLogger:
     def __init__(self, run: Run):
         self.window_loss = torch.zeros((), device=run.device)  # stays on device: .item() per step stalls a GPU
         self.window_steps, self.window_start = 0, time.perf_counter()
-        self.logger = None
-        if run.rank == 0 and run.spec.mlflow_run_id:
-            from pipeline.tracking import RunLogger
-
-            self.logger = RunLogger(run.spec.tracking_uri, run.spec.mlflow_run_id)
 
     def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:
         train = run.spec.train
@@ -104,8 +100,8 @@ class MetricsLogger:
             "batch_digest": float(int(digest_sum) % (1 << DIGEST_BITS)),
         }
         run.metrics.update(metrics)
-        if self.logger:
-            self.logger.log_metrics(metrics, step)
+        if run.tracker:
+            run.tracker.log_metrics(metrics, step)
         if run.rank == 0:
             print(f"[{run.spec.kind}] step {step}/{train.max_steps} loss {metrics['loss']:.4f} "
                   f"lr {metrics['lr']:.3g} {metrics[f'{unit}_per_s']:.0f} {unit}/s mfu {metrics['mfu']:.1%}", flush=True)
@@ -141,11 +137,9 @@ class Validator:
         loss_sum, correct, counted = _sum_across_ranks([loss_sum, correct, counted], run.device)
         metrics = {"val_loss": loss_sum / counted, "val_accuracy": correct / counted}
         run.metrics.update(metrics)
+        if run.tracker:
+            run.tracker.log_metrics({**metrics, **run.progress(step)}, step)
         if run.rank == 0:
-            if run.spec.mlflow_run_id:
-                from pipeline.tracking import RunLogger
-
-                RunLogger(run.spec.tracking_uri, run.spec.mlflow_run_id).log_metrics({**metrics, **run.progress(step)}, step)
             print(f"[{run.spec.kind}] step {step} val_loss {metrics['val_loss']:.4f} "
                   f"val_accuracy {metrics['val_accuracy']:.4f}", flush=True)
 
@@ -211,7 +205,12 @@ def train_worker(loop_config: dict) -> None:
     engine, _, scheduler = initialize(model, param_groups(spec, model), train, deepspeed_config(spec.deepspeed, train, world))
     resumed_at = _resume(engine, data, spec)
     step = resumed_at or 0
-    run = Run(spec, task, engine, scheduler, data, rank, world, device, dtype, sample_flops, resumed_at is not None)
+    tracker = None
+    if rank == 0 and spec.mlflow_run_id:
+        from pipeline.tracking import RunLogger
+
+        tracker = RunLogger(spec.tracking_uri, spec.mlflow_run_id)
+    run = Run(spec, task, engine, scheduler, data, rank, world, device, dtype, sample_flops, resumed_at is not None, tracker)
     callbacks = [FaultDrill(), MetricsLogger(run), Validator(run), Checkpointer()]
 
     batches = iter(data.loader(rank, step, train.max_steps, task.fields, task.transform(spec), train))
