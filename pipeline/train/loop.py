@@ -117,7 +117,7 @@ class Validator:
     def __init__(self, run: Run):
         spec = run.spec
         self.batches = head_batches(shard_entries(spec.val_data), run.task.fields, spec.train.eval_samples,
-                                    run.rank, run.world, spec.train.micro_batch_size) if spec.val_data else []
+                                    run.rank, run.world, spec.train.micro_batch_size) if spec.val_data and spec.train.eval_every else []
 
     @torch.no_grad()
     def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:
