@@ -14,7 +14,7 @@ import sys
 from typing import Any, Optional
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.order import DataOrderError, batch_digest, split_global_batch
+from pipeline.data.order import BatchLayout, DataOrderError, batch_digest, split_global_batch
 from pipeline.train.data import TrainingData
 
 def parse_steps(text: str) -> range:
@@ -36,7 +36,7 @@ def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[i
     section, data_dirs = TRAINING_DATA[stage]
     train = section(config).train
     world = world_size or train.num_workers
-    global_batch = train.micro_batch_size * train.grad_accum * train.num_workers
+    global_batch = BatchLayout(train.micro_batch_size, train.grad_accum, train.num_workers).global_batch
     try:
         layout = split_global_batch(global_batch, world, train.micro_batch_size)
     except DataOrderError as e:

@@ -43,7 +43,6 @@ class GlobalOrder:
         self.sizes = np.asarray(shard_sizes, dtype=np.int64)
         self.seed, self.block = seed, block
         self.epoch_size = int(self.sizes.sum())
-        self.blocks_per_epoch = -(-self.epoch_size // block)
 
     @functools.lru_cache(maxsize=4)
     def _shard_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,10 +51,12 @@ class GlobalOrder:
         starts = np.concatenate([[0], np.cumsum(self.sizes[shard_order])[:-1]])
         return shard_order, starts
 
+    def _block_length(self, block: int) -> int:
+        return min(self.block, self.epoch_size - block * self.block)  # an epoch's last block may be short
+
     @functools.lru_cache(maxsize=4)
     def _block_permutation(self, epoch: int, block: int) -> np.ndarray:
-        length = min(self.block, self.epoch_size - block * self.block)
-        return np.random.default_rng([self.seed, epoch, block]).permutation(length)
+        return np.random.default_rng([self.seed, epoch, block]).permutation(self._block_length(block))
 
     def block_of(self, position: int) -> tuple[int, int]:
         """(epoch, block) holding a stream position."""
@@ -65,7 +66,7 @@ class GlobalOrder:
     def block_span(self, epoch: int, block: int) -> tuple[int, int]:
         """Stream positions [start, stop) of one block."""
         start = epoch * self.epoch_size + block * self.block
-        return start, start + min(self.block, self.epoch_size - block * self.block)
+        return start, start + self._block_length(block)
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(epoch, shard, index in shard) of each stream position; shard indexes the manifest's list."""
@@ -128,11 +129,8 @@ def key_hash(key: str, bits: int = 64) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> (64 - bits)
 
 
-def batch_digest_part(keys) -> int:
-    """One rank's share of a global batch's digest; the shares add up (mod 2**DIGEST_BITS),
-    so the digest is the same however the batch is split, and one all-reduce combines it."""
-    return sum(key_hash(k, DIGEST_BITS) for k in keys) % (1 << DIGEST_BITS)
-
-
 def batch_digest(keys) -> int:
-    return batch_digest_part(keys)
+    """Digest of a set of sample keys. Digests of parts add up (mod 2**DIGEST_BITS) to the
+    digest of the whole, so a global batch's digest is the same however it is split over
+    ranks and micro-batches, and one all-reduce combines the ranks' parts."""
+    return sum(key_hash(k, DIGEST_BITS) for k in keys) % (1 << DIGEST_BITS)

@@ -204,10 +204,12 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
         if kind not in (b"0", b"\0"):
             long_name = None
             continue
-        name = long_name or (header[345:500].split(b"\0")[0] + b"/" if header[345:346] != b"\0" else b"").decode() + \
-            header[0:100].split(b"\0")[0].decode()
+        if long_name is None:
+            prefix = header[345:500].split(b"\0")[0].decode()  # ustar: names over 100 bytes are split
+            base = header[0:100].split(b"\0")[0].decode()
+            long_name = f"{prefix}/{base}" if prefix else base
+        yield long_name, data
         long_name = None
-        yield name, data
 
 
 def _pax_path(records: bytes) -> str | None:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.data.loader import head_batches
-from pipeline.data.order import DIGEST_BITS, batch_digest_part
+from pipeline.data.order import DIGEST_BITS, batch_digest
 from pipeline.data.shards import iter_shard, shard_entries
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import TrainingData
@@ -223,7 +223,7 @@ def train_worker(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
-            digest += batch_digest_part(batch["__key__"])
+            digest += batch_digest(batch["__key__"])
         step += 1
         for callback in callbacks:
             callback.after_step(run, step, loss_sum / train.grad_accum, digest)
