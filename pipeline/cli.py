@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     targets = COMMANDS[args.command]
     if args.command == "pretrain" and args.model != "both":
         targets = [f"pretrain_{args.model}"]
-    summary = run_pipeline(config, targets, args.workdir)
+    try:
+        summary = run_pipeline(config, targets, args.workdir)
+    except ConfigError as e:  # what the cluster cannot run, found before any work
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     _stop_local_ray()  # flushes the workers' trailing logs, so the summary prints last
     print()
     print(format_summary(summary))

@@ -227,6 +227,7 @@ class FinetuneConfig:
 class EvaluateConfig:
     batch_size: int = 64
     max_val_sequences: int = 2000
+    use_gpu: bool = False  # evaluation runs as a Ray task; this asks it for a GPU
 
     def validate(self, key: str) -> None:
         _require_positive(self, key, "batch_size", "max_val_sequences")
@@ -248,9 +249,17 @@ class TrackingConfig:
 
 
 @dataclass
+class StorageConfig:
+    # The workdir is a mount every node sees (NFS, a parallel filesystem). Only then
+    # may a cluster of several nodes use a local workdir path and a SQLite tracker.
+    shared: bool = False
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     workdir: str = "runs/default"
+    storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -4,6 +4,9 @@ A stage's output directory is `<workdir>/<stage>/<fingerprint>`, where the
 fingerprint hashes the stage's config section and its inputs' fingerprints.
 A stage is done when its `stage.json` exists: it is written last, atomically.
 A directory without it is a stage killed half-way and is cleared and redone.
+
+`stage.json` names its outputs relative to the workdir, so a workdir copied to
+another path or bucket is whole: its stages read their own copies.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pipeline.config import RunConfig
 
 DONE = "stage.json"
 # Bump when a stage's outputs change meaning, so old caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: outputs relative to the workdir
 
 
 @dataclass
@@ -45,8 +48,7 @@ class Stage:
     name: str
     deps: tuple[str, ...]
     section: Callable[[RunConfig], Any]  # the config this stage's output depends on
-    run: Callable[[StageContext], StageResult]
-    uses_ray: bool = True  # False: runs in the driver process alone
+    run: Callable[[StageContext], StageResult]  # the driver's part: it schedules Ray work
 
 
 def section_dict(stage: Stage, config: RunConfig) -> Any:
@@ -87,12 +89,18 @@ def read_done(out_dir: str) -> Optional[dict[str, Any]]:
     return storage.read_json(path) if storage.exists(path) else None
 
 
+def _outputs_in(workdir: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its (workdir-relative) outputs resolved under `workdir`."""
+    return {**record, "outputs": {k: storage.join(workdir, v) for k, v in record["outputs"].items()}}
+
+
 def run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
     """Run one stage unless its done record exists; return that record plus status."""
     start = time.perf_counter()
+    workdir = ctx.config.workdir
     done = read_done(ctx.out_dir)
     if done is not None and done.get("fingerprint") == ctx.fingerprint:
-        return {**done, "status": "cached", "seconds": round(time.perf_counter() - start, 2)}
+        return {**_outputs_in(workdir, done), "status": "cached", "seconds": round(time.perf_counter() - start, 2)}
     storage.remove_tree(ctx.out_dir)  # whatever a killed run left behind
     storage.makedirs(ctx.out_dir)
     try:
@@ -103,10 +111,10 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
     record = {
         "fingerprint": ctx.fingerprint,
         "seconds": round(time.perf_counter() - start, 2),
-        "outputs": result.outputs,
+        "outputs": {k: storage.relative(workdir, v) for k, v in result.outputs.items()},
         "metrics": result.metrics,
         "params": result.params,
         "mlflow_run_id": ctx.mlflow_run_id,  # the run that produced these outputs, for cache hits to link to
     }
     storage.write_json_atomic(storage.join(ctx.out_dir, DONE), record)
-    return {**record, "status": "ran"}
+    return {**_outputs_in(workdir, record), "status": "ran"}

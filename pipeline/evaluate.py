@@ -1,5 +1,8 @@
 """Held-out metrics: GPT validation loss, perplexity and the unigram baseline;
-ViT test accuracy; captioner per-digit accuracy and whole-grid exact match."""
+ViT test accuracy; captioner per-digit accuracy and whole-grid exact match.
+
+`evaluate_all` is what the evaluate stage runs as a Ray task (on a GPU when
+`evaluate.use_gpu` is set): the driver only schedules it."""
 
 from __future__ import annotations
 
@@ -33,10 +36,15 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def _device(cfg: EvaluateConfig) -> torch.device:
+    return torch.device("cuda") if cfg.use_gpu else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate_gpt(trained: dict[str, Any], tokens_val: str, cfg: EvaluateConfig) -> dict[str, float]:
-    model = load_trained(trained["model_config"], trained["weights"])
-    batches = [b["npy"].long() for b in _batches(tokens_val, {"npy": np.asarray}, cfg.batch_size, cfg.max_val_sequences)]
+    device = _device(cfg)
+    model = load_trained(trained["model_config"], trained["weights"]).to(device)
+    batches = [b["npy"].long().to(device) for b in _batches(tokens_val, {"npy": np.asarray}, cfg.batch_size, cfg.max_val_sequences)]
     total, count = 0.0, 0
     for batch in batches:
         logits, _ = model(batch[:, :-1])
@@ -46,18 +54,19 @@ def evaluate_gpt(trained: dict[str, Any], tokens_val: str, cfg: EvaluateConfig) 
     return {
         "gpt_val_loss": loss,
         "gpt_val_ppl": math.exp(loss),
-        "gpt_unigram_entropy": unigram_entropy(torch.cat(batches)[:, 1:].numpy()),
+        "gpt_unigram_entropy": unigram_entropy(torch.cat(batches)[:, 1:].cpu().numpy()),
         "gpt_val_tokens": float(count),
     }
 
 
 @torch.no_grad()
 def evaluate_vit(trained: dict[str, Any], patches: str, cfg: EvaluateConfig, split: str = "test") -> dict[str, float]:
-    model = load_trained(trained["model_config"], trained["weights"])
+    device = _device(cfg)
+    model = load_trained(trained["model_config"], trained["weights"]).to(device)
     correct = count = 0
     for batch in _batches(patches, {"npy": lambda a: a.astype(np.float32), "cls": int}, cfg.batch_size):
-        logits, _ = model(batch["npy"])
-        correct += int((logits.argmax(-1) == batch["cls"]).sum())
+        logits, _ = model(batch["npy"].to(device))
+        correct += int((logits.argmax(-1).cpu() == batch["cls"]).sum())
         count += len(batch["cls"])
     return {f"vit_{split}_accuracy": correct / count, f"vit_{split}_images": float(count)}
 
@@ -91,17 +100,34 @@ def score_grids(predicted: list[str], target: list[str], split: str = "test") ->
 @torch.no_grad()
 def evaluate_captioner(trained: dict[str, Any], grids: str, cfg: EvaluateConfig, split: str = "test") -> tuple[dict[str, float], list[dict]]:
     """Metrics, and a few written-out grids (mistakes first) for a person to read."""
-    model = load_trained(trained["model_config"], trained["weights"])
+    device = _device(cfg)
+    model = load_trained(trained["model_config"], trained["weights"]).to(device)
     fields = {"npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])}
     keys: list[str] = []
     texts: list[str] = []
     predicted: list[str] = []
     for batch in _batches(grids, fields, cfg.batch_size):
         rows, cols = (int(v) for v in batch["json"][0])
-        predicted += model.generate(batch["npy"], rows, cols)
+        predicted += model.generate(batch["npy"].to(device), rows, cols)
         keys += batch["__key__"]
         texts += [str(t) for t in batch["txt"]]
     wrong_first = sorted(range(len(texts)), key=lambda i: predicted[i] == texts[i])[:EXAMPLES]
     examples = [{"key": keys[i], "target": texts[i], "predicted": predicted[i]} for i in wrong_first]
     count_key = "captioner_test_grids" if split == "test" else f"captioner_{split}_grids"
     return {**score_grids(predicted, texts, split), count_key: float(len(texts))}, examples
+
+
+def evaluate_all(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, float], list[dict]]:
+    """Every model on its held-out data (`inputs`: the upstream stages' outputs):
+    metrics, and the captioner's written-out test grids."""
+    patches = inputs["patchify"]
+    captioner_test, examples = evaluate_captioner(inputs["finetune"], patches["grids_test"], cfg)
+    captioner_val, _ = evaluate_captioner(inputs["finetune"], patches["grids_val"], cfg, "val")
+    metrics = {
+        **evaluate_gpt(inputs["pretrain_gpt"], inputs["tokenize"]["tokens_val"], cfg),
+        **evaluate_vit(inputs["pretrain_vit"], patches["mnist_val"], cfg, "val"),
+        **evaluate_vit(inputs["pretrain_vit"], patches["mnist_test"], cfg),
+        **captioner_val,
+        **captioner_test,
+    }
+    return metrics, examples

@@ -6,7 +6,7 @@ import os
 from typing import Any, Optional
 
 from pipeline import storage, tracking
-from pipeline.config import RunConfig, RayConfig
+from pipeline.config import ConfigError, RayConfig, RunConfig
 from pipeline.dag import StageContext, closure, fingerprint, read_done, run_stage, section_dict
 from pipeline.stages import STAGES
 
@@ -32,6 +32,28 @@ def ensure_ray(cfg: RayConfig) -> None:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
+def check_cluster_storage(config: RunConfig, workdir: str, uri: str) -> None:
+    """On a cluster of several nodes, refuse before any work a workdir or tracking
+    store that only one node can see (unless the workdir is declared shared)."""
+    import ray
+
+    if not (config.ray.address or os.environ.get("RAY_ADDRESS")) or config.storage.shared:
+        return  # a local Ray instance is one node
+    ensure_ray(config.ray)
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if nodes < 2:
+        return
+    if storage.is_local(workdir):
+        raise ConfigError(
+            f"workdir {workdir} is a local path, and the Ray cluster has {nodes} nodes that do not see "
+            "each other's disks: pass --workdir s3://BUCKET/PATH (or gs://...), or set storage.shared=true "
+            "if it is a mount every node shares")
+    if not tracking.is_server(uri):
+        raise ConfigError(
+            f"tracking URI {uri} is a file on one node of a {nodes}-node cluster: set MLFLOW_TRACKING_URI "
+            "(or tracking.uri) to an MLflow server every node reaches, e.g. http://HOST:5000")
+
+
 def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir: Optional[str] = None) -> dict[str, Any]:
     """Run `targets` (default: every stage); return the summary dict."""
     import mlflow
@@ -40,6 +62,7 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
     config.workdir = workdir
     names = closure(STAGES, targets or PIPELINE_ORDER)
     uri = tracking.tracking_uri(config.tracking.uri, workdir)
+    check_cluster_storage(config, workdir, uri)
     experiment_id = tracking.ensure_experiment(uri, config.tracking.experiment, workdir)
     commit = tracking.git_commit()
 
@@ -59,8 +82,7 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
             with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
                                   tags={"stage": name, "fingerprint": fp, "git_commit": commit}) as run:
                 if cached is None:
-                    if stage.uses_ray:
-                        ensure_ray(config.ray)
+                    ensure_ray(config.ray)
                     print(f"[{name}] running -> {out_dir}", flush=True)
                     mlflow.log_params(tracking.params_for_mlflow({"config": section_dict(stage, config)}))
                 ctx = StageContext(config, out_dir, {d: outputs[d] for d in stage.deps}, fp, uri, run.info.run_id)

@@ -180,6 +180,8 @@ def run_patchify(ctx: StageContext) -> StageResult:
 
 def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, model_args: dict[str, Any],
            **spec_extra) -> StageResult:
+    import torch
+
     from pipeline.train.engine import load_zero_config
     from pipeline.train.launch import fit
     from pipeline.train.tasks import TrainSpec, build_model, param_counts, units_per_sample
@@ -199,7 +201,8 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, 
         mlflow_run_id=ctx.mlflow_run_id,
         **spec_extra,
     )
-    counts = param_counts(build_model(kind, model_cfg, model_args, spec.encoder_model))
+    with torch.device("meta"):  # shapes only: the driver never holds the weights
+        counts = param_counts(build_model(kind, model_cfg, model_args, spec.encoder_model))
     model_config = {
         "kind": kind,
         "model": dataclasses.asdict(model_cfg),
@@ -266,19 +269,13 @@ def run_finetune(ctx: StageContext) -> StageResult:
 
 
 def run_evaluate(ctx: StageContext) -> StageResult:
+    import ray
+
     from pipeline import evaluate
 
     cfg = ctx.config.evaluate
-    patches = ctx.inputs["patchify"]
-    captioner_metrics, examples = evaluate.evaluate_captioner(ctx.inputs["finetune"], patches["grids_test"], cfg)
-    captioner_val, _ = evaluate.evaluate_captioner(ctx.inputs["finetune"], patches["grids_val"], cfg, "val")
-    metrics = {
-        **evaluate.evaluate_gpt(ctx.inputs["pretrain_gpt"], ctx.inputs["tokenize"]["tokens_val"], cfg),
-        **evaluate.evaluate_vit(ctx.inputs["pretrain_vit"], patches["mnist_val"], cfg, "val"),
-        **evaluate.evaluate_vit(ctx.inputs["pretrain_vit"], patches["mnist_test"], cfg),
-        **captioner_val,
-        **captioner_metrics,
-    }
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_all)
+    metrics, examples = ray.get(task.remote(ctx.inputs, cfg))
     metrics_path = storage.join(ctx.out_dir, "metrics.json")
     examples_path = storage.join(ctx.out_dir, "captioner_examples.json")
     storage.write_json_atomic(metrics_path, metrics)
@@ -295,7 +292,6 @@ STAGES: dict[str, Stage] = {
         Stage("pretrain_gpt", ("tokenize",), lambda c: c.pretrain_gpt, run_pretrain_gpt),
         Stage("pretrain_vit", ("patchify",), lambda c: c.pretrain_vit, run_pretrain_vit),
         Stage("finetune", ("patchify", "pretrain_vit"), lambda c: c.finetune, run_finetune),
-        Stage("evaluate", ("tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "finetune"), lambda c: c.evaluate, run_evaluate,
-              uses_ray=False),
+        Stage("evaluate", ("tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "finetune"), lambda c: c.evaluate, run_evaluate),
     ]
 }

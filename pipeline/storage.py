@@ -2,8 +2,14 @@
 (`s3://`, `gs://`, a shared mount) on a cluster.
 
 Writes that mark something as done go through `write_atomic`: on a local
-filesystem a temp file is renamed into place; on an object store a single PUT
-is already all-or-nothing.
+filesystem a temp file is renamed into place. On an object store the bytes go to
+a local temp file first and are uploaded only once the writer finished: a PUT (or
+a multipart upload, completed last) is all-or-nothing, so a failed or killed
+writer leaves no object at all, never a partial one.
+
+S3-compatible servers other than AWS are reached through the standard
+`AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) variable, which s3fs and boto3 read
+themselves and `arrow_filesystem` passes to pyarrow (for Ray Train).
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import uuid
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -33,6 +40,32 @@ def absolute(path: str) -> str:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def relative(base: str, path: str) -> str:
+    """`path` relative to `base`; raises if it is not inside it."""
+    base = base.rstrip("/") + "/"
+    if not path.startswith(base):
+        raise ValueError(f"{path} is not inside {base}")
+    return path[len(base):]
+
+
+def s3_endpoint() -> Optional[str]:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def arrow_filesystem(path: str) -> tuple[Optional[Any], str]:
+    """(pyarrow filesystem, path inside it) for Ray Train's storage; (None, absolute path)
+    for local paths. pyarrow ignores AWS_ENDPOINT_URL, so it is passed explicitly."""
+    import pyarrow.fs
+
+    if is_local(path):
+        return None, absolute(path)
+    scheme, _, rest = path.partition("://")
+    if scheme in ("s3", "s3a"):
+        return pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint()), rest.rstrip("/")
+    fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+    return fs, inner
 
 
 def exists(path: str) -> bool:
@@ -82,8 +115,10 @@ def write_atomic(path: str) -> Iterator[IO[bytes]]:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        with fs.open(p, "wb") as f:
+        with tempfile.NamedTemporaryFile(prefix="upload-") as f:
             yield f
+            f.flush()
+            fs.put_file(f.name, p)
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:

@@ -13,6 +13,7 @@ import time
 from typing import Any, Mapping, Optional
 
 from pipeline import storage
+from pipeline.config import ConfigError
 
 _MAX_PARAM_LEN = 6000
 
@@ -24,12 +25,13 @@ def tracking_uri(configured: Optional[str], workdir: str) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if not storage.is_local(workdir):
-        raise ValueError(
-            f"workdir {workdir} is remote: set tracking.uri or MLFLOW_TRACKING_URI to an MLflow server"
-        )
-    path = os.path.abspath(os.path.join(workdir, "mlflow.db"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return f"sqlite:///{path}"
+        raise ConfigError(f"workdir {workdir} is remote: set MLFLOW_TRACKING_URI (or tracking.uri) to an MLflow server")
+    return f"sqlite:///{os.path.abspath(os.path.join(workdir, 'mlflow.db'))}"
+
+
+def is_server(uri: str) -> bool:
+    """An MLflow tracking server (every node reaches it), not a file on this machine."""
+    return uri.startswith(("http://", "https://", "databricks"))
 
 
 def git_commit() -> str:
@@ -57,13 +59,18 @@ def params_for_mlflow(d: Mapping[str, Any]) -> dict[str, str]:
 
 
 def ensure_experiment(uri: str, name: str, workdir: str) -> str:
-    """Experiment id, creating it with artifacts under the workdir (not ./mlruns)."""
+    """Experiment id. A server keeps artifacts where it was told to (its own
+    artifact store); a local SQLite store keeps them under the workdir (not ./mlruns)."""
     import mlflow
 
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    if is_server(uri):
+        return mlflow.create_experiment(name)
     artifacts = storage.join(storage.absolute(workdir), "mlflow-artifacts")
     if storage.is_local(artifacts):
         os.makedirs(artifacts, exist_ok=True)

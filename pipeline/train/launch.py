@@ -79,6 +79,8 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
     if spec.resume_from:
         spec = prepare_resume(spec, run_dir)
     train = spec.train
+    run_dir = storage.absolute(run_dir)
+    filesystem, storage_path = storage.arrow_filesystem(run_dir)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec},
@@ -86,7 +88,8 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=RunConfig(
             name="ray",
-            storage_path=storage.absolute(run_dir),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -96,9 +99,13 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training under {run_dir} finished without reporting a checkpoint")
-    kept = sorted((metrics.get("step", -1), c.path) for c, metrics in result.best_checkpoints or [])
+
+    def url(checkpoint) -> str:  # Ray names it inside `filesystem`; the pipeline by URL
+        return storage.join(run_dir, storage.relative(storage_path, checkpoint.path))
+
+    kept = sorted((metrics.get("step", -1), url(c)) for c, metrics in result.best_checkpoints or [])
     return {
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": url(result.checkpoint),
         "metrics": dict(result.metrics or {}),
         "checkpoints_by_step": {step: path for step, path in kept},
     }

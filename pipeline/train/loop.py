@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline import storage
 from pipeline.data.loader import head_batches
 from pipeline.data.order import DIGEST_BITS, batch_digest
 from pipeline.data.shards import iter_shard, shard_entries
@@ -169,7 +170,8 @@ def _resume(engine, data: TrainingData, spec: TrainSpec) -> int | None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and spec.resume_from:
-        checkpoint = ray.train.Checkpoint(spec.resume_from)
+        filesystem, path = storage.arrow_filesystem(spec.resume_from)
+        checkpoint = ray.train.Checkpoint(path, filesystem)
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
