@@ -1,7 +1,7 @@
 """Entry point for `ray job submit`: the same CLI, run as the job's driver.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/run_pipeline.py run configs/cluster_gpu.yaml --workdir s3://bucket/runs/exp1
+        python jobs/run_pipeline.py run configs/cluster/gpt-124m.yaml --workdir s3://bucket/runs/exp1
 
 Inside a job, RAY_ADDRESS points at the cluster, so the pipeline connects to
 it instead of starting a local one.

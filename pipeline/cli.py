@@ -18,6 +18,7 @@ COMMANDS = {
     "finetune": ["finetune"],
     "evaluate": ["evaluate"],
     "batches": None,
+    "plan": None,
 }
 HELP = {
     "run": "the whole DAG: shard, tokenize, patchify, pretrain (GPT, ViT), finetune, evaluate",
@@ -28,6 +29,7 @@ HELP = {
     "finetune": "fine-tune the captioner (pretrained ViT encoder + cross-attention decoder)",
     "evaluate": "held-out metrics for the GPT, the ViT and the captioner",
     "batches": "print the sample keys of each global step of a training stage (what was in that batch?)",
+    "plan": "per-GPU memory, throughput, time to compute-optimal data and checkpoint size of the config's GPT on a cluster",
 }
 
 
@@ -38,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=HELP[name], description=HELP[name])
         p.add_argument("config", help="YAML run config, e.g. configs/smoke.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain_gpt.train.max_steps=50")
+        if name == "plan":
+            p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+            p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (one training rank each)")
+            p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
+            p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80: an H100)")
+            p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+            continue
         p.add_argument("--workdir", help="where stage outputs go (local path or fsspec URL); default: the config's workdir")
         p.add_argument("--summary", help="write the run summary as JSON to this file")
         if name == "pretrain":
@@ -70,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if args.command == "batches":
             return _batches(config, args)
+        if args.command == "plan":
+            return _plan(config, args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -105,6 +116,14 @@ def _batches(config, args) -> int:
             print(json.dumps(b))
     else:
         print(batches.format_text(described))
+    return 0
+
+
+def _plan(config, args) -> int:
+    from pipeline import plan
+
+    p = plan.plan(config, args.nodes, args.gpus_per_node, args.mfu, args.gpu_memory_gib)
+    print(json.dumps(plan.as_dict(p)) if args.json else plan.format_plan(p))
     return 0
 
 

@@ -33,17 +33,22 @@ def _require_positive(section: Any, key: str, *names: str) -> None:
 
 @dataclass
 class MnistConfig:
-    """The single digits: the embedded MNIST sample, or a local folder of 28x28 grayscale
+    """The single digits: the embedded MNIST sample; a local folder of 28x28 grayscale
     images, either one sub-folder per class (`folder/3/x.png`) or images plus a CSV
-    `labels_file` of `filename,label` rows."""
+    `labels_file` of `filename,label` rows; or a Hugging Face dataset (`ylecun/mnist`)
+    streamed by `hf_parts` shard tasks per split."""
 
-    source: Literal["embedded", "folder"] = "embedded"
+    source: Literal["embedded", "folder", "hf"] = "embedded"
     folder: Optional[str] = None
     labels_file: Optional[str] = None
-    samples_per_shard: int = 1000
+    hf_dataset: str = "ylecun/mnist"
+    hf_parts: int = 4
+    image_field: str = "image"
+    label_field: str = "label"
+    samples_per_shard: int = 1000  # embedded and folder sources; an hf part is one shard
 
     def validate(self, key: str) -> None:
-        _require_positive(self, key, "samples_per_shard")
+        _require_positive(self, key, "samples_per_shard", "hf_parts")
         if self.source == "folder" and not self.folder:
             raise ConfigError(f"{key}.folder is required when {key}.source is 'folder'")
 

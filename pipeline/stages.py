@@ -76,9 +76,11 @@ def run_shard(ctx: StageContext) -> StageResult:
     folder = sources.plan_image_folder(data.mnist.folder, data.mnist.labels_file) if data.mnist.source == "folder" else None
     for split in sources.SPLITS:
         d = storage.join(out, "mnist", split)
-        if folder is None:
+        if data.mnist.source == "embedded":
             ranges = _shard_ranges(len(sources.mnist_split(split)[1]), data.mnist.samples_per_shard)
             make, shard_args = sources.digit_samples, [(split, a, b) for a, b in ranges]
+        elif data.mnist.source == "hf":  # each task streams its own part of the dataset
+            make, shard_args = sources.hf_digit_samples, [(data.mnist, split, p) for p in range(data.mnist.hf_parts)]
         else:  # each task gets only its own file names
             ranges = _shard_ranges(len(folder[split]), data.mnist.samples_per_shard)
             make, shard_args = sources.folder_digit_samples, [(folder[split][a:b], a) for a, b in ranges]
@@ -87,13 +89,13 @@ def run_shard(ctx: StageContext) -> StageResult:
         metrics[f"mnist_{split}_samples"] = m["total_samples"]
 
     grid_schema = {"png": "uint8 grid image of 28x28 cells", "txt": "digits row by row, '_' blank",
-                   "json": "rows, cols, digit_indices"}
+                   "json": "rows, cols, digit_keys (the digits' keys in the mnist shards of the split)"}
     for split in sources.SPLITS:
         count = getattr(data.grids, f"{split}_count")
         d = storage.join(out, "grids", split)
         ranges = _shard_ranges(count, data.grids.samples_per_shard)
-        m = _write_split(d, "grids", sources.grid_samples, [(data.grids, split, data.seed, a, b) for a, b in ranges],
-                         grid_schema, fp, f"shard grids/{split}")
+        shard_args = [(data.grids, split, outputs[f"mnist_{split}"], data.seed, a, b) for a, b in ranges]
+        m = _write_split(d, "grids", sources.grid_samples, shard_args, grid_schema, fp, f"shard grids/{split}")
         outputs[f"grids_{split}"] = d
         metrics[f"grids_{split}_samples"] = m["total_samples"]
 

@@ -50,7 +50,7 @@ def test_shard(run_tiny):
         grids = list(shards.iter_shards(shards.shard_paths(out[f"grids_{split}"])))
         assert len(grids) == count
         for g in grids:
-            idx = np.array(g["json"]["digit_indices"])
+            idx = np.array([[int(key.split("-")[1]) for key in row] for row in g["json"]["digit_keys"]])
             # Grids use only their own split's digits: no test or validation digit reaches training.
             assert all(sources.split_of(i) == split for i in idx.ravel())
             rows = g["txt"].split("\n")

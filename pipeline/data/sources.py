@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from pipeline.config import GridConfig, TextConfig
+from pipeline.config import GridConfig, MnistConfig, TextConfig
 
 CELL = 28  # pixels per grid cell: one MNIST digit
 BLANK = "_"
@@ -85,10 +85,24 @@ def grid_text(labels: np.ndarray, blank: np.ndarray) -> str:
     return "\n".join("".join(BLANK if b else str(int(d)) for d, b in zip(row, brow)) for row, brow in zip(labels, blank))
 
 
-def grid_samples(cfg: GridConfig, split: str, seed: int, start: int, stop: int) -> Iterator[dict]:
-    """Grids number `start` to `stop - 1` of a split, built only from that split's digits
-    (no test or validation digit reaches training). Grid n depends only on (seed, split, n)."""
-    images, labels, index = mnist_split(split)
+@functools.lru_cache(maxsize=2)
+def load_digit_shards(directory: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(images, labels, keys) of every digit in a split's shards (as the shard stage wrote
+    them, whatever the source), each shard verified as read."""
+    from pipeline.data.shards import iter_verified
+
+    samples = list(iter_verified(directory))
+    if not samples:
+        raise SourceError(f"{directory} holds no digits to compose grids from")
+    return (np.stack([s["png"] for s in samples]), np.array([s["cls"] for s in samples], dtype=np.int64),
+            tuple(s["__key__"] for s in samples))
+
+
+def grid_samples(cfg: GridConfig, split: str, digits_dir: str, seed: int, start: int, stop: int) -> Iterator[dict]:
+    """Grids number `start` to `stop - 1` of a split, built only from that split's digit
+    shards (no test or validation digit reaches training). Grid n depends only on
+    (seed, split, n) and the digits."""
+    images, labels, keys = load_digit_shards(digits_dir)
     for n in range(start, stop):
         rng = np.random.default_rng([seed, SPLITS.index(split), n])
         pick = rng.integers(0, len(labels), size=(cfg.rows, cfg.cols))
@@ -97,7 +111,7 @@ def grid_samples(cfg: GridConfig, split: str, seed: int, start: int, stop: int) 
             "__key__": f"{split}-grid-{n:06d}",
             "png": compose_grid(images[pick], blank),
             "txt": grid_text(labels[pick], blank),
-            "json": {"digit_indices": index[pick].tolist(), "rows": cfg.rows, "cols": cfg.cols},
+            "json": {"digit_keys": [[keys[i] for i in row] for row in pick], "rows": cfg.rows, "cols": cfg.cols},
         }
 
 
@@ -155,6 +169,16 @@ def plan_image_folder(folder: str, labels_file: Optional[str]) -> dict[str, list
     return splits
 
 
+def _digit_pixels(image, name: str) -> np.ndarray:
+    """A PIL image checked against the digit convention: 28x28 grayscale."""
+    if image.mode not in ("L", "1", "I;16"):
+        raise SourceError(f"{name}: a {image.mode} image; digits must be grayscale")
+    pixels = np.asarray(image.convert("L"))
+    if pixels.shape != (CELL, CELL):
+        raise SourceError(f"{name}: {pixels.shape[1]}x{pixels.shape[0]} pixels; digits must be {CELL}x{CELL}")
+    return pixels
+
+
 def folder_digit_samples(items: list[tuple[str, int]], first: int) -> Iterator[dict]:
     """Images checked against the digit convention (28x28 grayscale) as they are read."""
     from PIL import Image, UnidentifiedImageError
@@ -162,14 +186,40 @@ def folder_digit_samples(items: list[tuple[str, int]], first: int) -> Iterator[d
     for n, (path, label) in enumerate(items, start=first):
         try:
             with Image.open(path) as image:
-                if image.mode not in ("L", "1", "I;16"):
-                    raise SourceError(f"{path}: a {image.mode} image; digits must be grayscale")
-                pixels = np.asarray(image.convert("L"))
+                pixels = _digit_pixels(image, path)
         except (UnidentifiedImageError, OSError) as e:
             raise SourceError(f"{path}: not a readable image ({e})") from None
-        if pixels.shape != (CELL, CELL):
-            raise SourceError(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} pixels; digits must be {CELL}x{CELL}")
         yield {"__key__": f"folder-{n:07d}", "png": pixels, "cls": label, "json": {"file": path}}
+
+
+HF_VAL_EVERY = 10  # every 10th example of a part of the hub's train split is validation
+
+
+def hf_digit_samples(cfg: MnistConfig, split: str, part: int) -> Iterator[dict]:
+    """Part `part` of `cfg.hf_parts` of a Hugging Face digit dataset (`ylecun/mnist`, or a
+    local folder of parquet files named like the hub's), streamed in this task. Test
+    digits come from the dataset's test split; train and validation share its train
+    split by position, every 10th example of a part being validation."""
+    import io
+
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+    from PIL import Image
+
+    hf_split = "test" if split == "test" else "train"
+    ds = datasets.load_dataset(cfg.hf_dataset, split=hf_split, streaming=True)
+    for n, row in enumerate(split_dataset_by_node(ds, rank=part, world_size=cfg.hf_parts)):
+        if split != "test" and (n % HF_VAL_EVERY == 0) != (split == "val"):
+            continue
+        name = f"{cfg.hf_dataset}:{hf_split}:{part}:{n}"
+        missing = [f for f in (cfg.image_field, cfg.label_field) if f not in row]
+        if missing:
+            raise SourceError(f"dataset {cfg.hf_dataset} has no field {missing} (data.mnist.image_field / label_field): {list(row)}")
+        image = row[cfg.image_field]
+        if isinstance(image, dict):  # parquet read without the hub's Image feature: {"bytes", "path"}
+            image = Image.open(io.BytesIO(image["bytes"]))
+        yield {"__key__": f"hf-{hf_split}-{part:03d}-{n:06d}", "png": _digit_pixels(image, name),
+               "cls": int(row[cfg.label_field])}
 
 
 # --------------------------------------------------------------------------- text
