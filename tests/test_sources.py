@@ -137,3 +137,62 @@ def test_shard_stage_reads_an_image_folder(digit_folder, tmp_path, ray_cluster, 
     assert sorted({s["cls"] for s in train}) == list(range(10))
     test_files = {s["json"]["file"] for s in shards.iter_verified(out["mnist_test"])}
     assert len(test_files) == 50 and not test_files & {s["json"]["file"] for s in train}
+
+
+# --------------------------------------------------------------------------- cluster presets, offline
+
+PRESETS = "configs/cluster"
+
+
+@pytest.mark.parametrize("preset", ["gpt-124m.yaml", "gpt-1.3b.yaml", "gpt-7b.yaml"])
+def test_text_presets_stream_hub_parquet(preset, tmp_path, monkeypatch):
+    """The presets' FineWeb-Edu settings (split, text field) on parquet laid out as the hub's."""
+    from conftest import REPO
+
+    from pipeline.config import load_config
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [f"educational text number {i}. " * 30 for i in range(40)]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"text": rows, "id": [str(i) for i in range(40)]}),
+                   tmp_path / "data" / "train-00000-of-00001.parquet", row_group_size=8)
+    config = load_config(REPO / PRESETS / preset, [f"data.text.hf_dataset={tmp_path}", "data.text.hf_config=null",
+                                                   "data.text.max_bytes=1000000000", "data.text.hf_parts=3"])
+    parts = _read_all(config.data.text)
+    assert len(parts) == 3 and sorted(t for part in parts for t in part) == sorted(rows)
+
+
+def test_digits_preset_shards_hub_mnist_from_local_parquet(tmp_path, monkeypatch, ray_cluster, tiny_config):
+    """`ylecun/mnist`'s layout (train/test parquet, an Image feature, labels) through the
+    digits preset's source settings and the real shard stage: test digits from the test
+    split, validation every 10th train example, grids from the train split's digits."""
+    import datasets
+    from conftest import REPO
+
+    from pipeline.config import load_config
+    from pipeline.data import shards
+    from pipeline.runner import run_pipeline
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    images, labels = load_mnist()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    hub = tmp_path / "mnist"
+    for split, index in (("train", range(0, 5000, 25)), ("test", range(7, 5000, 100))):
+        table = {"image": [Image.fromarray(images[i]) for i in index], "label": [int(labels[i]) for i in index]}
+        datasets.Dataset.from_dict(table, features=features).to_parquet(hub / "data" / f"{split}-00000-of-00001.parquet")
+
+    tiny = tiny_config()  # only to borrow its small text settings
+    config = load_config(REPO / PRESETS / "digits-mnist.yaml", [
+        f"data.mnist.hf_dataset={hub}", "data.mnist.hf_parts=2", f"data.text.max_bytes={tiny.data.text.max_bytes}",
+        "data.grids.train_count=40", "data.grids.val_count=10", "data.grids.test_count=10"])
+    out = run_pipeline(config, ["shard"], str(tmp_path / "work"))["stages"]["shard"]["outputs"]
+    digits = {split: list(shards.iter_verified(out[f"mnist_{split}"])) for split in ("train", "val", "test")}
+    assert {k: len(v) for k, v in digits.items()} == {"train": 180, "val": 20, "test": 50}
+    assert all(s["__key__"].startswith("hf-test-") for s in digits["test"])
+    by_pixels = {images[i].tobytes(): int(labels[i]) for i in range(5000)}
+    assert all(by_pixels[s["png"].tobytes()] == s["cls"] for split in digits.values() for s in split)
+    train_keys = {s["__key__"] for s in digits["train"]}
+    for grid in shards.iter_verified(out["grids_train"]):
+        assert {k for row in grid["json"]["digit_keys"] for k in row} <= train_keys

@@ -67,6 +67,23 @@ def test_shard(run_tiny):
     assert texts and all(isinstance(t, str) and t for t in texts)
 
 
+def test_a_copied_workdir_reads_its_own_outputs(run_tiny, tiny_config, tiny_workdir, tmp_path):
+    """stage.json names outputs relative to the workdir: a copy is whole on its own."""
+    import shutil
+
+    from pipeline.runner import run_pipeline
+
+    run_tiny(["tokenize"])
+    copy = tmp_path / "moved"
+    shutil.copytree(tiny_workdir, copy)
+    summary = run_pipeline(tiny_config(), ["tokenize"], str(copy))
+    assert {s["status"] for s in summary["stages"].values()} == {"cached"}
+    for stage in summary["stages"].values():
+        assert all(path.startswith(f"{copy}/") and os.path.exists(path) for path in stage["outputs"].values())
+    record = json.loads((copy / "tokenize" / os.listdir(copy / "tokenize")[0] / "stage.json").read_text())
+    assert record["outputs"]["tokenizer"] == f"tokenize/{os.listdir(copy / 'tokenize')[0]}/tokenizer.json"
+
+
 def test_tokenize(run_tiny):
     from tokenizers import Tokenizer
 
