@@ -36,14 +36,15 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _device(cfg: EvaluateConfig) -> torch.device:
-    return torch.device("cuda") if cfg.use_gpu else torch.device("cpu")
+def _load(trained: dict[str, Any], cfg: EvaluateConfig) -> tuple[torch.nn.Module, torch.device]:
+    """A training stage's final model, on the device evaluation runs on."""
+    device = torch.device("cuda") if cfg.use_gpu else torch.device("cpu")
+    return load_trained(trained["model_config"], trained["weights"]).to(device), device
 
 
 @torch.no_grad()
 def evaluate_gpt(trained: dict[str, Any], tokens_val: str, cfg: EvaluateConfig) -> dict[str, float]:
-    device = _device(cfg)
-    model = load_trained(trained["model_config"], trained["weights"]).to(device)
+    model, device = _load(trained, cfg)
     batches = [b["npy"].long().to(device) for b in _batches(tokens_val, {"npy": np.asarray}, cfg.batch_size, cfg.max_val_sequences)]
     total, count = 0.0, 0
     for batch in batches:
@@ -61,8 +62,7 @@ def evaluate_gpt(trained: dict[str, Any], tokens_val: str, cfg: EvaluateConfig) 
 
 @torch.no_grad()
 def evaluate_vit(trained: dict[str, Any], patches: str, cfg: EvaluateConfig, split: str = "test") -> dict[str, float]:
-    device = _device(cfg)
-    model = load_trained(trained["model_config"], trained["weights"]).to(device)
+    model, device = _load(trained, cfg)
     correct = count = 0
     for batch in _batches(patches, {"npy": lambda a: a.astype(np.float32), "cls": int}, cfg.batch_size):
         logits, _ = model(batch["npy"].to(device))
@@ -100,8 +100,7 @@ def score_grids(predicted: list[str], target: list[str], split: str = "test") ->
 @torch.no_grad()
 def evaluate_captioner(trained: dict[str, Any], grids: str, cfg: EvaluateConfig, split: str = "test") -> tuple[dict[str, float], list[dict]]:
     """Metrics, and a few written-out grids (mistakes first) for a person to read."""
-    device = _device(cfg)
-    model = load_trained(trained["model_config"], trained["weights"]).to(device)
+    model, device = _load(trained, cfg)
     fields = {"npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])}
     keys: list[str] = []
     texts: list[str] = []
