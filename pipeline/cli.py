@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--steps", required=True, help="A:B, steps A to B-1, numbered as in the training logs (from 1)")
             p.add_argument("--world-size", type=int, help="split the global batch this many ways (default: the config's num_workers)")
             p.add_argument("--json", action="store_true", help="one JSON object per step")
+
+    scaling = sub.add_parser("scaling", help="fit scaling laws to training runs", description="fit scaling laws to training runs")
+    actions = scaling.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fit = actions.add_parser("fit", help="Chinchilla's L(N, D) = E + A/N^alpha + B/D^beta (approach 3), with 95%% bootstrap intervals",
+                             description="Fit Chinchilla's law (approach 3: log-space Huber, L-BFGS-B from a grid of starts) "
+                                         "and give 95%% intervals from a bootstrap over runs.")
+    fit.add_argument("--points", required=True, help="CSV with columns params,tokens,loss, one row per run")
+    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200; 0: none)")
+    fit.add_argument("--json", action="store_true", help='print {"chinchilla": {...,"ci95": {...}}, "compute_optimal": {"a", "b"}}')
     return parser
 
 
@@ -71,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after the options too (`run CFG --workdir W a.b=1`): argparse
     # leaves those in `extra`.
     args, extra = parser.parse_known_args(argv)
+    if args.command == "scaling":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _scaling(args)
     for arg in extra:
         if arg.startswith("-") or "=" not in arg:
             parser.error(f"unrecognized argument: {arg}")
@@ -124,6 +137,18 @@ def _plan(config, args) -> int:
 
     p = plan.plan(config, args.nodes, args.gpus_per_node, args.mfu, args.gpu_memory_gib)
     print(json.dumps(plan.as_dict(p)) if args.json else plan.format_plan(p))
+    return 0
+
+
+def _scaling(args) -> int:
+    from pipeline.scaling.chinchilla import FitError
+    from pipeline.scaling.points import fit_points
+
+    try:
+        print(fit_points(args.points, args.bootstrap, args.json))
+    except FitError as e:
+        print(f"scaling fit: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

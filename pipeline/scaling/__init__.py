@@ -1,0 +1,1 @@
+"""Scaling laws: fit loss against model size, data and compute (`pipeline scaling`)."""

@@ -1,0 +1,97 @@
+"""Chinchilla approach 3 against its published law: exact on noiseless points,
+honest intervals and predictions with 1% noise, clear errors on degenerate input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.scaling.chinchilla import FitError, compute_optimal, fit
+
+TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. 2022
+
+
+def true_loss(n, d):
+    return TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+
+
+def chinchilla_grid():
+    """9 compute budgets from 1e18 to 1e22 FLOPs, 8 model sizes each around the optimum."""
+    n, d = [], []
+    for c in np.logspace(18, 22, 9):
+        n_opt, _ = compute_optimal(TRUE["A"], TRUE["B"], TRUE["alpha"], TRUE["beta"], c)
+        for size in n_opt * np.geomspace(1 / 8, 8, 8):
+            n.append(size)
+            d.append(c / (6 * size))
+    return np.array(n), np.array(d)
+
+
+def test_the_fitter_is_exact_on_noiseless_points():
+    n, d = chinchilla_grid()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or invalid value along the way
+        result = fit(n, d, true_loss(n, d), bootstrap=0)
+    for name, value in TRUE.items():
+        assert getattr(result, name) == pytest.approx(value, rel=0.005), name
+
+
+def test_intervals_and_predictions_are_honest_with_noise():
+    n, d = chinchilla_grid()
+    far = 10 * 1e22  # 10x the largest compute, at the true law's optimal size
+    n_far, d_far = compute_optimal(TRUE["A"], TRUE["B"], TRUE["alpha"], TRUE["beta"], far)
+    covered = {"E": 0, "alpha": 0, "beta": 0}
+    predicted = 0
+    for seed in range(10):
+        noisy = true_loss(n, d) * (1 + np.random.default_rng(100 + seed).normal(0, 0.01, len(n)))
+        result = fit(n, d, noisy, bootstrap=200, seed=seed)
+        for name in covered:
+            lo, hi = result.ci95[name]
+            covered[name] += lo <= TRUE[name] <= hi
+        predicted += abs(result.loss(n_far, d_far) / true_loss(n_far, d_far) - 1) <= 0.015
+    assert min(covered.values()) >= 8, covered
+    assert predicted >= 9
+
+
+def test_compute_optimal_allocation_is_the_minimum_along_constant_compute():
+    for c in (1e19, 1e23):
+        n_opt, d_opt = compute_optimal(TRUE["A"], TRUE["B"], TRUE["alpha"], TRUE["beta"], c)
+        sizes = np.geomspace(n_opt / 100, n_opt * 100, 20001)
+        best = sizes[np.argmin(true_loss(sizes, c / (6 * sizes)))]
+        assert best == pytest.approx(n_opt, rel=1e-3) and 6 * n_opt * d_opt == pytest.approx(c)
+
+
+def test_degenerate_input_is_refused():
+    n, d = chinchilla_grid()
+    loss = true_loss(n, d)
+    with pytest.raises(FitError, match="at least 5"):
+        fit(n[:4], d[:4], loss[:4])
+    with pytest.raises(FitError, match="same model size"):
+        fit(np.full(10, 1e9), d[:10], loss[:10])
+    with pytest.raises(FitError, match="positive"):
+        fit(n, d, -loss)
+
+
+def test_cli_fits_a_csv(tmp_path, capsys):
+    n, d = chinchilla_grid()
+    path = tmp_path / "points.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["params", "tokens", "loss", "name"])
+        writer.writerows([a, b, true_loss(a, b), f"run{i}"] for i, (a, b) in enumerate(zip(n, d)))
+    assert main(["scaling", "fit", "--points", str(path), "--json", "--bootstrap", "10"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["chinchilla"]["alpha"] == pytest.approx(TRUE["alpha"], rel=0.005)
+    assert set(out["chinchilla"]["ci95"]) == set(TRUE)
+    a, b = out["compute_optimal"]["a"], out["compute_optimal"]["b"]
+    assert a == pytest.approx(TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]), rel=0.01) and a + b == pytest.approx(1)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("params,tokens\n1,2\n")
+    assert main(["scaling", "fit", "--points", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no column loss" in err[0]
