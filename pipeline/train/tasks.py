@@ -153,7 +153,7 @@ class GPTTask(Task):
 
     def flops_per_sample(self, spec, model, first):
         m = spec.model
-        return flops.gpt_flops_per_sequence(param_counts(model)["params_non_embedding"], m.n_layer,
+        return flops.gpt_flops_per_sequence(flops.matmul_params(model), m.n_layer,
                                             spec.model_args["seq_len"], m.d_model)
 
 
@@ -173,7 +173,7 @@ class ViTTask(Task):
 
     def flops_per_sample(self, spec, model, first):
         m = spec.model
-        return flops.vit_flops_per_image(param_counts(model)["params_non_embedding"], m.n_layer,
+        return flops.vit_flops_per_image(flops.matmul_params(model), flops.matmul_params(model.head), m.n_layer,
                                          spec.model_args["num_patches"], m.d_model)
 
 
@@ -192,12 +192,14 @@ class CaptionerTask(Task):
     def flops_per_sample(self, spec, model, first):
         m = spec.model
         enc = model.encoder
-        enc_params = param_counts(enc)["params_non_embedding"]
+        enc_params = flops.matmul_params(enc) - flops.matmul_params(enc.head)  # the captioner skips the head
+        memory_params = flops.matmul_params(model.memory_proj) + sum(flops.matmul_params(b.cross_attn.kv) for b in model.blocks)
+        decoder_params = flops.matmul_params(model) - flops.matmul_params(enc)
         rows, cols = first["json"]["rows"], first["json"]["cols"]
         text_len = len(encode_text(first["txt"])) - 1  # predicted positions
         return flops.captioner_flops_per_sample(
-            enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, rows * cols,
-            param_counts(model)["params_non_embedding"] - enc_params, m.n_layer, m.d_model, text_len,
+            enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, rows * cols, spec.encoder_lr_scale > 0,
+            decoder_params - memory_params, memory_params, m.n_layer, m.d_model, text_len,
         )
 
 
