@@ -57,14 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--world-size", type=int, help="split the global batch this many ways (default: the config's num_workers)")
             p.add_argument("--json", action="store_true", help="one JSON object per step")
 
-    scaling = sub.add_parser("scaling", help="fit scaling laws to training runs", description="fit scaling laws to training runs")
+    scaling = sub.add_parser("scaling", help="fit scaling laws to training runs and predict", description="fit scaling laws to training runs and predict")
     actions = scaling.add_subparsers(dest="action", required=True, metavar="ACTION")
-    fit = actions.add_parser("fit", help="Chinchilla's L(N, D) = E + A/N^alpha + B/D^beta (approach 3), with 95%% bootstrap intervals",
-                             description="Fit Chinchilla's law (approach 3: log-space Huber, L-BFGS-B from a grid of starts) "
-                                         "and give 95%% intervals from a bootstrap over runs.")
-    fit.add_argument("--points", required=True, help="CSV with columns params,tokens,loss, one row per run")
-    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200; 0: none)")
-    fit.add_argument("--json", action="store_true", help='print {"chinchilla": {...,"ci95": {...}}, "compute_optimal": {"a", "b"}}')
+    fit = actions.add_parser("fit", help="Chinchilla (approaches 3 and 2) and Kaplan laws, with 95%% bootstrap intervals",
+                             description="Fit Chinchilla's L(N, D) = E + A/N^alpha + B/D^beta (approach 3: log-space Huber, "
+                                         "L-BFGS-B from a grid of starts, 95%% intervals from a bootstrap over runs), the "
+                                         "isoFLOP profiles (approach 2) and, from an experiment, Kaplan's L(C) on the compute frontier.")
+    predict = actions.add_parser("predict", help="the fitted law's loss at a model size and token count, with an interval",
+                                 description="Fit as `scaling fit` does, then predict the loss at --params and --tokens "
+                                             "with the 95%% interval of the bootstrap refits' predictions.")
+    for p in (fit, predict):
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--experiment", help="MLflow experiment whose finished pretrain_gpt runs to fit")
+        source.add_argument("--points", help="CSV with columns params,tokens,loss, one row per run")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's own default)")
+        p.add_argument("--sweep", help="only the runs tagged with this sweep name")
+        p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200; 0: none)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    predict.add_argument("--params", type=float, required=True, help="non-embedding parameters N")
+    predict.add_argument("--tokens", type=float, required=True, help="training tokens D")
     return parser
 
 
@@ -142,12 +153,16 @@ def _plan(config, args) -> int:
 
 def _scaling(args) -> int:
     from pipeline.scaling.chinchilla import FitError
-    from pipeline.scaling.points import fit_points
+    from pipeline.scaling.commands import fit_command, predict_command
 
+    source = (args.points, args.experiment, args.tracking_uri, args.sweep)
     try:
-        print(fit_points(args.points, args.bootstrap, args.json))
+        if args.action == "fit":
+            print(fit_command(*source, args.bootstrap, args.json))
+        else:
+            print(predict_command(*source, args.params, args.tokens, args.bootstrap, args.json))
     except FitError as e:
-        print(f"scaling fit: {e}", file=sys.stderr)
+        print(f"scaling {args.action}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -139,3 +139,45 @@ def test_saturating_vit_law():
     fit = fit_saturating(flops, (a * (flops + d) ** -b + c) * noise)
     assert fit.b == pytest.approx(b, rel=0.1) and fit.c == pytest.approx(c, rel=0.1)
     assert fit.error(1e19) == pytest.approx(a * (1e19 + d) ** -b + c, rel=0.03)
+
+
+# --------------------------------------------------------------------------- from MLflow
+
+
+def test_fit_and_predict_read_runs_back_from_mlflow(tmp_path, capsys):
+    """Runs logged as the pipeline logs them (a nested pretrain_gpt run per size and
+    budget, tagged with its sweep) into a real SQLite store, fitted through the CLI.
+    A cached run and another sweep's run, with absurd losses, must not count."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweeps", artifact_location=f"file://{tmp_path}/artifacts")
+    n, d = chinchilla_grid()
+
+    def log_run(params, tokens, status="ran", sweep="gpt-cpu", scale=1.0):
+        run = client.create_run(experiment, tags={"stage": "pretrain_gpt", "status": status, "sweep": sweep})
+        client.log_param(run.info.run_id, "params_non_embedding", int(params))
+        for step, seen in enumerate(np.linspace(tokens / 5, tokens, 5), start=1):
+            for key, value in (("tokens", seen), ("flops", 6 * params * seen), ("val_loss", scale * true_loss(params, seen))):
+                client.log_metric(run.info.run_id, key, float(value), step=step)
+        client.set_terminated(run.info.run_id)
+
+    for params, tokens in zip(n, d):
+        log_run(params, tokens)
+    log_run(n[0], d[0], status="cached", scale=10.0)
+    log_run(n[0], d[0], sweep="another", scale=10.0)
+
+    source = ["--experiment", "sweeps", "--tracking-uri", uri, "--sweep", "gpt-cpu", "--bootstrap", "0", "--json"]
+    assert main(["scaling", "fit", *source]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for name, value in TRUE.items():
+        assert out["chinchilla"][name] == pytest.approx(value, rel=0.005), name
+    assert out["isoflop"]["a"] == pytest.approx(out["compute_optimal"]["a"], rel=0.03)
+    assert 0 < out["kaplan"]["alpha"] < 1 and out["kaplan"]["E"] < min(true_loss(n, d))
+
+    assert main(["scaling", "predict", *source, "--params", "1e10", "--tokens", "2e11"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(true_loss(1e10, 2e11), rel=1e-3)
+
+    assert main(["scaling", "fit", "--experiment", "nope", "--tracking-uri", uri]) == 2
+    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err

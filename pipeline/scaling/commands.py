@@ -1,0 +1,105 @@
+"""`pipeline scaling fit` and `pipeline scaling predict`: the laws fitted to runs from
+an MLflow experiment (`--experiment`) or from anywhere (`--points FILE.csv` with
+columns params,tokens,loss)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import Optional
+
+import numpy as np
+
+from pipeline.scaling import laws
+from pipeline.scaling.chinchilla import NAMES, ChinchillaFit, FitError, fit
+from pipeline.scaling.runs import TrainingRun, read_runs
+
+COLUMNS = ("params", "tokens", "loss")
+
+
+def read_points(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The params, tokens and loss columns of a CSV file (other columns are ignored)."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise FitError(f"{path}: no column {', '.join(missing)} (need {','.join(COLUMNS)}; found {reader.fieldnames})")
+            rows = list(reader)
+    except OSError as e:
+        raise FitError(f"{path}: cannot read it ({e.strerror})") from None
+    values = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            values.append([float(row[c]) for c in COLUMNS])
+        except (TypeError, ValueError):
+            raise FitError(f"{path}:{line}: {[row.get(c) for c in COLUMNS]} are not all numbers") from None
+    table = np.array(values, dtype=float).reshape(-1, 3)
+    return table[:, 0], table[:, 1], table[:, 2]
+
+
+def _points(points: Optional[str], experiment: Optional[str], tracking_uri: Optional[str], sweep: Optional[str]):
+    """(params, tokens, loss) and, from an experiment, the runs themselves."""
+    if points:
+        return read_points(points), []
+    runs = read_runs(experiment, tracking_uri, sweep=sweep)
+    return (np.array([r.params for r in runs]), np.array([r.tokens for r in runs]), np.array([r.val_loss for r in runs])), runs
+
+
+def _runs_table(runs: list[TrainingRun]) -> list[str]:
+    lines = [f"{'run':<34} {'params':>10} {'tokens':>12} {'FLOPs':>10} {'val loss':>9}"]
+    for r in sorted(runs, key=lambda r: (r.params, r.tokens)):
+        lines.append(f"{r.run_id:<34} {r.params:>10,} {r.tokens:>12,.0f} {r.flops:>10.3g} {r.val_loss:>9.4f}")
+    return lines
+
+
+def _chinchilla_lines(result: ChinchillaFit) -> list[str]:
+    lines = [f"Chinchilla approach 3 on {result.points} runs: L(N, D) = E + A/N^alpha + B/D^beta",
+             f"  {'':<6} {'fit':>12} {'95% interval':>27}"]
+    for name in NAMES:
+        lo, hi = result.ci95.get(name, (float("nan"), float("nan")))
+        lines.append(f"  {name:<6} {getattr(result, name):>12.4g} {lo:>13.4g} .. {hi:<11.4g}")
+    exps = result.exponents()
+    lines.append(f"compute-optimal allocation: N* ∝ C^{exps['a']:.3f}, D* ∝ C^{exps['b']:.3f}")
+    return lines
+
+
+def fit_command(points: Optional[str], experiment: Optional[str], tracking_uri: Optional[str], sweep: Optional[str],
+                bootstrap: int, as_json: bool) -> str:
+    (n, d, loss), runs = _points(points, experiment, tracking_uri, sweep)
+    result = fit(n, d, loss, bootstrap=bootstrap)
+    out: dict = {"chinchilla": result.as_dict(), "compute_optimal": result.exponents()}
+    lines = (_runs_table(runs) + [""] if runs else []) + _chinchilla_lines(result)
+    try:
+        iso = laws.isoflop_profiles(n, d, loss)
+        out["isoflop"] = {"a": iso.a, "b": iso.b, "budgets": iso.budgets.tolist(), "n_opt": iso.n_opt.tolist()}
+        lines.append(f"approach 2 (isoFLOP vertices of {len(iso.budgets)} budgets): N* ∝ C^{iso.a:.3f}; "
+                     f"approach 3 says C^{result.exponents()['a']:.3f}")
+    except FitError as e:
+        lines.append(f"approach 2: not fitted ({e})")
+    if runs:
+        try:
+            grid, frontier = laws.compute_frontier([r.curve for r in runs])
+            kaplan = laws.fit_kaplan(grid, frontier)
+            out["kaplan"] = {"E": kaplan.E, "C0": kaplan.C0, "alpha": kaplan.alpha}
+            lines.append(f"Kaplan on the compute frontier: L(C) = {kaplan.E:.4g} + ({kaplan.C0:.3g}/C)^{kaplan.alpha:.4f}")
+        except FitError as e:
+            lines.append(f"Kaplan: not fitted ({e})")
+    return json.dumps(out) if as_json else "\n".join(lines)
+
+
+def predict_command(points: Optional[str], experiment: Optional[str], tracking_uri: Optional[str], sweep: Optional[str],
+                    params: float, tokens: float, bootstrap: int, as_json: bool) -> str:
+    """The fitted law's loss at (params, tokens), with the 95% interval of the bootstrap refits' predictions."""
+    if params <= 0 or tokens <= 0:
+        raise FitError(f"--params and --tokens must be positive, got {params} and {tokens}")
+    (n, d, loss), _ = _points(points, experiment, tracking_uri, sweep)
+    result = fit(n, d, loss, bootstrap=bootstrap)
+    refits = [b["E"] + b["A"] / params ** b["alpha"] + b["B"] / tokens ** b["beta"] for b in result.bootstrap]
+    lo, hi = (float(np.percentile(refits, q)) for q in (2.5, 97.5)) if refits else (float("nan"),) * 2
+    value = float(result.loss(params, tokens))
+    out = {"params": params, "tokens": tokens, "flops": 6 * params * tokens, "loss": value, "ci95": [lo, hi]}
+    if as_json:
+        return json.dumps(out)
+    return (f"predicted loss at N = {params:.4g} parameters, D = {tokens:.4g} tokens (C = {6 * params * tokens:.3g} FLOPs): "
+            f"{value:.4f}, 95% interval {lo:.4f} .. {hi:.4f} ({len(refits)} bootstrap refits)")
