@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict = actions.add_parser("predict", help="the fitted law's loss at a model size and token count, with an interval",
                                  description="Fit as `scaling fit` does, then predict the loss at --params and --tokens "
                                              "with the 95%% interval of the bootstrap refits' predictions.")
+    sweep = actions.add_parser("sweep", help="train a grid of GPT sizes x token budgets, as many at once as the cluster allows",
+                               description="Train every (model size, token budget) of a sweep file through the pipeline's "
+                                           "pretrain_gpt stage, each run logged to the sweep's MLflow experiment and tagged "
+                                           "with its name. Points already trained are cache hits: an interrupted sweep resumes.")
+    sweep.add_argument("sweep_file", help="sweep YAML, e.g. configs/scaling/gpt-cpu.yaml")
+    sweep.add_argument("--workdir", help="where the runs go (default: the base config's workdir)")
     for p in (fit, predict):
         source = p.add_mutually_exclusive_group(required=True)
         source.add_argument("--experiment", help="MLflow experiment whose finished pretrain_gpt runs to fit")
@@ -155,6 +161,17 @@ def _scaling(args) -> int:
     from pipeline.scaling.chinchilla import FitError
     from pipeline.scaling.commands import fit_command, predict_command
 
+    if args.action == "sweep":
+        from pipeline.scaling.sweep import run_sweep
+
+        try:
+            table = run_sweep(args.sweep_file, args.workdir)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        _stop_local_ray()
+        print(table)
+        return 0
     source = (args.points, args.experiment, args.tracking_uri, args.sweep)
     try:
         if args.action == "fit":

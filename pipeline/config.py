@@ -251,6 +251,7 @@ class RayConfig:
 class TrackingConfig:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI if set, else SQLite under the workdir
     experiment: str = "thousandwords"
+    sweep: Optional[str] = None  # tags every run with `sweep`, for `pipeline scaling fit --sweep`
 
 
 @dataclass

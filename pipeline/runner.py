@@ -69,8 +69,9 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
     summary: dict[str, Any] = {"workdir": workdir, "tracking_uri": uri, "stages": {}}
     fingerprints: dict[str, str] = {}
     outputs: dict[str, dict[str, Any]] = {}
+    sweep = {"sweep": config.tracking.sweep} if config.tracking.sweep else {}
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.name,
-                          tags={"git_commit": commit, "kind": "pipeline"}) as parent:
+                          tags={"git_commit": commit, "kind": "pipeline", **sweep}) as parent:
         mlflow.log_params(tracking.params_for_mlflow({"targets": ",".join(names)}))
         summary["mlflow_run_id"] = parent.info.run_id
         for name in names:
@@ -80,7 +81,7 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
             out_dir = storage.join(workdir, name, fp)
             cached = read_done(out_dir)
             with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
-                                  tags={"stage": name, "fingerprint": fp, "git_commit": commit}) as run:
+                                  tags={"stage": name, "fingerprint": fp, "git_commit": commit, **sweep}) as run:
                 if cached is None:
                     ensure_ray(config.ray)
                     print(f"[{name}] running -> {out_dir}", flush=True)
@@ -97,7 +98,7 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
                         mlflow.log_metrics(record["metrics"])
                     mlflow.log_metric("stage_seconds", record["seconds"])
             outputs[name] = record["outputs"]
-            summary["stages"][name] = {k: record.get(k) for k in ("status", "seconds", "outputs", "metrics", "mlflow_run_id")}
+            summary["stages"][name] = {k: record.get(k) for k in ("status", "seconds", "outputs", "metrics", "params", "mlflow_run_id")}
             print(f"[{name}] {record['status']} in {record['seconds']:.1f}s", flush=True)
     return summary
 

@@ -1,0 +1,107 @@
+"""`pipeline scaling sweep SWEEP.yaml`: a grid of GPT pretraining runs (model sizes x
+token budgets) through the pipeline's own training stage.
+
+The data stages run once; then every grid point is a `pretrain_gpt` stage of its
+own config, launched as a Ray task that drives its own Ray Train run, so as many
+run at once as the cluster has room for. Each point is a cached stage: a sweep
+started again after an interruption skips the points that finished. Every run
+logs to the sweep's MLflow experiment, tagged `sweep: NAME`, where `pipeline
+scaling fit --experiment` finds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pipeline.config import ConfigError, RunConfig, TransformerConfig, _build, _validate, load_config
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    base: str  # the pipeline config every run derives from (data, tokenizer, training settings)
+    experiment: str
+    sizes: list[TransformerConfig] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # training tokens of each run
+    overrides: list[str] = field(default_factory=list)  # applied to `base`
+    evaluations: int = 5  # validation losses per run, the points of its curve
+
+    def validate(self, key: str) -> None:
+        if len(self.sizes) < 2:
+            raise ConfigError(f"{key}sizes must list at least 2 model sizes, got {len(self.sizes)}")
+        if len(self.tokens) < 1 or any(t < 1 for t in self.tokens):
+            raise ConfigError(f"{key}tokens must list positive token budgets, got {self.tokens}")
+        if self.evaluations < 1:
+            raise ConfigError(f"{key}evaluations must be >= 1, got {self.evaluations}")
+        for i, size in enumerate(self.sizes):
+            size.validate(f"sizes[{i}]")
+
+
+def load_sweep(path: str) -> SweepConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    sweep = _build(SweepConfig, data, "")
+    _validate(sweep, "")
+    return sweep
+
+
+def point_config(base: RunConfig, sweep: SweepConfig, size: TransformerConfig, tokens: int) -> RunConfig:
+    """`base` with the model of `size` trained on `tokens` tokens: the schedule spans the
+    whole budget (as Chinchilla's runs did), with `evaluations` validations on the way."""
+    train = base.pretrain_gpt.train
+    per_step = train.micro_batch_size * train.grad_accum * train.num_workers * base.tokenize.seq_len
+    steps = max(2, math.ceil(tokens / per_step))
+    every = max(1, steps // sweep.evaluations)
+    train = dataclasses.replace(train, max_steps=steps, warmup_steps=min(train.warmup_steps, steps // 10),
+                                eval_every=every, log_every=min(train.log_every, every))
+    config = dataclasses.replace(base, pretrain_gpt=dataclasses.replace(base.pretrain_gpt, model=size, train=train))
+    _validate(config, "")
+    return config
+
+
+def run_sweep(path: str, workdir: Optional[str] = None) -> str:
+    """Run every point not yet done; return a table of the points."""
+    import ray
+    from tqdm import tqdm
+
+    from pipeline.runner import ensure_ray, run_pipeline
+
+    sweep = load_sweep(path)
+    base = load_config(sweep.base, sweep.overrides + [f"tracking.experiment={sweep.experiment}", f"tracking.sweep={sweep.name}"])
+    workdir = workdir or base.workdir
+    points = [point_config(base, sweep, size, tokens) for size in sweep.sizes for tokens in sweep.tokens]
+    run_pipeline(base, ["tokenize"], workdir)  # the data, once, before the runs that share it
+    ensure_ray(base.ray)
+    task = ray.remote(num_cpus=0)(run_pipeline)  # a launcher: its Ray Train workers hold the resources
+    pending = {task.remote(config, ["pretrain_gpt"], workdir): n for n, config in enumerate(points)}
+    records: list[dict] = [{}] * len(points)
+    with tqdm(total=len(points), desc=f"sweep {sweep.name}", unit="run") as bar:
+        while pending:
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            records[pending.pop(ready)] = ray.get(ready)["stages"]["pretrain_gpt"]
+            bar.update(1)
+    return format_sweep(points, records)
+
+
+def format_sweep(points: list[RunConfig], records: list[dict[str, Any]]) -> str:
+    lines = [f"{'layers':>6} {'d_model':>7} {'params':>10} {'tokens':>10} {'status':>7} {'val loss':>9}"]
+    for config, record in zip(points, records):
+        model, train = config.pretrain_gpt.model, config.pretrain_gpt.train
+        tokens = train.max_steps * train.micro_batch_size * train.grad_accum * train.num_workers * config.tokenize.seq_len
+        params = int(record.get("params", {}).get("params_non_embedding", 0))
+        lines.append(f"{model.n_layer:>6} {model.d_model:>7} {params:>10,} {tokens:>10,} {record['status']:>7} "
+                     f"{record['metrics'].get('final_val_loss', float('nan')):>9.4f}")
+    return "\n".join(lines)

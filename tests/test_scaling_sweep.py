@@ -1,0 +1,54 @@
+"""`pipeline scaling sweep` on real Ray, DeepSpeed and MLflow: a small grid trains, every
+run lands in the sweep's experiment, the fit reads them back, a second start skips them."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from conftest import SMOKE, TINY_OVERRIDES
+
+from pipeline.cli import main
+
+
+def _ran_runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny-sweep")
+    return client.search_runs([experiment.experiment_id], "tags.stage = 'pretrain_gpt' and tags.status = 'ran' "
+                              "and tags.sweep = 'tiny' and attributes.status = 'FINISHED'")
+
+
+def test_sweep_trains_the_grid_and_resumes(ray_cluster, tmp_path, capsys):
+    sweep = {
+        "name": "tiny", "base": str(SMOKE), "experiment": "tiny-sweep", "evaluations": 2,
+        "overrides": TINY_OVERRIDES + ["pretrain_gpt.train.num_workers=1", "pretrain_gpt.train.zero_stage=0",
+                                       "pretrain_gpt.train.eval_samples=128"],
+        "sizes": [{"n_layer": 1, "n_head": 2, "d_model": 16}, {"n_layer": 1, "n_head": 2, "d_model": 32},
+                  {"n_layer": 2, "n_head": 2, "d_model": 48}],
+        "tokens": [20480, 61440],  # 10 and 30 steps of 32 x 64 tokens
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    workdir = tmp_path / "work"
+    uri = f"sqlite:///{workdir}/mlflow.db"
+
+    assert main(["scaling", "sweep", str(path), "--workdir", str(workdir)]) == 0
+    runs = _ran_runs(uri)
+    assert len(runs) == 6
+    by_size: dict[int, dict[float, float]] = {}
+    for run in runs:
+        by_size.setdefault(int(run.data.params["params_non_embedding"]), {})[run.data.metrics["tokens"]] = run.data.metrics["val_loss"]
+    assert len(by_size) == 3 and all(sorted(losses) == [20480.0, 61440.0] for losses in by_size.values())
+    assert all(losses[61440.0] < losses[20480.0] for losses in by_size.values())  # more data, lower validation loss
+
+    capsys.readouterr()
+    assert main(["scaling", "fit", "--experiment", "tiny-sweep", "--sweep", "tiny", "--tracking-uri", uri,
+                 "--bootstrap", "5", "--json"]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["chinchilla"]["E"] > 0 and "kaplan" in fitted
+
+    # Started again: every point is a cache hit, no run trains twice.
+    assert main(["scaling", "sweep", str(path), "--workdir", str(workdir)]) == 0
+    assert "cached" in capsys.readouterr().out and len(_ran_runs(uri)) == 6
