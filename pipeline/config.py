@@ -371,14 +371,25 @@ def config_from_dict(data: dict[str, Any], overrides: Optional[list[str]] = None
     return config
 
 
-def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
-    return config_from_dict(data, overrides)
+    return data
+
+
+def load_dataclass(cls: type, path: str | Path, what: str) -> Any:
+    """Any config dataclass from a YAML file, built and validated as a run config is."""
+    obj = _build(cls, read_yaml_mapping(path, what), "")
+    _validate(obj, "")
+    return obj
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    return config_from_dict(read_yaml_mapping(path), overrides)

@@ -71,3 +71,15 @@ def test_every_shipped_config_loads(path):
     # YAML 1.1 reads `989.0e12` as a string: a preset nobody loaded once carried that.
     config = load_config(path)
     assert config.pretrain_gpt.train.peak_flops_per_worker > 1e9
+
+
+def test_sweep_files_load_and_bad_ones_name_the_key(tmp_path):
+    from pipeline.scaling.sweep import load_sweep
+
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "configs" / "scaling" / "gpt-cpu.yaml")
+    assert len(sweep.sizes) >= 4 and len(sweep.tokens) >= 3
+    load_config(sweep.base, sweep.overrides)  # its base and overrides make a valid run config
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text("name: x\nbase: configs/smoke.yaml\nexperiment: e\nsizes: [{n_layer: 1, n_head: 3, d_model: 32}, {}]\ntokens: [1000]\n")
+    with pytest.raises(ConfigError, match=r"sizes\[0\].d_model"):
+        load_sweep(bad)

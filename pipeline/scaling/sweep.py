@@ -14,12 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from pipeline.config import ConfigError, RunConfig, TransformerConfig, _build, _validate, load_config
+from pipeline.config import ConfigError, RunConfig, TransformerConfig, _validate, load_config, load_dataclass
 
 
 @dataclass
@@ -44,18 +41,7 @@ class SweepConfig:
 
 
 def load_sweep(path: str) -> SweepConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level")
-    sweep = _build(SweepConfig, data, "")
-    _validate(sweep, "")
-    return sweep
+    return load_dataclass(SweepConfig, path, "sweep file")
 
 
 def point_config(base: RunConfig, sweep: SweepConfig, size: TransformerConfig, tokens: int) -> RunConfig:
