@@ -44,12 +44,16 @@ def load_sweep(path: str) -> SweepConfig:
     return load_dataclass(SweepConfig, path, "sweep file")
 
 
+def tokens_per_step(config: RunConfig) -> int:
+    train = config.pretrain_gpt.train
+    return train.micro_batch_size * train.grad_accum * train.num_workers * config.tokenize.seq_len
+
+
 def point_config(base: RunConfig, sweep: SweepConfig, size: TransformerConfig, tokens: int) -> RunConfig:
     """`base` with the model of `size` trained on `tokens` tokens: the schedule spans the
     whole budget (as Chinchilla's runs did), with `evaluations` validations on the way."""
     train = base.pretrain_gpt.train
-    per_step = train.micro_batch_size * train.grad_accum * train.num_workers * base.tokenize.seq_len
-    steps = max(2, math.ceil(tokens / per_step))
+    steps = max(2, math.ceil(tokens / tokens_per_step(base)))
     every = max(1, steps // sweep.evaluations)
     train = dataclasses.replace(train, max_steps=steps, warmup_steps=min(train.warmup_steps, steps // 10),
                                 eval_every=every, log_every=min(train.log_every, every))
@@ -85,8 +89,8 @@ def run_sweep(path: str, workdir: Optional[str] = None) -> str:
 def format_sweep(points: list[RunConfig], records: list[dict[str, Any]]) -> str:
     lines = [f"{'layers':>6} {'d_model':>7} {'params':>10} {'tokens':>10} {'status':>7} {'val loss':>9}"]
     for config, record in zip(points, records):
-        model, train = config.pretrain_gpt.model, config.pretrain_gpt.train
-        tokens = train.max_steps * train.micro_batch_size * train.grad_accum * train.num_workers * config.tokenize.seq_len
+        model = config.pretrain_gpt.model
+        tokens = config.pretrain_gpt.train.max_steps * tokens_per_step(config)
         params = int(record.get("params", {}).get("params_non_embedding", 0))
         lines.append(f"{model.n_layer:>6} {model.d_model:>7} {params:>10,} {tokens:>10,} {record['status']:>7} "
                      f"{record['metrics'].get('final_val_loss', float('nan')):>9.4f}")
