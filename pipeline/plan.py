@@ -19,6 +19,9 @@ from typing import Any
 from pipeline.config import ConfigError, RunConfig
 from pipeline.models.flops import flops_per_token
 
+# Bytes per parameter of (weights, gradients, optimizer state): mixed-precision Adam keeps
+# fp32 master weights, momentum and variance (12); fp32 Adam only momentum and variance (8).
+STATE_BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
 TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal data is about 20 tokens per parameter
 GiB = 1024 ** 3
 
@@ -49,7 +52,7 @@ class Plan:
 
 def model_state_bytes(params: int, zero_stage: int, precision: str, data_parallel: int, offload_optimizer: bool) -> dict[str, float]:
     """Bytes per GPU of weights, gradients and optimizer state (the ZeRO paper's accounting)."""
-    weights, grads, optim = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
+    weights, grads, optim = STATE_BYTES[precision]
     shard = {"weights": zero_stage >= 3, "gradients": zero_stage >= 2, "optimizer": zero_stage >= 1}
     out = {}
     for name, per_param in (("weights", weights), ("gradients", grads), ("optimizer", optim)):
@@ -87,8 +90,9 @@ def plan(config: RunConfig, nodes: int, gpus_per_node: int, mfu: float, gpu_memo
     per_gpu = sum(state.values()) + activations
     tokens_per_s = mfu * train.peak_flops_per_worker * world / flops_per_token(non_embedding, model.n_layer, tok.seq_len, model.d_model)
     optimal_tokens = TOKENS_PER_PARAM * total
-    weights_file = total * (2 if train.precision == "bf16" else 4)
-    checkpoint = total * ((2 + 12) if train.precision == "bf16" else (4 + 8))
+    weight_bytes, _, optimizer_bytes = STATE_BYTES[train.precision]
+    weights_file = total * weight_bytes
+    checkpoint = total * (weight_bytes + optimizer_bytes)  # DeepSpeed saves weights and optimizer state
     return Plan(
         nodes=nodes, gpus_per_node=gpus_per_node, zero_stage=train.zero_stage, precision=train.precision,
         params_total=total, params_non_embedding=non_embedding,
