@@ -7,10 +7,12 @@ append metrics.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from pipeline import storage
 from pipeline.config import ConfigError
@@ -58,13 +60,45 @@ def params_for_mlflow(d: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(d).items()}
 
 
+@contextlib.contextmanager
+def _first_open(uri: str) -> Iterator[None]:
+    """Held while a process opens a SQLite tracking store. MLflow creates and migrates
+    the schema from whichever process opens the file first, with no lock of its own
+    (mlflow/mlflow#19943): a sweep's runs starting at once failed with `table ... already
+    exists`. Processes on one node take turns here; a server needs none of this."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = uri[len("sqlite:///"):]
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    with open(db + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def client(uri: str):
+    """An MlflowClient whose store is already open (see `_first_open`)."""
+    from mlflow.tracking import MlflowClient
+
+    with _first_open(uri):
+        opened = MlflowClient(tracking_uri=uri)
+        opened.search_experiments(max_results=1)  # opens the store: schema created or migrated here
+    return opened
+
+
 def ensure_experiment(uri: str, name: str, workdir: str) -> str:
     """Experiment id. A server keeps artifacts where it was told to (its own
     artifact store); a local SQLite store keeps them under the workdir (not ./mlruns)."""
     import mlflow
 
-    if uri.startswith("sqlite:///"):
-        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+    with _first_open(uri):
+        return _ensure_experiment(mlflow, uri, name, workdir)
+
+
+def _ensure_experiment(mlflow, uri: str, name: str, workdir: str) -> str:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
@@ -82,9 +116,7 @@ class RunLogger:
     """Appends metrics to an existing run from any process (rank 0 of a trainer)."""
 
     def __init__(self, uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = client(uri)
         self.run_id = run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -103,10 +135,9 @@ def plot_loss(uri: str, run_id: str, unit: str, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    history = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in ("loss", unit, "flops")}
+    runs = client(uri)
+    history = {k: {m.step: m.value for m in runs.get_metric_history(run_id, k)} for k in ("loss", unit, "flops")}
     steps = sorted(history["loss"])
     if not steps:
         return
@@ -116,7 +147,7 @@ def plot_loss(uri: str, run_id: str, unit: str, path: str) -> None:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("training loss")
-    fig.suptitle(client.get_run(run_id).info.run_name)
+    fig.suptitle(runs.get_run(run_id).info.run_name)
     fig.tight_layout()
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "loss.png")
@@ -124,4 +155,4 @@ def plot_loss(uri: str, run_id: str, unit: str, path: str) -> None:
         plt.close(fig)
         with open(local, "rb") as f:
             storage.write_bytes_atomic(path, f.read())
-        client.log_artifact(run_id, local)
+        runs.log_artifact(run_id, local)

@@ -4,9 +4,11 @@ run lands in the sweep's experiment, the fit reads them back, a second start ski
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import yaml
-from conftest import SMOKE, TINY_OVERRIDES
+from conftest import REPO, SMOKE, TINY_OVERRIDES
 
 from pipeline.cli import main
 
@@ -52,3 +54,17 @@ def test_sweep_trains_the_grid_and_resumes(ray_cluster, tmp_path, capsys):
     # Started again: every point is a cache hit, no run trains twice.
     assert main(["scaling", "sweep", str(path), "--workdir", str(workdir)]) == 0
     assert "cached" in capsys.readouterr().out and len(_ran_runs(uri)) == 6
+
+
+def test_processes_opening_one_new_sqlite_store_take_turns(tmp_path):
+    """A sweep's runs open the SQLite store at once; MLflow's own schema migration
+    races (`duplicate column name`, `table ... already exists`) unless they take turns."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = ("import sys; from pipeline import tracking; "
+            "tracking.ensure_experiment(sys.argv[1], 'e', sys.argv[2]); print('opened')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(tmp_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(6)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    failed = [out for p, out in zip(procs, outputs) if p.returncode != 0]
+    assert not failed, failed[0][-2000:]
+    assert all(out.strip().endswith("opened") for out in outputs)
