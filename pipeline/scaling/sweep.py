@@ -28,6 +28,11 @@ class SweepConfig:
     tokens: list[int] = field(default_factory=list)  # training tokens of each run
     overrides: list[str] = field(default_factory=list)  # applied to `base`
     evaluations: int = 5  # validation losses per run, the points of its curve
+    # When set, a size's peak and final learning rates are the base's times
+    # lr_reference_width / d_model (Adam's rule for hidden layers: lr ∝ 1/width),
+    # so the base's rates hold at that width. One rate for all sizes overshoots on the
+    # widest and bends the fitted law.
+    lr_reference_width: Optional[int] = None
 
     def validate(self, key: str) -> None:
         if len(self.sizes) < 2:
@@ -36,6 +41,8 @@ class SweepConfig:
             raise ConfigError(f"{key}tokens must list positive token budgets, got {self.tokens}")
         if self.evaluations < 1:
             raise ConfigError(f"{key}evaluations must be >= 1, got {self.evaluations}")
+        if self.lr_reference_width is not None and self.lr_reference_width < 1:
+            raise ConfigError(f"{key}lr_reference_width must be a positive width, got {self.lr_reference_width}")
         for i, size in enumerate(self.sizes):
             size.validate(f"sizes[{i}]")
 
@@ -55,8 +62,10 @@ def point_config(base: RunConfig, sweep: SweepConfig, size: TransformerConfig, t
     train = base.pretrain_gpt.train
     steps = max(2, math.ceil(tokens / tokens_per_step(base)))
     every = max(1, steps // sweep.evaluations)
+    scale = sweep.lr_reference_width / size.d_model if sweep.lr_reference_width else 1.0
     train = dataclasses.replace(train, max_steps=steps, warmup_steps=min(train.warmup_steps, steps // 10),
-                                eval_every=every, log_every=min(train.log_every, every))
+                                eval_every=every, log_every=min(train.log_every, every),
+                                lr=train.lr * scale, min_lr=train.min_lr * scale)
     config = dataclasses.replace(base, pretrain_gpt=dataclasses.replace(base.pretrain_gpt, model=size, train=train))
     _validate(config, "")
     return config
