@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sweep", help="only the runs tagged with this sweep name")
         p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200; 0: none)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+    fit.add_argument("--plots", metavar="DIR", default="scaling-plots",
+                     help="write loss_vs_flops.png and isoflop.png here (default: scaling-plots; '' for none); "
+                          "a fit of an experiment also logs them to a scaling_fit run there")
     predict.add_argument("--params", type=float, required=True, help="non-embedding parameters N")
     predict.add_argument("--tokens", type=float, required=True, help="training tokens D")
     return parser
@@ -175,7 +178,7 @@ def _scaling(args) -> int:
     source = (args.points, args.experiment, args.tracking_uri, args.sweep)
     try:
         if args.action == "fit":
-            print(fit_command(*source, args.bootstrap, args.json))
+            print(fit_command(*source, args.bootstrap, args.json, args.plots))
         else:
             print(predict_command(*source, args.params, args.tokens, args.bootstrap, args.json))
     except FitError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import warnings
 
 import numpy as np
@@ -76,6 +77,15 @@ def test_degenerate_input_is_refused():
         fit(n, d, -loss)
 
 
+def _is_png(data: bytes) -> bool:
+    """A PNG that decodes to a picture of real size, not an empty file."""
+    import io
+
+    import matplotlib.image
+
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and min(matplotlib.image.imread(io.BytesIO(data)).shape[:2]) >= 300
+
+
 def test_cli_fits_a_csv(tmp_path, capsys):
     n, d = chinchilla_grid()
     path = tmp_path / "points.csv"
@@ -83,8 +93,10 @@ def test_cli_fits_a_csv(tmp_path, capsys):
         writer = csv.writer(f)
         writer.writerow(["params", "tokens", "loss", "name"])
         writer.writerows([a, b, true_loss(a, b), f"run{i}"] for i, (a, b) in enumerate(zip(n, d)))
-    assert main(["scaling", "fit", "--points", str(path), "--json", "--bootstrap", "10"]) == 0
+    assert main(["scaling", "fit", "--points", str(path), "--json", "--bootstrap", "10", "--plots", str(tmp_path / "plots")]) == 0
     out = json.loads(capsys.readouterr().out)
+    for png in out["plots"]:
+        assert _is_png(open(png, "rb").read())
     assert out["chinchilla"]["alpha"] == pytest.approx(TRUE["alpha"], rel=0.005)
     assert set(out["chinchilla"]["ci95"]) == set(TRUE)
     a, b = out["compute_optimal"]["a"], out["compute_optimal"]["b"]
@@ -169,10 +181,20 @@ def test_fit_and_predict_read_runs_back_from_mlflow(tmp_path, capsys):
     log_run(n[0], d[0], sweep="another", scale=10.0)
 
     source = ["--experiment", "sweeps", "--tracking-uri", uri, "--sweep", "gpt-cpu", "--bootstrap", "0", "--json"]
-    assert main(["scaling", "fit", *source]) == 0
+    assert main(["scaling", "fit", *source, "--plots", str(tmp_path / "plots")]) == 0
     out = json.loads(capsys.readouterr().out)
     for name, value in TRUE.items():
         assert out["chinchilla"][name] == pytest.approx(value, rel=0.005), name
+    # the fit is a run of the experiment, beside the runs it read, with its plots attached
+    fit_run = client.get_run(out["mlflow_run_id"])
+    assert fit_run.data.tags["stage"] == "scaling_fit" and fit_run.data.tags["sweep"] == "gpt-cpu"
+    assert fit_run.data.metrics["alpha"] == pytest.approx(out["chinchilla"]["alpha"], rel=1e-9)
+    logged = {a.path for a in client.list_artifacts(fit_run.info.run_id)}
+    assert logged == {"fit.json", "loss_vs_flops.png", "isoflop.png"}
+    for png in out["plots"]:
+        name = os.path.basename(png)
+        on_disk = open(png, "rb").read()
+        assert _is_png(on_disk) and open(client.download_artifacts(fit_run.info.run_id, name, str(tmp_path)), "rb").read() == on_disk
     assert out["isoflop"]["a"] == pytest.approx(out["compute_optimal"]["a"], rel=0.03)
     assert 0 < out["kaplan"]["alpha"] < 1 and out["kaplan"]["E"] < min(true_loss(n, d))
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 from typing import Optional
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.scaling import laws
 from pipeline.scaling.chinchilla import NAMES, ChinchillaFit, FitError, fit
 from pipeline.scaling.runs import TrainingRun, read_runs
@@ -65,7 +68,9 @@ def _chinchilla_lines(result: ChinchillaFit) -> list[str]:
 
 
 def fit_command(points: Optional[str], experiment: Optional[str], tracking_uri: Optional[str], sweep: Optional[str],
-                bootstrap: int, as_json: bool) -> str:
+                bootstrap: int, as_json: bool, plots: Optional[str] = None) -> str:
+    """Fit every law the points allow; draw the two plots into `plots` (a directory) and,
+    for an experiment, log the fit as a `scaling_fit` run there with the plots attached."""
     (n, d, loss), runs = _points(points, experiment, tracking_uri, sweep)
     result = fit(n, d, loss, bootstrap=bootstrap)
     out: dict = {"chinchilla": result.as_dict(), "compute_optimal": result.exponents()}
@@ -77,15 +82,56 @@ def fit_command(points: Optional[str], experiment: Optional[str], tracking_uri: 
                      f"approach 3 says C^{result.exponents()['a']:.3f}")
     except FitError as e:
         lines.append(f"approach 2: not fitted ({e})")
+    frontier = kaplan = None
     if runs:
         try:
-            grid, frontier = laws.compute_frontier([r.curve for r in runs])
-            kaplan = laws.fit_kaplan(grid, frontier)
+            frontier = laws.compute_frontier([r.curve for r in runs])
+            kaplan = laws.fit_kaplan(*frontier)
             out["kaplan"] = {"E": kaplan.E, "C0": kaplan.C0, "alpha": kaplan.alpha}
             lines.append(f"Kaplan on the compute frontier: L(C) = {kaplan.E:.4g} + ({kaplan.C0:.3g}/C)^{kaplan.alpha:.4f}")
         except FitError as e:
             lines.append(f"Kaplan: not fitted ({e})")
+    pngs = {}
+    if plots or experiment:
+        from pipeline.scaling import plots as draw
+
+        pngs = {"loss_vs_flops.png": draw.loss_vs_flops(result, n, d, loss, runs, frontier, kaplan),
+                "isoflop.png": draw.isoflop(result, n, d, loss, runs)}
+    if plots:
+        out["plots"] = [storage.join(plots, name) for name in pngs]
+        for path, png in zip(out["plots"], pngs.values()):
+            storage.write_bytes_atomic(path, png)
+        lines.append("plots: " + ", ".join(out["plots"]))
+    if experiment:
+        out["mlflow_run_id"] = _log_fit(experiment, tracking_uri, sweep, out, pngs)
+        lines.append(f"logged as MLflow run {out['mlflow_run_id']} (tag stage=scaling_fit) in experiment {experiment!r}")
     return json.dumps(out) if as_json else "\n".join(lines)
+
+
+def _log_fit(experiment: str, tracking_uri: Optional[str], sweep: Optional[str], out: dict, pngs: dict[str, bytes]) -> str:
+    """The fit as a run of the experiment it read: constants as metrics, the whole result
+    as fit.json, the plots as artifacts, beside the runs in the MLflow UI."""
+    import mlflow
+
+    from pipeline import tracking
+
+    client = tracking.client(tracking_uri or mlflow.get_tracking_uri())
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    tags = {"stage": "scaling_fit", **({"sweep": sweep} if sweep else {})}
+    run = client.create_run(experiment_id, run_name=f"scaling-fit{'-' + sweep if sweep else ''}", tags=tags)
+    chinchilla = out["chinchilla"]
+    metrics = {**{k: chinchilla[k] for k in NAMES}, "optimal_a": out["compute_optimal"]["a"],
+               "optimal_b": out["compute_optimal"]["b"], **{f"kaplan_{k}": v for k, v in out.get("kaplan", {}).items()}}
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, float(value))
+    client.log_dict(run.info.run_id, out, "fit.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, png in pngs.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(png)
+        client.log_artifacts(run.info.run_id, tmp)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
 
 
 def predict_command(points: Optional[str], experiment: Optional[str], tracking_uri: Optional[str], sweep: Optional[str],

@@ -28,20 +28,25 @@ class IsoFlop:
     b: float  # D_opt ∝ C^b (= 1 - a, since C = 6·N·D)
 
 
+def group_by_compute(params, tokens, rel_tol: float = 0.05) -> list[list[int]]:
+    """Indices of runs grouped by compute 6·N·D, equal within `rel_tol` of a group's smallest."""
+    compute = 6 * np.asarray(params, float) * np.asarray(tokens, float)
+    groups: list[list[int]] = []
+    for i in np.argsort(compute):
+        if groups and compute[i] <= compute[groups[-1][0]] * (1 + rel_tol):
+            groups[-1].append(int(i))
+        else:
+            groups.append([int(i)])
+    return groups
+
+
 def isoflop_profiles(params, tokens, loss, rel_tol: float = 0.05) -> IsoFlop:
     """Group runs by compute (6·N·D, equal within `rel_tol`), fit loss = p(log N) with a
     parabola per group of 3 or more sizes, and a line through the vertices."""
     n, d, l = (np.asarray(v, float) for v in (params, tokens, loss))
     compute = 6 * n * d
-    order = np.argsort(compute)
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and compute[i] <= compute[groups[-1][0]] * (1 + rel_tol):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
     budgets, vertices = [], []
-    for group in groups:
+    for group in group_by_compute(n, d, rel_tol):
         if len(np.unique(n[group])) < 3:
             continue
         x = np.log(n[group])

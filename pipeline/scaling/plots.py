@@ -1,0 +1,119 @@
+"""The two pictures of a fit: loss against compute (every run's validation curve,
+the compute frontier, Kaplan's law on it and Chinchilla's law at the compute-optimal
+size) and isoFLOP profiles (loss against model size at fixed compute, with the
+fitted law's slice through each budget and its minimum)."""
+
+from __future__ import annotations
+
+import io
+from typing import Optional
+
+import numpy as np
+
+from pipeline.scaling.chinchilla import ChinchillaFit
+from pipeline.scaling.laws import KaplanFit, group_by_compute
+from pipeline.scaling.runs import TrainingRun
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _size_colors(params: np.ndarray):
+    plt = _pyplot()
+    logs = np.log(params)
+    span = max(logs.max() - logs.min(), 1e-9)
+    return lambda n: plt.cm.viridis(0.9 * (np.log(n) - logs.min()) / span)
+
+
+def loss_vs_flops(fit: ChinchillaFit, params, tokens, loss, runs: list[TrainingRun],
+                  frontier: Optional[tuple[np.ndarray, np.ndarray]] = None, kaplan: Optional[KaplanFit] = None) -> bytes:
+    """A PNG: log-log validation loss against training FLOPs, extended to 10x the largest run."""
+    plt = _pyplot()
+    n, d, l = (np.asarray(v, float) for v in (params, tokens, loss))
+    color = _size_colors(n)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in runs:
+        flops, val = run.curve
+        ax.plot(flops, val, color=color(run.params), alpha=0.6, lw=1)
+    ax.scatter(6 * n * d, l, c=[color(x) for x in n], s=25, zorder=3, label="runs (final validation loss)")
+    c_max = (6 * n * d).max()
+    grid = np.geomspace((6 * n * d).min() / 2, 10 * c_max, 100)
+    if frontier is not None:
+        ax.plot(*frontier, "k--", lw=1.5, label="compute frontier")
+    if kaplan is not None:
+        ax.plot(grid, kaplan.loss(grid), color="tab:red", lw=1.5,
+                label=f"Kaplan: {kaplan.E:.2f} + ({kaplan.C0:.2g}/C)^{kaplan.alpha:.3f}")
+    n_opt, d_opt = fit.compute_optimal(grid)
+    ax.plot(grid, fit.loss(n_opt, d_opt), color="tab:blue", lw=1.5,
+            label=f"Chinchilla at N*(C): E={fit.E:.2f}, α={fit.alpha:.2f}, β={fit.beta:.2f}")
+    ax.axvline(c_max, color="grey", lw=0.8, ls=":")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss",
+           title="loss against compute (colour: model size)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def isoflop_points(runs: list[TrainingRun], budgets: np.ndarray) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """For each budget, (N, loss) of every run whose validation curve passed it, the loss
+    interpolated in log-log between the curve's evaluations."""
+    out = {}
+    for c in budgets:
+        sizes, losses = [], []
+        for run in runs:
+            flops, val = run.curve
+            if len(flops) and flops.min() <= c <= flops.max():
+                sizes.append(run.params)
+                losses.append(float(np.exp(np.interp(np.log(c), np.log(flops), np.log(val)))))
+        out[float(c)] = (np.array(sizes, float), np.array(losses))
+    return out
+
+
+def isoflop(fit: ChinchillaFit, params, tokens, loss, runs: list[TrainingRun], budgets: int = 4) -> bytes:
+    """A PNG. Left: loss against N at fixed compute (from the runs' curves, or from runs of equal
+    final compute without them) with the fitted law's slice. Right: N*(C)."""
+    plt = _pyplot()
+    n, d, l = (np.asarray(v, float) for v in (params, tokens, loss))
+    if runs:
+        finals = 6 * n * d
+        profiles = isoflop_points(runs, np.geomspace(finals.min(), finals.max(), budgets))
+    else:
+        profiles = {float(np.mean(6 * n[g] * d[g])): (n[g], l[g]) for g in group_by_compute(n, d)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = plt.cm.plasma(np.linspace(0.05, 0.85, len(profiles)))
+    sizes = np.geomspace(n.min() / 3, n.max() * 3, 100)
+    empirical = []
+    for color, (c, (ns, ls)) in zip(colors, sorted(profiles.items())):
+        left.plot(sizes, fit.loss(sizes, c / (6 * sizes)), color=color, lw=1, alpha=0.8)
+        n_opt, d_opt = fit.compute_optimal(c)
+        left.plot(n_opt, fit.loss(n_opt, d_opt), "*", color=color, ms=12, mec="k")
+        if len(ns):
+            left.plot(ns, ls, "o", color=color, label=f"C = {c:.2g}")
+            empirical.append((c, ns[np.argmin(ls)]))
+    left.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss",
+             title="isoFLOP profiles (lines: fitted law, ★: its N*)")
+    left.grid(alpha=0.3, which="both")
+    left.legend(fontsize=8)
+    grid = np.geomspace(min(profiles) / 2, max(profiles) * 10, 50)
+    right.plot(grid, fit.compute_optimal(grid)[0], color="tab:blue", label=f"approach 3: N* ∝ C^{fit.exponents()['a']:.2f}")
+    if empirical:
+        right.plot(*zip(*empirical), "ko", label="best run at each budget")
+    right.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="N*", title="compute-optimal size")
+    right.grid(alpha=0.3, which="both")
+    right.legend(fontsize=8)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    plt = _pyplot()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    return png.getvalue()
