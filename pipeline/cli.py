@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sweep", help="only the runs tagged with this sweep name")
         p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200; 0: none)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+    fit.add_argument("--stage", choices=("pretrain_gpt", "pretrain_vit"), default="pretrain_gpt",
+                     help="which runs: GPT runs get Chinchilla's and Kaplan's laws, ViT runs Zhai's saturating law")
     fit.add_argument("--plots", metavar="DIR", default="scaling-plots",
                      help="write loss_vs_flops.png and isoflop.png here (default: scaling-plots; '' for none); "
                           "a fit of an experiment also logs them to a scaling_fit run there")
@@ -162,7 +164,7 @@ def _plan(config, args) -> int:
 
 def _scaling(args) -> int:
     from pipeline.scaling.chinchilla import FitError
-    from pipeline.scaling.commands import fit_command, predict_command
+    from pipeline.scaling.commands import fit_command, fit_vit_command, predict_command
 
     if args.action == "sweep":
         from pipeline.scaling.sweep import run_sweep
@@ -178,7 +180,12 @@ def _scaling(args) -> int:
     source = (args.points, args.experiment, args.tracking_uri, args.sweep)
     try:
         if args.action == "fit":
-            print(fit_command(*source, args.bootstrap, args.json, args.plots))
+            if args.stage == "pretrain_vit":
+                if not args.experiment:
+                    raise FitError("--stage pretrain_vit fits runs of an --experiment, not --points")
+                print(fit_vit_command(args.experiment, args.tracking_uri, args.sweep, args.json, args.plots))
+            else:
+                print(fit_command(*source, args.bootstrap, args.json, args.plots))
         else:
             print(predict_command(*source, args.params, args.tokens, args.bootstrap, args.json))
     except FitError as e:

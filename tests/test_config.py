@@ -73,13 +73,28 @@ def test_every_shipped_config_loads(path):
     assert config.pretrain_gpt.train.peak_flops_per_worker > 1e9
 
 
-def test_sweep_files_load_and_bad_ones_name_the_key(tmp_path):
+@pytest.mark.parametrize("name", ["gpt-cpu.yaml", "vit-cpu.yaml"])
+def test_sweep_files_load(name):
+    from pipeline.scaling.sweep import load_sweep, point_config
+
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "configs" / "scaling" / name)
+    assert len(sweep.sizes) >= 4 and len(sweep.budgets) >= 3
+    base = load_config(sweep.base, sweep.overrides)  # its base and overrides make a valid run config
+    params = [12 * s.n_layer * s.d_model ** 2 for s in sweep.sizes]
+    assert max(params) >= 10 * min(params)
+    narrow, wide = (getattr(point_config(base, sweep, s, sweep.budgets[0]), sweep.stage).train for s in (sweep.sizes[0], sweep.sizes[-1]))
+    assert narrow.lr > wide.lr and narrow.min_lr > wide.min_lr  # lr ∝ 1/width across the sweep
+
+
+def test_bad_sweep_files_name_the_key(tmp_path):
     from pipeline.scaling.sweep import load_sweep
 
-    sweep = load_sweep(Path(__file__).resolve().parents[1] / "configs" / "scaling" / "gpt-cpu.yaml")
-    assert len(sweep.sizes) >= 4 and len(sweep.tokens) >= 3
-    load_config(sweep.base, sweep.overrides)  # its base and overrides make a valid run config
-    bad = tmp_path / "sweep.yaml"
-    bad.write_text("name: x\nbase: configs/smoke.yaml\nexperiment: e\nsizes: [{n_layer: 1, n_head: 3, d_model: 32}, {}]\ntokens: [1000]\n")
-    with pytest.raises(ConfigError, match=r"sizes\[0\].d_model"):
-        load_sweep(bad)
+    head = "name: x\nbase: configs/smoke.yaml\nexperiment: e\n"
+    for body, key in [("sizes: [{n_layer: 1, n_head: 3, d_model: 32}, {}]\ntokens: [1000]\n", r"sizes\[0\].d_model"),
+                      ("sizes: [{}, {}]\nimages: [1000]\n", "images is not a budget of a pretrain_gpt sweep"),
+                      ("stage: pretrain_vit\nsizes: [{}, {}]\n", "images must list positive budgets"),
+                      ("sizes: [{}, {}]\ntokens: [1000]\nlr_reference_width: 0\n", "lr_reference_width")]:
+        bad = tmp_path / "sweep.yaml"
+        bad.write_text(head + body)
+        with pytest.raises(ConfigError, match=key):
+            load_sweep(bad)

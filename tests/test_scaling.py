@@ -156,6 +156,19 @@ def test_saturating_vit_law():
 # --------------------------------------------------------------------------- from MLflow
 
 
+def log_training_run(client, experiment: str, stage: str, params: float, seen: np.ndarray, val_loss: np.ndarray,
+                     status: str = "ran", sweep: str = "gpt-cpu") -> None:
+    """A run as the pipeline logs one: tagged with its stage, status and sweep, its
+    non-embedding parameters as a param, data seen, FLOPs and validation loss per step."""
+    unit = "tokens" if stage == "pretrain_gpt" else "images"
+    run = client.create_run(experiment, tags={"stage": stage, "status": status, "sweep": sweep})
+    client.log_param(run.info.run_id, "params_non_embedding", int(params))
+    for step, (x, loss) in enumerate(zip(seen, val_loss), start=1):
+        for key, value in ((unit, x), ("flops", 6 * params * x), ("val_loss", loss)):
+            client.log_metric(run.info.run_id, key, float(value), step=step)
+    client.set_terminated(run.info.run_id)
+
+
 def test_fit_and_predict_read_runs_back_from_mlflow(tmp_path, capsys):
     """Runs logged as the pipeline logs them (a nested pretrain_gpt run per size and
     budget, tagged with its sweep) into a real SQLite store, fitted through the CLI.
@@ -168,12 +181,8 @@ def test_fit_and_predict_read_runs_back_from_mlflow(tmp_path, capsys):
     n, d = chinchilla_grid()
 
     def log_run(params, tokens, status="ran", sweep="gpt-cpu", scale=1.0):
-        run = client.create_run(experiment, tags={"stage": "pretrain_gpt", "status": status, "sweep": sweep})
-        client.log_param(run.info.run_id, "params_non_embedding", int(params))
-        for step, seen in enumerate(np.linspace(tokens / 5, tokens, 5), start=1):
-            for key, value in (("tokens", seen), ("flops", 6 * params * seen), ("val_loss", scale * true_loss(params, seen))):
-                client.log_metric(run.info.run_id, key, float(value), step=step)
-        client.set_terminated(run.info.run_id)
+        seen = np.linspace(tokens / 5, tokens, 5)
+        log_training_run(client, experiment, "pretrain_gpt", params, seen, scale * true_loss(params, seen), status, sweep)
 
     for params, tokens in zip(n, d):
         log_run(params, tokens)
@@ -188,7 +197,7 @@ def test_fit_and_predict_read_runs_back_from_mlflow(tmp_path, capsys):
     # the fit is a run of the experiment, beside the runs it read, with its plots attached
     fit_run = client.get_run(out["mlflow_run_id"])
     assert fit_run.data.tags["stage"] == "scaling_fit" and fit_run.data.tags["sweep"] == "gpt-cpu"
-    assert fit_run.data.metrics["alpha"] == pytest.approx(out["chinchilla"]["alpha"], rel=1e-9)
+    assert fit_run.data.metrics["chinchilla_alpha"] == pytest.approx(out["chinchilla"]["alpha"], rel=1e-9)
     logged = {a.path for a in client.list_artifacts(fit_run.info.run_id)}
     assert logged == {"fit.json", "loss_vs_flops.png", "isoflop.png"}
     for png in out["plots"]:
@@ -203,3 +212,36 @@ def test_fit_and_predict_read_runs_back_from_mlflow(tmp_path, capsys):
 
     assert main(["scaling", "fit", "--experiment", "nope", "--tracking-uri", uri]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_vit_sweep_fit_reads_vit_runs_and_fits_the_saturating_law(tmp_path, capsys):
+    """ViT runs whose models follow loss = a·(C + d)^-b + c until the smaller ones saturate
+    at a size-dependent floor: the frontier is the law, and the fit recovers it."""
+    from mlflow.tracking import MlflowClient
+
+    a, b, c, d = 40.0, 0.12, 0.05, 1e8
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("vit", artifact_location=f"file://{tmp_path}/artifacts")
+    for params in (1e4, 4e4, 1.6e5, 6.4e5):
+        images = np.geomspace(1e3, 1e5, 8)
+        flops = 6 * params * images
+        floor = a * (6 * params * 3e4 + d) ** -b + c if params < 6e5 else 0  # smaller sizes stop improving
+        log_training_run(client, experiment, "pretrain_vit", params, images,
+                         np.maximum(a * (flops + d) ** -b + c, floor), sweep="vit")
+    log_training_run(client, experiment, "pretrain_gpt", 1e5, np.geomspace(1e3, 1e5, 8), np.full(8, 0.001), sweep="vit")
+
+    assert main(["scaling", "fit", "--stage", "pretrain_vit", "--experiment", "vit", "--sweep", "vit",
+                 "--tracking-uri", uri, "--json", "--plots", str(tmp_path / "plots")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    law = out["saturating"]
+    assert law["b"] == pytest.approx(b, rel=0.1)
+    # the frontier is a staircase between evaluations, so c and b trade off a little: judge the extrapolation
+    beyond = 10 * 6 * 6.4e5 * 1e5
+    assert law["a"] * (beyond + law["d"]) ** -law["b"] + law["c"] == pytest.approx(a * (beyond + d) ** -b + c, rel=0.03)
+    fit_run = client.get_run(out["mlflow_run_id"])
+    assert fit_run.data.metrics["saturating_b"] == pytest.approx(law["b"]) and fit_run.data.tags["stage"] == "scaling_fit"
+    assert _is_png(open(out["plots"][0], "rb").read())
+
+    assert main(["scaling", "fit", "--stage", "pretrain_vit", "--points", "x.csv"]) == 2
+    assert "--stage pretrain_vit fits runs of an --experiment" in capsys.readouterr().err

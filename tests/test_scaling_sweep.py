@@ -47,7 +47,7 @@ def test_sweep_trains_the_grid_and_resumes(ray_cluster, tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["scaling", "fit", "--experiment", "tiny-sweep", "--sweep", "tiny", "--tracking-uri", uri,
-                 "--bootstrap", "5", "--json"]) == 0
+                 "--bootstrap", "5", "--json", "--plots", str(tmp_path / "plots")]) == 0
     fitted = json.loads(capsys.readouterr().out)
     assert fitted["chinchilla"]["E"] > 0 and "kaplan" in fitted
 

@@ -49,8 +49,8 @@ def _points(points: Optional[str], experiment: Optional[str], tracking_uri: Opti
     return (np.array([r.params for r in runs]), np.array([r.tokens for r in runs]), np.array([r.val_loss for r in runs])), runs
 
 
-def _runs_table(runs: list[TrainingRun]) -> list[str]:
-    lines = [f"{'run':<34} {'params':>10} {'tokens':>12} {'FLOPs':>10} {'val loss':>9}"]
+def _runs_table(runs: list[TrainingRun], unit: str = "tokens") -> list[str]:
+    lines = [f"{'run':<34} {'params':>10} {unit:>12} {'FLOPs':>10} {'val loss':>9}"]
     for r in sorted(runs, key=lambda r: (r.params, r.tokens)):
         lines.append(f"{r.run_id:<34} {r.params:>10,} {r.tokens:>12,.0f} {r.flops:>10.3g} {r.val_loss:>9.4f}")
     return lines
@@ -95,8 +95,37 @@ def fit_command(points: Optional[str], experiment: Optional[str], tracking_uri: 
     if plots or experiment:
         from pipeline.scaling import plots as draw
 
-        pngs = {"loss_vs_flops.png": draw.loss_vs_flops(result, n, d, loss, runs, frontier, kaplan),
+        curves = {f"Chinchilla at N*(C): E={result.E:.2f}, α={result.alpha:.2f}, β={result.beta:.2f}":
+                  lambda c: result.loss(*result.compute_optimal(c))}
+        if kaplan:
+            curves[f"Kaplan: {kaplan.E:.2f} + ({kaplan.C0:.2g}/C)^{kaplan.alpha:.3f}"] = kaplan.loss
+        pngs = {"loss_vs_flops.png": draw.loss_vs_flops(n, d, loss, runs, frontier, curves),
                 "isoflop.png": draw.isoflop(result, n, d, loss, runs)}
+    return _publish(out, lines, pngs, plots, experiment, tracking_uri, sweep, as_json)
+
+
+def fit_vit_command(experiment: str, tracking_uri: Optional[str], sweep: Optional[str], as_json: bool,
+                    plots: Optional[str] = None) -> str:
+    """Zhai et al.'s saturating law on the compute frontier of a ViT sweep's validation curves."""
+    runs = read_runs(experiment, tracking_uri, stage="pretrain_vit", sweep=sweep)
+    grid, frontier = laws.compute_frontier([r.curve for r in runs])
+    law = laws.fit_saturating(grid, frontier)
+    out = {"saturating": {"a": law.a, "b": law.b, "c": law.c, "d": law.d}}
+    lines = _runs_table(runs, "images") + ["", f"Zhai's saturating law on the compute frontier of {len(runs)} ViT runs: "
+                                                f"L(C) = {law.a:.4g}·(C + {law.d:.3g})^-{law.b:.4f} + {law.c:.4g}"]
+    pngs = {}
+    if plots or experiment:
+        from pipeline.scaling import plots as draw
+
+        n, d, loss = (np.array([getattr(r, k) for r in runs]) for k in ("params", "tokens", "val_loss"))
+        label = f"saturating: {law.a:.2g}·(C + {law.d:.2g})^-{law.b:.3f} + {law.c:.3f}"
+        pngs = {"loss_vs_flops.png": draw.loss_vs_flops(n, d, loss, runs, (grid, frontier), {label: law.error})}
+    return _publish(out, lines, pngs, plots, experiment, tracking_uri, sweep, as_json)
+
+
+def _publish(out: dict, lines: list[str], pngs: dict[str, bytes], plots: Optional[str], experiment: Optional[str],
+             tracking_uri: Optional[str], sweep: Optional[str], as_json: bool) -> str:
+    """Plots to disk, the fit to its experiment in MLflow; the text or JSON to print."""
     if plots:
         out["plots"] = [storage.join(plots, name) for name in pngs]
         for path, png in zip(out["plots"], pngs.values()):
@@ -119,9 +148,8 @@ def _log_fit(experiment: str, tracking_uri: Optional[str], sweep: Optional[str],
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     tags = {"stage": "scaling_fit", **({"sweep": sweep} if sweep else {})}
     run = client.create_run(experiment_id, run_name=f"scaling-fit{'-' + sweep if sweep else ''}", tags=tags)
-    chinchilla = out["chinchilla"]
-    metrics = {**{k: chinchilla[k] for k in NAMES}, "optimal_a": out["compute_optimal"]["a"],
-               "optimal_b": out["compute_optimal"]["b"], **{f"kaplan_{k}": v for k, v in out.get("kaplan", {}).items()}}
+    metrics = {f"{law}_{k}": v for law in ("chinchilla", "compute_optimal", "kaplan", "saturating")
+               for k, v in out.get(law, {}).items() if isinstance(v, float)}
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, float(value))
     client.log_dict(run.info.run_id, out, "fit.json")

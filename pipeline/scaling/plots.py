@@ -6,12 +6,12 @@ fitted law's slice through each budget and its minimum)."""
 from __future__ import annotations
 
 import io
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from pipeline.scaling.chinchilla import ChinchillaFit
-from pipeline.scaling.laws import KaplanFit, group_by_compute
+from pipeline.scaling.laws import group_by_compute
 from pipeline.scaling.runs import TrainingRun
 
 
@@ -31,28 +31,24 @@ def _size_colors(params: np.ndarray):
     return lambda n: plt.cm.viridis(0.9 * (np.log(n) - logs.min()) / span)
 
 
-def loss_vs_flops(fit: ChinchillaFit, params, tokens, loss, runs: list[TrainingRun],
-                  frontier: Optional[tuple[np.ndarray, np.ndarray]] = None, kaplan: Optional[KaplanFit] = None) -> bytes:
-    """A PNG: log-log validation loss against training FLOPs, extended to 10x the largest run."""
+def loss_vs_flops(params, tokens, loss, runs: list[TrainingRun], frontier: Optional[tuple[np.ndarray, np.ndarray]],
+                  laws: dict[str, Callable[[np.ndarray], np.ndarray]]) -> bytes:
+    """A PNG: log-log validation loss against training FLOPs, with `laws` (label: loss at
+    compute C) drawn out to 10x the largest run."""
     plt = _pyplot()
     n, d, l = (np.asarray(v, float) for v in (params, tokens, loss))
+    flops = 6 * n * d if not runs else np.array([r.flops for r in runs])
     color = _size_colors(n)
     fig, ax = plt.subplots(figsize=(8, 5))
     for run in runs:
-        flops, val = run.curve
-        ax.plot(flops, val, color=color(run.params), alpha=0.6, lw=1)
-    ax.scatter(6 * n * d, l, c=[color(x) for x in n], s=25, zorder=3, label="runs (final validation loss)")
-    c_max = (6 * n * d).max()
-    grid = np.geomspace((6 * n * d).min() / 2, 10 * c_max, 100)
+        ax.plot(*run.curve, color=color(run.params), alpha=0.6, lw=1)
+    ax.scatter(flops, l, c=[color(x) for x in n], s=25, zorder=3, label="runs (final validation loss)")
+    grid = np.geomspace(flops.min() / 2, 10 * flops.max(), 100)
     if frontier is not None:
         ax.plot(*frontier, "k--", lw=1.5, label="compute frontier")
-    if kaplan is not None:
-        ax.plot(grid, kaplan.loss(grid), color="tab:red", lw=1.5,
-                label=f"Kaplan: {kaplan.E:.2f} + ({kaplan.C0:.2g}/C)^{kaplan.alpha:.3f}")
-    n_opt, d_opt = fit.compute_optimal(grid)
-    ax.plot(grid, fit.loss(n_opt, d_opt), color="tab:blue", lw=1.5,
-            label=f"Chinchilla at N*(C): E={fit.E:.2f}, α={fit.alpha:.2f}, β={fit.beta:.2f}")
-    ax.axvline(c_max, color="grey", lw=0.8, ls=":")
+    for (label, law), line in zip(laws.items(), ("tab:red", "tab:blue", "tab:green")):
+        ax.plot(grid, law(grid), color=line, lw=1.5, label=label)
+    ax.axvline(flops.max(), color="grey", lw=0.8, ls=":")
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss",
            title="loss against compute (colour: model size)")
     ax.grid(alpha=0.3, which="both")

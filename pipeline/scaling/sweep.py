@@ -1,8 +1,9 @@
-"""`pipeline scaling sweep SWEEP.yaml`: a grid of GPT pretraining runs (model sizes x
-token budgets) through the pipeline's own training stage.
+"""`pipeline scaling sweep SWEEP.yaml`: a grid of pretraining runs (model sizes x
+data budgets: tokens for a GPT, images for a ViT) through the pipeline's own
+training stage.
 
-The data stages run once; then every grid point is a `pretrain_gpt` stage of its
-own config, launched as a Ray task that drives its own Ray Train run, so as many
+The data stages run once; then every grid point is a `pretrain_gpt` (or
+`pretrain_vit`) stage of its own config, launched as a Ray task that drives its own Ray Train run, so as many
 run at once as the cluster has room for. Each point is a cached stage: a sweep
 started again after an interruption skips the points that finished. Every run
 logs to the sweep's MLflow experiment, tagged `sweep: NAME`, where `pipeline
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pipeline.config import ConfigError, RunConfig, TransformerConfig, _validate, load_config, load_dataclass
 
@@ -24,8 +25,10 @@ class SweepConfig:
     name: str
     base: str  # the pipeline config every run derives from (data, tokenizer, training settings)
     experiment: str
+    stage: Literal["pretrain_gpt", "pretrain_vit"] = "pretrain_gpt"
     sizes: list[TransformerConfig] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)  # training tokens of each run
+    tokens: list[int] = field(default_factory=list)  # training tokens of each run (a GPT sweep)
+    images: list[int] = field(default_factory=list)  # training images of each run (a ViT sweep)
     overrides: list[str] = field(default_factory=list)  # applied to `base`
     evaluations: int = 5  # validation losses per run, the points of its curve
     # When set, a size's peak and final learning rates are the base's times
@@ -37,8 +40,11 @@ class SweepConfig:
     def validate(self, key: str) -> None:
         if len(self.sizes) < 2:
             raise ConfigError(f"{key}sizes must list at least 2 model sizes, got {len(self.sizes)}")
-        if len(self.tokens) < 1 or any(t < 1 for t in self.tokens):
-            raise ConfigError(f"{key}tokens must list positive token budgets, got {self.tokens}")
+        unit, other = ("tokens", "images") if self.stage == "pretrain_gpt" else ("images", "tokens")
+        if getattr(self, other):
+            raise ConfigError(f"{key}{other} is not a budget of a {self.stage} sweep: list {unit}")
+        if len(self.budgets) < 1 or any(t < 1 for t in self.budgets):
+            raise ConfigError(f"{key}{unit} must list positive budgets, got {self.budgets}")
         if self.evaluations < 1:
             raise ConfigError(f"{key}evaluations must be >= 1, got {self.evaluations}")
         if self.lr_reference_width is not None and self.lr_reference_width < 1:
@@ -47,26 +53,34 @@ class SweepConfig:
             size.validate(f"sizes[{i}]")
 
 
+    @property
+    def budgets(self) -> list[int]:
+        return self.tokens if self.stage == "pretrain_gpt" else self.images
+
+
 def load_sweep(path: str) -> SweepConfig:
     return load_dataclass(SweepConfig, path, "sweep file")
 
 
-def tokens_per_step(config: RunConfig) -> int:
-    train = config.pretrain_gpt.train
-    return train.micro_batch_size * train.grad_accum * train.num_workers * config.tokenize.seq_len
+def samples_per_step(config: RunConfig, stage: str) -> int:
+    """Tokens (GPT) or images (ViT) one optimizer step consumes."""
+    train = getattr(config, stage).train
+    images = train.micro_batch_size * train.grad_accum * train.num_workers
+    return images * config.tokenize.seq_len if stage == "pretrain_gpt" else images
 
 
-def point_config(base: RunConfig, sweep: SweepConfig, size: TransformerConfig, tokens: int) -> RunConfig:
-    """`base` with the model of `size` trained on `tokens` tokens: the schedule spans the
-    whole budget (as Chinchilla's runs did), with `evaluations` validations on the way."""
-    train = base.pretrain_gpt.train
-    steps = max(2, math.ceil(tokens / tokens_per_step(base)))
+def point_config(base: RunConfig, sweep: SweepConfig, size: TransformerConfig, budget: int) -> RunConfig:
+    """`base` with the model of `size` trained on `budget` tokens or images: the schedule
+    spans the whole budget (as Chinchilla's runs did), with `evaluations` validations on the way."""
+    section = getattr(base, sweep.stage)
+    train = section.train
+    steps = max(2, math.ceil(budget / samples_per_step(base, sweep.stage)))
     every = max(1, steps // sweep.evaluations)
     scale = sweep.lr_reference_width / size.d_model if sweep.lr_reference_width else 1.0
     train = dataclasses.replace(train, max_steps=steps, warmup_steps=min(train.warmup_steps, steps // 10),
                                 eval_every=every, log_every=min(train.log_every, every),
                                 lr=train.lr * scale, min_lr=train.min_lr * scale)
-    config = dataclasses.replace(base, pretrain_gpt=dataclasses.replace(base.pretrain_gpt, model=size, train=train))
+    config = dataclasses.replace(base, **{sweep.stage: dataclasses.replace(section, model=size, train=train)})
     _validate(config, "")
     return config
 
@@ -77,29 +91,31 @@ def run_sweep(path: str, workdir: Optional[str] = None) -> str:
     from tqdm import tqdm
 
     from pipeline.runner import ensure_ray, run_pipeline
+    from pipeline.stages import STAGES
 
     sweep = load_sweep(path)
     base = load_config(sweep.base, sweep.overrides + [f"tracking.experiment={sweep.experiment}", f"tracking.sweep={sweep.name}"])
     workdir = workdir or base.workdir
-    points = [point_config(base, sweep, size, tokens) for size in sweep.sizes for tokens in sweep.tokens]
-    run_pipeline(base, ["tokenize"], workdir)  # the data, once, before the runs that share it
+    points = [point_config(base, sweep, size, budget) for size in sweep.sizes for budget in sweep.budgets]
+    run_pipeline(base, list(STAGES[sweep.stage].deps), workdir)  # the data, once, before the runs that share it
     ensure_ray(base.ray)
     task = ray.remote(num_cpus=0)(run_pipeline)  # a launcher: its Ray Train workers hold the resources
-    pending = {task.remote(config, ["pretrain_gpt"], workdir): n for n, config in enumerate(points)}
+    pending = {task.remote(config, [sweep.stage], workdir): n for n, config in enumerate(points)}
     records: list[dict] = [{}] * len(points)
     with tqdm(total=len(points), desc=f"sweep {sweep.name}", unit="run") as bar:
         while pending:
             [ready], _ = ray.wait(list(pending), num_returns=1)
-            records[pending.pop(ready)] = ray.get(ready)["stages"]["pretrain_gpt"]
+            records[pending.pop(ready)] = ray.get(ready)["stages"][sweep.stage]
             bar.update(1)
-    return format_sweep(points, records)
+    return format_sweep(points, records, sweep.stage)
 
 
-def format_sweep(points: list[RunConfig], records: list[dict[str, Any]]) -> str:
-    lines = [f"{'layers':>6} {'d_model':>7} {'params':>10} {'tokens':>10} {'status':>7} {'val loss':>9}"]
+def format_sweep(points: list[RunConfig], records: list[dict[str, Any]], stage: str) -> str:
+    unit = "tokens" if stage == "pretrain_gpt" else "images"
+    lines = [f"{'layers':>6} {'d_model':>7} {'params':>10} {unit:>10} {'status':>7} {'val loss':>9}"]
     for config, record in zip(points, records):
-        model = config.pretrain_gpt.model
-        tokens = config.pretrain_gpt.train.max_steps * tokens_per_step(config)
+        model = getattr(config, stage).model
+        tokens = getattr(config, stage).train.max_steps * samples_per_step(config, stage)
         params = int(record.get("params", {}).get("params_non_embedding", 0))
         lines.append(f"{model.n_layer:>6} {model.d_model:>7} {params:>10,} {tokens:>10,} {record['status']:>7} "
                      f"{record['metrics'].get('final_val_loss', float('nan')):>9.4f}")
