@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "with its name. Points already trained are cache hits: an interrupted sweep resumes.")
     sweep.add_argument("sweep_file", help="sweep YAML, e.g. configs/scaling/gpt-cpu.yaml")
     sweep.add_argument("--workdir", help="where the runs go (default: the base config's workdir)")
+    sweep.add_argument("--holdout", action="store_true",
+                       help="after the sweep: train the file's held-out run, fit the sweep, compare prediction and measurement")
+    sweep.add_argument("--bootstrap", type=int, default=200, help="with --holdout: bootstrap refits for the interval")
     for p in (fit, predict):
         source = p.add_mutually_exclusive_group(required=True)
         source.add_argument("--experiment", help="MLflow experiment whose finished pretrain_gpt runs to fit")
@@ -167,12 +170,18 @@ def _scaling(args) -> int:
     from pipeline.scaling.commands import fit_command, fit_vit_command, predict_command
 
     if args.action == "sweep":
-        from pipeline.scaling.sweep import run_sweep
+        from pipeline.scaling.sweep import run_holdout, run_sweep
 
         try:
-            table = run_sweep(args.sweep_file, args.workdir)
+            if args.holdout:
+                table = run_holdout(args.sweep_file, args.workdir, args.bootstrap)
+            else:
+                table = run_sweep(args.sweep_file, args.workdir)
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
+            return 2
+        except FitError as e:
+            print(f"scaling sweep --holdout: {e}", file=sys.stderr)
             return 2
         _stop_local_ray()
         print(table)

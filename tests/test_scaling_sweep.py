@@ -4,6 +4,7 @@ run lands in the sweep's experiment, the fit reads them back, a second start ski
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -13,13 +14,13 @@ from conftest import REPO, SMOKE, TINY_OVERRIDES
 from pipeline.cli import main
 
 
-def _ran_runs(uri: str) -> list:
+def _ran_runs(uri: str, sweep: str = "tiny") -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("tiny-sweep")
     return client.search_runs([experiment.experiment_id], "tags.stage = 'pretrain_gpt' and tags.status = 'ran' "
-                              "and tags.sweep = 'tiny' and attributes.status = 'FINISHED'")
+                              f"and tags.sweep = '{sweep}' and attributes.status = 'FINISHED'")
 
 
 def test_sweep_trains_the_grid_and_resumes(ray_cluster, tmp_path, capsys):
@@ -30,6 +31,9 @@ def test_sweep_trains_the_grid_and_resumes(ray_cluster, tmp_path, capsys):
         "sizes": [{"n_layer": 1, "n_head": 2, "d_model": 16}, {"n_layer": 1, "n_head": 2, "d_model": 32},
                   {"n_layer": 2, "n_head": 2, "d_model": 48}],
         "tokens": [20480, 61440],  # 10 and 30 steps of 32 x 64 tokens
+        "lr_reference_width": 32,
+        "holdout": {"size": {"n_layer": 2, "n_head": 2, "d_model": 64}, "budget": 61440,
+                    "overrides": ["pretrain_gpt.train.micro_batch_size=16", "pretrain_gpt.train.grad_accum=2"]},
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
@@ -54,6 +58,15 @@ def test_sweep_trains_the_grid_and_resumes(ray_cluster, tmp_path, capsys):
     # Started again: every point is a cache hit, no run trains twice.
     assert main(["scaling", "sweep", str(path), "--workdir", str(workdir)]) == 0
     assert "cached" in capsys.readouterr().out and len(_ran_runs(uri)) == 6
+
+    # The held-out run: tagged apart from the sweep, compared with the law fitted to the sweep alone.
+    assert main(["scaling", "sweep", str(path), "--workdir", str(workdir), "--holdout", "--bootstrap", "5"]) == 0
+    report = capsys.readouterr().out
+    [holdout] = _ran_runs(uri, sweep="tiny-holdout")
+    assert len(_ran_runs(uri)) == 6 and int(holdout.data.params["params_non_embedding"]) > max(by_size)
+    measured = holdout.data.metrics["val_loss"]
+    predicted = float(re.search(r"predicted (\S+)", report).group(1))
+    assert f"measured {measured:.4f}" in report and f"{100 * (predicted / measured - 1):+.1f}%" in report
 
 
 def test_processes_opening_one_new_sqlite_store_take_turns(tmp_path):

@@ -13,11 +13,25 @@ scaling fit --experiment` finds it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from pipeline.config import ConfigError, RunConfig, TransformerConfig, _validate, load_config, load_dataclass
+
+
+@dataclass
+class HoldoutConfig:
+    """One run past the sweep, trained after it to check the fitted law's prediction."""
+    size: TransformerConfig = field(default_factory=TransformerConfig)
+    budget: int = 0  # tokens (or images), as the sweep's budgets
+    overrides: list[str] = field(default_factory=list)  # on top of the sweep's, e.g. more workers for one big run
+
+    def validate(self, key: str) -> None:
+        if self.budget < 1:
+            raise ConfigError(f"{key}.budget must be a positive number of tokens or images, got {self.budget}")
+        self.size.validate(f"{key}.size")
 
 
 @dataclass
@@ -36,6 +50,7 @@ class SweepConfig:
     # so the base's rates hold at that width. One rate for all sizes overshoots on the
     # widest and bends the fitted law.
     lr_reference_width: Optional[int] = None
+    holdout: Optional[HoldoutConfig] = None  # `pipeline scaling sweep FILE --holdout`
 
     def validate(self, key: str) -> None:
         if len(self.sizes) < 2:
@@ -51,6 +66,8 @@ class SweepConfig:
             raise ConfigError(f"{key}lr_reference_width must be a positive width, got {self.lr_reference_width}")
         for i, size in enumerate(self.sizes):
             size.validate(f"sizes[{i}]")
+        if self.holdout is not None:
+            self.holdout.validate(f"{key}holdout")
 
 
     @property
@@ -94,7 +111,7 @@ def run_sweep(path: str, workdir: Optional[str] = None) -> str:
     from pipeline.stages import STAGES
 
     sweep = load_sweep(path)
-    base = load_config(sweep.base, sweep.overrides + [f"tracking.experiment={sweep.experiment}", f"tracking.sweep={sweep.name}"])
+    base = _base(sweep, sweep.name)
     workdir = workdir or base.workdir
     points = [point_config(base, sweep, size, budget) for size in sweep.sizes for budget in sweep.budgets]
     run_pipeline(base, list(STAGES[sweep.stage].deps), workdir)  # the data, once, before the runs that share it
@@ -108,6 +125,39 @@ def run_sweep(path: str, workdir: Optional[str] = None) -> str:
             records[pending.pop(ready)] = ray.get(ready)["stages"][sweep.stage]
             bar.update(1)
     return format_sweep(points, records, sweep.stage)
+
+
+def _base(sweep: SweepConfig, tag: str, overrides: tuple[str, ...] = ()) -> RunConfig:
+    """The sweep's base config, logging to its experiment with `tag` as the sweep tag."""
+    return load_config(sweep.base, sweep.overrides + list(overrides) + [f"tracking.experiment={sweep.experiment}",
+                                                                        f"tracking.sweep={tag}"])
+
+
+def run_holdout(path: str, workdir: Optional[str] = None, bootstrap: int = 200) -> str:
+    """Train the sweep file's held-out run (tagged `NAME-holdout`, so no fit of the sweep
+    reads it), fit the sweep's runs, and compare the predicted final validation loss
+    with the measured one."""
+    from pipeline.runner import run_pipeline
+    from pipeline.scaling.commands import predict_command
+
+    sweep = load_sweep(path)
+    if sweep.holdout is None:
+        raise ConfigError(f"{path} has no holdout: add holdout: {{size: {{...}}, budget: N}}")
+    if sweep.stage != "pretrain_gpt":
+        raise ConfigError(f"holdout checks predict with Chinchilla's L(N, D): stage must be pretrain_gpt, got {sweep.stage}")
+    base = _base(sweep, f"{sweep.name}-holdout", tuple(sweep.holdout.overrides))
+    config = point_config(base, sweep, sweep.holdout.size, sweep.holdout.budget)
+    summary = run_pipeline(config, [sweep.stage], workdir or base.workdir)
+    record = summary["stages"][sweep.stage]
+    params = float(record["params"]["params_non_embedding"])
+    tokens = float(config.pretrain_gpt.train.max_steps * samples_per_step(config, sweep.stage))
+    actual = float(record["metrics"]["final_val_loss"])
+    predicted = json.loads(predict_command(None, sweep.experiment, summary["tracking_uri"], sweep.name,
+                                           params, tokens, bootstrap, as_json=True))
+    error = predicted["loss"] / actual - 1
+    return (f"held-out run: N = {params:,.0f}, D = {tokens:,.0f} tokens, C = {6 * params * tokens:.3g} FLOPs\n"
+            f"  predicted {predicted['loss']:.4f} (95% interval {predicted['ci95'][0]:.4f} .. {predicted['ci95'][1]:.4f}), "
+            f"measured {actual:.4f}: {100 * error:+.1f}%")
 
 
 def format_sweep(points: list[RunConfig], records: list[dict[str, Any]], stage: str) -> str:
