@@ -128,11 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     targets = COMMANDS[args.command]
     if args.command == "pretrain" and args.model != "both":
         targets = [f"pretrain_{args.model}"]
+    from pipeline.train.preemption import EXIT_CODE, Preempted
+
     try:
         summary = run_pipeline(config, targets, args.workdir)
     except ConfigError as e:  # what the cluster cannot run, found before any work
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        _stop_local_ray()
+        print(str(e), file=sys.stderr)
+        return EXIT_CODE
     _stop_local_ray()  # flushes the workers' trailing logs, so the summary prints last
     print()
     print(format_summary(summary))

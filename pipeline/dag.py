@@ -49,6 +49,9 @@ class Stage:
     deps: tuple[str, ...]
     section: Callable[[RunConfig], Any]  # the config this stage's output depends on
     run: Callable[[StageContext], StageResult]  # the driver's part: it schedules Ray work
+    # A resumable stage (training) keeps its directory when it fails or is killed: run
+    # again, it continues from its last checkpoint there. Others start over, clean.
+    resumable: bool = False
 
 
 def section_dict(stage: Stage, config: RunConfig) -> Any:
@@ -101,12 +104,14 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
     done = read_done(ctx.out_dir)
     if done is not None and done.get("fingerprint") == ctx.fingerprint:
         return {**_outputs_in(workdir, done), "status": "cached", "seconds": round(time.perf_counter() - start, 2)}
-    storage.remove_tree(ctx.out_dir)  # whatever a killed run left behind
+    if not stage.resumable:
+        storage.remove_tree(ctx.out_dir)  # whatever a killed run left behind
     storage.makedirs(ctx.out_dir)
     try:
         result = stage.run(ctx)
     except BaseException:
-        storage.remove_tree(ctx.out_dir)  # leave nothing half-written behind
+        if not stage.resumable:
+            storage.remove_tree(ctx.out_dir)  # leave nothing half-written behind
         raise
     record = {
         "fingerprint": ctx.fingerprint,

@@ -291,9 +291,9 @@ STAGES: dict[str, Stage] = {
         Stage("shard", (), lambda c: c.data, run_shard),
         Stage("tokenize", ("shard",), lambda c: c.tokenize, run_tokenize),
         Stage("patchify", ("shard",), lambda c: c.patchify, run_patchify),
-        Stage("pretrain_gpt", ("tokenize",), lambda c: c.pretrain_gpt, run_pretrain_gpt),
-        Stage("pretrain_vit", ("patchify",), lambda c: c.pretrain_vit, run_pretrain_vit),
-        Stage("finetune", ("patchify", "pretrain_vit"), lambda c: c.finetune, run_finetune),
+        Stage("pretrain_gpt", ("tokenize",), lambda c: c.pretrain_gpt, run_pretrain_gpt, resumable=True),
+        Stage("pretrain_vit", ("patchify",), lambda c: c.pretrain_vit, run_pretrain_vit, resumable=True),
+        Stage("finetune", ("patchify", "pretrain_vit"), lambda c: c.finetune, run_finetune, resumable=True),
         Stage("evaluate", ("tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "finetune"), lambda c: c.evaluate, run_evaluate),
     ]
 }

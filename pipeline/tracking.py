@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import subprocess
 import time
 from typing import Any, Iterator, Mapping, Optional
@@ -56,8 +57,26 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_SECRET_WORDS = {"token", "key", "password", "passwd", "secret", "credentials"}
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@/\s]+@")
+
+
+def is_secret(key: str) -> bool:
+    """A key with a word that names a secret: `hf_token`, `aws.secret_access_key`; not
+    `tokens`, `tokenize` or `digit_keys`."""
+    return any(word in _SECRET_WORDS for word in re.split(r"[^a-z0-9]+", key.lower()))
+
+
+def redact(key: str, value: Any) -> Any:
+    """What may be logged or printed of `value`: nothing under a secret's key, and no
+    password inside a URL (`http://user:***@host`)."""
+    if is_secret(key) and value not in (None, ""):
+        return "***"
+    return _URL_PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
 def params_for_mlflow(d: Mapping[str, Any]) -> dict[str, str]:
-    return {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(d).items()}
+    return {k: str(redact(k, v))[:_MAX_PARAM_LEN] for k, v in flatten(d).items()}
 
 
 @contextlib.contextmanager

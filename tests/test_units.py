@@ -103,3 +103,22 @@ def test_fingerprints_follow_the_config():
     differ = {k for k in base if base[k] != changed[k]}
     assert differ == {"patchify", "pretrain_vit", "finetune", "evaluate"}
     assert fps(["ray.num_cpus=4", "tracking.experiment=x"]) == base  # where it runs is not what it makes
+
+
+def test_secrets_never_reach_mlflow_params():
+    from pipeline.tracking import params_for_mlflow
+
+    params = params_for_mlflow({
+        "data": {"text": {"hf_token": "hf_abcdef", "hf_dataset": "org/set"}},
+        "storage": {"aws": {"secret_access_key": "wJalrXUtnFEMI", "access_key_id": "AKIAEXAMPLE"}},
+        "tracking": {"uri": "http://alice:s3cret@mlflow.internal:5000", "password": ""},
+        "tokenize": {"vocab_size": 1024, "tokens": 5},
+        "digit_keys": ["000001"],
+    })
+    assert params["data.text.hf_token"] == "***" and params["data.text.hf_dataset"] == "org/set"
+    assert params["storage.aws.secret_access_key"] == "***" and params["storage.aws.access_key_id"] == "***"
+    assert params["tracking.uri"] == "http://alice:***@mlflow.internal:5000"
+    assert params["tracking.password"] == ""  # nothing to hide, and saying so hides nothing
+    assert params["tokenize.vocab_size"] == "1024" and params["tokenize.tokens"] == "5"
+    assert params["digit_keys"] == "['000001']"
+    assert not any(secret in " ".join(params.values()) for secret in ("hf_abcdef", "wJalrXUtnFEMI", "s3cret", "AKIAEXAMPLE"))

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import preemption
 from pipeline.train.data import TrainingData
 from pipeline.train.loop import train_worker
 from pipeline.train.tasks import TrainSpec
@@ -80,6 +81,7 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
         spec = prepare_resume(spec, run_dir)
     train = spec.train
     run_dir = storage.absolute(run_dir)
+    spec = dataclasses.replace(spec, stop_file=storage.join(run_dir, preemption.STOP_FILE))
     filesystem, storage_path = storage.arrow_filesystem(run_dir)
     trainer = TorchTrainer(
         train_worker,
@@ -94,9 +96,12 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    with preemption.stop_on_sigterm(spec.stop_file):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if result.metrics and result.metrics.get("stopped"):
+        raise preemption.Preempted(int(result.metrics["step"]), run_dir)
     if result.checkpoint is None:
         raise RuntimeError(f"training under {run_dir} finished without reporting a checkpoint")
 

@@ -2,8 +2,8 @@
 process on a laptop and N GPUs on M nodes.
 
 The loop body only steps the engine on the loader's micro-batches. Everything
-else (metrics and MLflow, validation, checkpoint cadence, the fault drill) is a
-callback that looks at the run after each step. A restarted run resumes from
+else (metrics and MLflow, validation, checkpoint cadence, stop requests, the fault
+drills) is a callback that looks at the run after each step. A restarted run resumes from
 `ray.train.get_checkpoint()` (or `spec.resume_from`): engine state from
 DeepSpeed, data position recomputed from the checkpoint's sample counter.
 """
@@ -53,6 +53,7 @@ class Run:
     resumed: bool
     tracker: Any = None  # rank 0's MLflow RunLogger, when the stage has a run
     metrics: dict[str, float] = field(default_factory=dict)  # latest logged values, reported with checkpoints
+    stop_requested: bool = False  # set by StopWatcher: checkpoint now, then end the loop
 
     def progress(self, step: int) -> dict[str, float]:
         """The x axes every logged value shares: data seen and compute spent."""
@@ -66,11 +67,34 @@ class InjectedFault(RuntimeError):
 
 
 class FaultDrill:
-    """The last rank raises once at `fail_at_step`, in a run that did not resume."""
+    """In a run that did not resume, the last rank raises once at `fail_at_step`, or
+    stops at `hang_at_step` until something kills it."""
 
     def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:
-        if step == run.spec.fail_at_step and not run.resumed and run.rank == run.world - 1:
+        if run.resumed or run.rank != run.world - 1:
+            return
+        if step == run.spec.fail_at_step:
             raise InjectedFault(f"fault drill: rank {run.rank} fails at step {step}")
+        if step == run.spec.hang_at_step:
+            print(f"[fault drill] rank {run.rank} (pid {os.getpid()}) waits at step {step} to be killed", flush=True)
+            time.sleep(3600)
+            raise InjectedFault(f"fault drill: rank {run.rank} was not killed at step {step}")
+
+
+class StopWatcher:
+    """Every `log_every` steps, rank 0 looks for the driver's stop file and all ranks
+    agree: on a stop, the Checkpointer saves this step and the loop ends (preemption).
+    The check costs one small file lookup and one all-reduce per `log_every` steps."""
+
+    def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:
+        spec = run.spec
+        if not spec.stop_file or step % spec.train.log_every or step == spec.train.max_steps:
+            return
+        asked = float(run.rank == 0 and storage.exists(spec.stop_file))
+        if _sum_across_ranks([asked], run.device)[0] > 0:
+            run.stop_requested = True
+            if run.rank == 0:
+                print(f"[{spec.kind}] stop requested: checkpointing step {step} and stopping", flush=True)
 
 
 class MetricsLogger:
@@ -154,13 +178,14 @@ class Checkpointer:
 
         train = run.spec.train
         final = step == train.max_steps
-        if not final and not (train.checkpoint_every and step % train.checkpoint_every == 0):
+        due = train.checkpoint_every and step % train.checkpoint_every == 0
+        if not (final or due or run.stop_requested):
             return
         with tempfile.TemporaryDirectory() as directory:
             ckpt.save_engine(run.engine, directory, run.data.state(step), run.rank)
             if final:
                 ckpt.export_weights(run.engine, train.zero_stage, run.spec.weights_out, run.rank)
-            report = {**run.metrics, "step": step}
+            report = {**run.metrics, "step": step, "stopped": float(run.stop_requested and not final)}
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -213,11 +238,11 @@ def train_worker(loop_config: dict) -> None:
 
         tracker = RunLogger(spec.tracking_uri, spec.mlflow_run_id)
     run = Run(spec, task, engine, scheduler, data, rank, world, device, dtype, sample_flops, resumed_at is not None, tracker)
-    callbacks = [FaultDrill(), MetricsLogger(run), Validator(run), Checkpointer()]
+    callbacks = [FaultDrill(), MetricsLogger(run), Validator(run), StopWatcher(), Checkpointer()]
 
     batches = iter(data.loader(rank, step, train.max_steps, task.fields, task.transform(spec), train))
     engine.train()
-    while step < train.max_steps:
+    while step < train.max_steps and not run.stop_requested:
         loss_sum, digest = torch.zeros((), device=device), 0
         for _ in range(train.grad_accum):
             batch = next(batches)

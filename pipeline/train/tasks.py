@@ -41,9 +41,13 @@ class TrainSpec:
     tracking_uri: Optional[str] = None
     mlflow_run_id: Optional[str] = None
     resume_from: Optional[str] = None  # a reported checkpoint to start from (Ray's own restore wins)
-    # Fault drill: the last rank raises once at this step of a run that did not
-    # resume, so Ray's restart-from-checkpoint path can be exercised (0: never).
+    # Fault drills, for the last rank of a run that did not resume (0: never): raise
+    # once at `fail_at_step`; or stop at `hang_at_step` and wait to be killed, so a
+    # test can SIGKILL a real worker process mid-run.
     fail_at_step: int = 0
+    hang_at_step: int = 0
+    # The driver creates this file to ask for a checkpoint and a clean stop (preemption).
+    stop_file: Optional[str] = None
 
 
 def build_model(kind: str, model: TransformerConfig, args: dict[str, Any], encoder_model: Optional[TransformerConfig] = None) -> torch.nn.Module:

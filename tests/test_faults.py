@@ -1,0 +1,125 @@
+"""Faults of real processes: a training worker killed with SIGKILL, and `pipeline`
+itself sent SIGTERM (preemption). Both must lose no checkpointed work and end with
+exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import REPO, SMOKE, TINY_OVERRIDES, VENV_BIN
+from test_resume import _assert_same_weights
+
+from pipeline.config import TransformerConfig
+from pipeline.train.engine import load_zero_config
+from pipeline.train.launch import fit
+from pipeline.train.tasks import TrainSpec
+
+
+def _alive_train_workers() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    return [a.pid for a in actors]
+
+
+def test_sigkilled_worker_restarts_from_its_checkpoint_and_ends_exactly(run_tiny, tiny_config, tmp_path):
+    summary = run_tiny(["patchify"])
+    train = dataclasses.replace(tiny_config().pretrain_vit.train, zero_stage=2, max_steps=12, warmup_steps=2,
+                                log_every=4, checkpoint_every=6, loader_workers=1)
+
+    def spec(name, train, hang_at_step=0):
+        return TrainSpec(
+            kind="vit", train_data=summary["stages"]["patchify"]["outputs"]["mnist_train"],
+            model=TransformerConfig(n_layer=2, n_head=4, d_model=64), train=train,
+            deepspeed=load_zero_config(train.zero_stage), weights_out=str(tmp_path / f"{name}.safetensors"),
+            model_args={"patch_size": 7, "num_patches": 16, "patch_dim": 49, "num_classes": 10, "background": -0.42},
+            max_shift=1, hang_at_step=hang_at_step,
+        )
+
+    fit(spec("full", train), str(tmp_path / "full"))
+
+    # The last rank stops at step 9 (after the step-6 checkpoint) until killed: a run that
+    # restarted from scratch instead of from the checkpoint would stop there again and time out.
+    result: dict = {}
+    killed_dir = tmp_path / "killed"
+    restartable = dataclasses.replace(train, max_failures=1)
+    runner = threading.Thread(target=lambda: result.update(fit(spec("killed", restartable, hang_at_step=9), str(killed_dir))))
+    runner.start()
+    deadline = time.time() + 180
+    while not glob.glob(str(killed_dir / "ray" / "checkpoint_*" / "data_state.json")) or len(_alive_train_workers()) < 2:
+        assert time.time() < deadline and runner.is_alive(), "no step-6 checkpoint with 2 live workers"
+        time.sleep(0.5)
+    victims = _alive_train_workers()
+    os.kill(victims[-1], signal.SIGKILL)
+    try:
+        runner.join(timeout=240)
+        assert not runner.is_alive(), "the run did not finish after the kill"
+    finally:
+        for pid in _alive_train_workers() if runner.is_alive() else []:
+            os.kill(pid, signal.SIGKILL)
+    assert sorted(result["checkpoints_by_step"]) == [6, 12]
+    assert not set(victims) & set(_alive_train_workers())
+    _assert_same_weights(tmp_path / "full.safetensors", tmp_path / "killed.safetensors")
+
+
+def _pipeline(workdir, *extra) -> list[str]:
+    return [str(VENV_BIN / "pipeline"), "pretrain", str(SMOKE), "--model", "vit", "--workdir", str(workdir),
+            *TINY_OVERRIDES, "pretrain_vit.train.max_steps=240", "pretrain_vit.train.log_every=5", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+
+
+def _steps_trained(output: str) -> list[int]:
+    return [int(m) for m in re.findall(r"\[vit\] step (\d+)/240", output)]
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes_exactly(tmp_path):
+    workdir = tmp_path / "work"
+    command = _pipeline(workdir)
+    started = time.time()
+    proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(r"\[vit\] step 20/240", line):
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.time()
+            break
+    else:
+        pytest.fail("training never reached step 20:\n" + "".join(seen[-30:]))
+    rest, _ = proc.communicate(timeout=180)
+    output = "".join(seen) + rest
+    assert proc.returncode == 143, output[-3000:]
+    assert time.time() - signalled < 60  # a checkpoint and a clean exit, well inside a typical grace period
+    assert "run the same command again to resume" in output
+    [line] = [l for l in output.splitlines() if l.startswith("preempted:")]
+    stopped_at = int(re.search(r"step (\d+)", line).group(1))
+    assert 20 <= stopped_at < 240 and stopped_at % 5 == 0
+    [stage_dir] = glob.glob(str(workdir / "pretrain_vit" / "*"))
+    assert glob.glob(os.path.join(stage_dir, "ray", "checkpoint_*")), "the failed stage kept no checkpoint"
+    assert not os.path.exists(os.path.join(stage_dir, "stage.json"))
+
+    again = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    steps = _steps_trained(again.stdout)
+    assert steps and min(steps) > stopped_at and max(steps) == 240  # resumed, not restarted
+    resumed = tmp_path / "resumed.safetensors"
+    shutil.copy(os.path.join(stage_dir, "model.safetensors"), resumed)
+
+    shutil.rmtree(stage_dir)  # the same stage once more, uninterrupted
+    clean = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stdout[-3000:]
+    assert min(_steps_trained(clean.stdout)) == 5
+    _assert_same_weights(os.path.join(stage_dir, "model.safetensors"), resumed)
+    print(f"preemption drill: {time.time() - started:.0f}s")
