@@ -35,6 +35,8 @@ HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description="thousandwords: raw data to trained, evaluated transformers.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of a failure (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         p = sub.add_parser(name, help=HELP[name], description=HELP[name])
@@ -97,6 +99,39 @@ _RAY_WAS_UP = False
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure is one line on stderr and a non-zero exit; `--debug` (anywhere on
+    the command line) lets the traceback through instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    from pipeline.scaling.chinchilla import FitError
+
+    try:
+        return _main(argv)
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, ConfigError):
+            print(f"config error: {e}", file=sys.stderr)
+        elif isinstance(e, FitError):
+            print(f"scaling: {e}", file=sys.stderr)
+        else:
+            print(f"error: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+            return 1
+        return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The error a user can act on: the cause of a Ray task's failure, its first line."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(error, RayTaskError) and error.cause is not None:
+        error = error.cause
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _main(argv: list[str]) -> int:
     global _RAY_WAS_UP
     import ray
 
@@ -113,15 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         if arg.startswith("-") or "=" not in arg:
             parser.error(f"unrecognized argument: {arg}")
     args.overrides = list(args.overrides) + extra
-    try:
-        config = load_config(args.config, args.overrides)
-        if args.command == "batches":
-            return _batches(config, args)
-        if args.command == "plan":
-            return _plan(config, args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
+    if args.command == "batches":
+        return _batches(config, args)
+    if args.command == "plan":
+        return _plan(config, args)
 
     from pipeline.runner import format_summary, run_pipeline
 
@@ -132,9 +163,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_pipeline(config, targets, args.workdir)
-    except ConfigError as e:  # what the cluster cannot run, found before any work
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     except Preempted as e:
         _stop_local_ray()
         print(str(e), file=sys.stderr)
@@ -178,34 +206,19 @@ def _scaling(args) -> int:
     if args.action == "sweep":
         from pipeline.scaling.sweep import run_holdout, run_sweep
 
-        try:
-            if args.holdout:
-                table = run_holdout(args.sweep_file, args.workdir, args.bootstrap)
-            else:
-                table = run_sweep(args.sweep_file, args.workdir)
-        except ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
-        except FitError as e:
-            print(f"scaling sweep --holdout: {e}", file=sys.stderr)
-            return 2
+        table = run_holdout(args.sweep_file, args.workdir, args.bootstrap) if args.holdout else run_sweep(args.sweep_file, args.workdir)
         _stop_local_ray()
         print(table)
         return 0
     source = (args.points, args.experiment, args.tracking_uri, args.sweep)
-    try:
-        if args.action == "fit":
-            if args.stage == "pretrain_vit":
-                if not args.experiment:
-                    raise FitError("--stage pretrain_vit fits runs of an --experiment, not --points")
-                print(fit_vit_command(args.experiment, args.tracking_uri, args.sweep, args.json, args.plots))
-            else:
-                print(fit_command(*source, args.bootstrap, args.json, args.plots))
-        else:
-            print(predict_command(*source, args.params, args.tokens, args.bootstrap, args.json))
-    except FitError as e:
-        print(f"scaling {args.action}: {e}", file=sys.stderr)
-        return 2
+    if args.action == "predict":
+        print(predict_command(*source, args.params, args.tokens, args.bootstrap, args.json))
+    elif args.stage == "pretrain_vit":
+        if not args.experiment:
+            raise FitError("--stage pretrain_vit fits runs of an --experiment, not --points")
+        print(fit_vit_command(args.experiment, args.tracking_uri, args.sweep, args.json, args.plots))
+    else:
+        print(fit_command(*source, args.bootstrap, args.json, args.plots))
     return 0
 
 

@@ -215,6 +215,10 @@ class PretrainViTConfig:
     # (on 4,000 digits: 1 px took test accuracy from 93% to 96%; 2 px underfit).
     max_shift: int = 1
 
+    def validate(self, key: str) -> None:
+        if not 0 <= self.max_shift < 14:
+            raise ConfigError(f"{key}.max_shift must be 0..13 pixels (half a 28-pixel cell), got {self.max_shift}")
+
 
 @dataclass
 class FinetuneConfig:
@@ -378,7 +382,9 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     return data

@@ -63,6 +63,10 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
     names = closure(STAGES, targets or PIPELINE_ORDER)
     uri = tracking.tracking_uri(config.tracking.uri, workdir)
     check_cluster_storage(config, workdir, uri)
+    try:
+        storage.makedirs(workdir)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
     experiment_id = tracking.ensure_experiment(uri, config.tracking.experiment, workdir)
     commit = tracking.git_commit()
 
