@@ -25,9 +25,11 @@ from pipeline.train.tasks import TrainSpec
 
 
 def _alive_train_workers() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # this test's cluster, whatever else runs
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
     return [a.pid for a in actors]
 
 
@@ -55,8 +57,9 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_ends_exactly(run_tiny
     runner = threading.Thread(target=lambda: result.update(fit(spec("killed", restartable, hang_at_step=9), str(killed_dir))))
     runner.start()
     deadline = time.time() + 180
-    while not glob.glob(str(killed_dir / "ray" / "checkpoint_*" / "data_state.json")) or len(_alive_train_workers()) < 2:
-        assert time.time() < deadline and runner.is_alive(), "no step-6 checkpoint with 2 live workers"
+    snapshot = killed_dir / "ray" / "checkpoint_manager_snapshot.json"  # Ray writes it once a checkpoint is registered
+    while not snapshot.exists() or len(_alive_train_workers()) < 2:
+        assert time.time() < deadline and runner.is_alive(), "no registered step-6 checkpoint with 2 live workers"
         time.sleep(0.5)
     victims = _alive_train_workers()
     os.kill(victims[-1], signal.SIGKILL)
