@@ -103,6 +103,10 @@ class DataConfig:
     mnist: MnistConfig = field(default_factory=MnistConfig)
     grids: GridConfig = field(default_factory=GridConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    # A shard that fails its checksum or does not decode: "error" stops the training
+    # stage naming it; "skip" checks every training shard first and trains without the
+    # bad ones, logging each by name (to the log and to the stage's MLflow run).
+    on_bad_shard: Literal["error", "skip"] = "error"
 
 
 @dataclass

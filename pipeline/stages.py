@@ -190,6 +190,8 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, 
 
     model_cfg = section.decoder if kind == "captioner" else section.model
     weights = storage.join(ctx.out_dir, "model.safetensors")
+    if ctx.config.data.on_bad_shard == "skip":
+        spec_extra["skip_shards"] = _bad_shards(ctx, train_dir)
     spec = TrainSpec(
         kind=kind,
         train_data=train_dir,
@@ -224,6 +226,23 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, 
         unit, _ = units_per_sample(spec)
         tracking.plot_loss(ctx.tracking_uri, ctx.mlflow_run_id, unit, outputs["loss_plot"])
     return StageResult(outputs, metrics, params)
+
+
+def _bad_shards(ctx: StageContext, directory: str) -> tuple[str, ...]:
+    """Every training shard read and decoded first (Ray tasks); the bad ones are named
+    on the log and in the stage's MLflow run (`skipped_shards`, a param and a text file)."""
+    entries = shards.shard_entries(directory)
+    problems = _ray_map(shards.shard_problem, [(e,) for e in entries], f"check {ctx.config.name} shards")
+    bad = {e["name"]: why for e, why in zip(entries, problems) if why}
+    for name, why in sorted(bad.items()):
+        print(f"[data] skipping bad shard {name}: {why}", flush=True)
+    if ctx.mlflow_run_id:
+        runs = tracking.client(ctx.tracking_uri)
+        runs.log_param(ctx.mlflow_run_id, "skipped_shards", ",".join(sorted(bad)) or "none")
+        runs.log_metric(ctx.mlflow_run_id, "skipped_shards_count", len(bad))
+        if bad:
+            runs.log_text(ctx.mlflow_run_id, "".join(f"{n}: {w}\n" for n, w in sorted(bad.items())), "skipped_shards.txt")
+    return tuple(sorted(bad))
 
 
 # Training stage -> (its config section, its training and validation shard directories
@@ -288,7 +307,8 @@ def run_evaluate(ctx: StageContext) -> StageResult:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("shard", (), lambda c: c.data, run_shard),
+        # on_bad_shard decides whether a stage with bad shards fails, never what a finished one made
+        Stage("shard", (), lambda c: dataclasses.replace(c.data, on_bad_shard="error"), run_shard),
         Stage("tokenize", ("shard",), lambda c: c.tokenize, run_tokenize),
         Stage("patchify", ("shard",), lambda c: c.patchify, run_patchify),
         Stage("pretrain_gpt", ("tokenize",), lambda c: c.pretrain_gpt, run_pretrain_gpt, resumable=True),

@@ -278,6 +278,17 @@ def iter_shard(path: str, expected: dict | None = None) -> Iterator[dict[str, An
         yield decode_sample(raw, path)
 
 
+def shard_problem(entry: dict) -> str | None:
+    """Why a manifest entry's shard cannot be trained on (missing, truncated, checksum,
+    a member that does not decode), or None: the whole shard is read and decoded."""
+    try:
+        for _ in iter_shard(entry["path"], entry):
+            pass
+    except ShardFormatError as e:
+        return str(e)
+    return None
+
+
 def iter_shards(paths: Iterable[str]) -> Iterator[dict[str, Any]]:
     for path in paths:
         yield from iter_shard(path)

@@ -28,9 +28,13 @@ class TrainingData:
     fingerprint: str
 
     @classmethod
-    def open(cls, directory: str, train: TrainConfig, world_size: int) -> "TrainingData":
+    def open(cls, directory: str, train: TrainConfig, world_size: int, skip: tuple[str, ...] = ()) -> "TrainingData":
+        """The manifest's shards, less those named in `skip` (found bad before training)."""
         manifest = shards.read_manifest(directory)
-        entries = shards.shard_entries(directory)
+        manifest = {**manifest, "shards": [s for s in manifest["shards"] if s["name"] not in skip]}
+        entries = [e for e in shards.shard_entries(directory) if e["name"] not in skip]
+        if not entries:
+            raise shards.ShardFormatError(f"{directory}: every shard is bad, nothing to train on")
         order = GlobalOrder([e["samples"] for e in entries], train.seed, train.shuffle_block)
         layout = BatchLayout(train.micro_batch_size, train.grad_accum, world_size)
         return cls(entries, order, layout, data_fingerprint(manifest, train.seed, train.shuffle_block))

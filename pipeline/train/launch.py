@@ -56,7 +56,7 @@ def prepare_resume(spec: TrainSpec, run_dir: str) -> TrainSpec:
     import ray
 
     state = ckpt.read_data_state(spec.resume_from)
-    TrainingData.open(spec.train_data, spec.train, spec.train.num_workers).check_resume(state)
+    TrainingData.open(spec.train_data, spec.train, spec.train.num_workers, spec.skip_shards).check_resume(state)
     if state["world_size"] == spec.train.num_workers:
         return spec
     if not storage.is_local(spec.resume_from):

@@ -48,6 +48,7 @@ class TrainSpec:
     hang_at_step: int = 0
     # The driver creates this file to ask for a checkpoint and a clean stop (preemption).
     stop_file: Optional[str] = None
+    skip_shards: tuple[str, ...] = ()  # training shards found bad and skipped (data.on_bad_shard: skip)
 
 
 def build_model(kind: str, model: TransformerConfig, args: dict[str, Any], encoder_model: Optional[TransformerConfig] = None) -> torch.nn.Module:
