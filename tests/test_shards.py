@@ -63,12 +63,42 @@ def _tar_with(tmp_path, name, data):
     return str(path)
 
 
-def test_pickle_members_are_refused(tmp_path):
+class _WritesAFile:
+    """Unpickling this creates `path`: the proof that a loader ran code from a data file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("ext", ["pickle", "pyd", "pth", "pt", "npy"])
+def test_hostile_members_are_refused_unread(tmp_path, ext):
+    """A shard with a member that would create a file if unpickled, listed in a manifest
+    whose checksum matches it: refused by name, and the file never appears."""
     import pickle
 
-    path = _tar_with(tmp_path, "x001.pyd", pickle.dumps({"a": 1}))
-    with pytest.raises(ShardFormatError, match="'.pyd' is not allowed"):
-        list(shards.iter_shard(path))
+    marker = tmp_path / "pwned"
+    if ext == "npy":  # an object array: np.load would unpickle it unless told not to
+        buf = io.BytesIO()
+        np.save(buf, np.array([_WritesAFile(marker)], dtype=object), allow_pickle=True)
+        payload = buf.getvalue()
+    else:
+        payload = pickle.dumps(_WritesAFile(marker))
+    pickle.loads(pickle.dumps(_WritesAFile(tmp_path / "control")))
+    assert (tmp_path / "control").exists()  # the payload is live: unpickled, it writes
+    directory = tmp_path / "set"
+    directory.mkdir()
+    path = _tar_with(directory, f"x001.{ext}", payload)
+    raw = open(path, "rb").read()
+    import hashlib
+
+    info = shards.ShardInfo("evil.tar", 1, len(raw), hashlib.sha256(raw).hexdigest())
+    shards.write_manifest(str(directory), [info], {}, "fp")
+    with pytest.raises(ShardFormatError, match=rf"evil.tar.*'\.{ext}'"):
+        list(shards.iter_verified(str(directory)))
+    assert not marker.exists()
 
 
 def test_object_arrays_in_npy_are_refused(tmp_path):
