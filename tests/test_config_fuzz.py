@@ -22,7 +22,7 @@ SECTIONS = sorted({k.rsplit(".", 1)[0] for k in LEAVES if "." in k})
 
 JUNK = st.one_of(
     st.none(), st.booleans(), st.integers(-10**9, 10**9), st.sampled_from([0, -1, 1, 2, 3, 7, 11, 28, 4096]),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.5, 1e-12, 1.5, 1e9]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.5, 1e-12, 1.5, 1e9, math.inf, -math.inf, math.nan]),
     st.text(max_size=6), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 
@@ -50,9 +50,7 @@ def _sane(config) -> None:
     assert 0 <= config.pretrain_vit.max_shift < 14
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(key=st.sampled_from(LEAVES), value=JUNK)
-def test_any_value_under_any_key_loads_or_names_its_section(key, value):
+def _loads_or_names_its_section(key: str, value) -> None:
     try:
         config = config_from_dict(_with(key, value))
     except ConfigError as e:
@@ -63,7 +61,14 @@ def test_any_value_under_any_key_loads_or_names_its_section(key, value):
     _sane(config)
 
 
-@settings(max_examples=100, deadline=None)
+# derandomize: CI explores the same 600 cases every run (a new seed: --hypothesis-seed=N)
+@settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(LEAVES), value=JUNK)
+def test_any_value_under_any_key_loads_or_names_its_section(key, value):
+    _loads_or_names_its_section(key, value)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(section=st.sampled_from(SECTIONS), name=st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True))
 def test_unknown_keys_are_named(section, name):
     if f"{section}.{name}" in LEAVES or any(k.startswith(f"{section}.{name}.") for k in LEAVES):
@@ -74,3 +79,14 @@ def test_unknown_keys_are_named(section, name):
         assert f"{section}.{name}" in str(e)
     else:
         raise AssertionError(f"unknown key {section}.{name} was accepted")
+
+
+EDGES = [None, True, 0, -1, 0.0, -0.5, math.inf, -math.inf, math.nan, "", "a\nb", [], {}, {"": 0}, [1, "x"]]
+
+
+def test_every_key_against_every_edge_value():
+    """The deterministic half of the fuzz: each key with each edge value, so a rare
+    combination (lr = .inf passed validation once) cannot hide behind sampling."""
+    for key in LEAVES:
+        for value in EDGES:
+            _loads_or_names_its_section(key, value)

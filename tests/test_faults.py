@@ -126,3 +126,39 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_exactly(tmp_path):
     assert min(_steps_trained(clean.stdout)) == 5
     _assert_same_weights(os.path.join(stage_dir, "model.safetensors"), resumed)
     print(f"preemption drill: {time.time() - started:.0f}s")
+
+
+def _manifests(workdir) -> dict[str, bytes]:
+    root = str(workdir)
+    return {os.path.relpath(p, root): open(p, "rb").read()
+            for p in glob.glob(os.path.join(root, "*", "*", "**", "manifest.json"), recursive=True)}
+
+
+def test_data_stage_killed_half_way_reruns_to_identical_manifests(tmp_path):
+    """SIGKILL to `pipeline tokenize` while the shard stage writes tars: no stage is taken
+    as done that was not, and the re-run's manifests are byte-identical to a clean run's."""
+
+    def command(workdir):
+        return [str(VENV_BIN / "pipeline"), "tokenize", str(SMOKE), "--workdir", str(workdir), *TINY_OVERRIDES]
+
+    clean = subprocess.run(command(tmp_path / "clean"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    expected = _manifests(tmp_path / "clean")
+    assert len(expected) >= 8  # shard's splits and tokenize's
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not glob.glob(str(killed / "shard" / "*" / "**" / "*.tar"), recursive=True):
+        assert time.time() < deadline and proc.poll() is None, "the shard stage never started writing"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the local Ray it started
+    proc.wait(timeout=60)
+    assert not glob.glob(str(killed / "shard" / "*" / "stage.json"))
+    assert not glob.glob(str(killed / "tokenize" / "*" / "stage.json"))
+
+    again = subprocess.run(command(killed), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[shard] running" in again.stdout
+    assert _manifests(killed) == expected
