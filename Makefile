@@ -21,7 +21,7 @@ smoke: setup
 	$(VENV)/bin/pipeline run configs/smoke.yaml --workdir $(WORKDIR) --summary $(WORKDIR)/summary.json
 
 test: setup
-	$(VENV)/bin/pytest -q -rs
+	$(VENV)/bin/pytest -q -rs --durations=25
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
