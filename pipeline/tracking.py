@@ -118,7 +118,15 @@ def ensure_experiment(uri: str, name: str, workdir: str) -> str:
 
 
 def _ensure_experiment(mlflow, uri: str, name: str, workdir: str) -> str:
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI, which `tracking_uri` reads as
+    # the user's choice: a second pipeline run in this process (a held-out run after a
+    # sweep, a test after a test) would log into the first run's store. Keep the user's.
+    users = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if users is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import REPO, SMOKE, TINY_OVERRIDES
 
@@ -81,3 +82,18 @@ def test_processes_opening_one_new_sqlite_store_take_turns(tmp_path):
     failed = [out for p, out in zip(procs, outputs) if p.returncode != 0]
     assert not failed, failed[0][-2000:]
     assert all(out.strip().endswith("opened") for out in outputs)
+
+
+def test_a_second_run_in_one_process_logs_to_its_own_workdir(tmp_path):
+    """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; the pipeline must not then
+    take the first run's store for the user's choice (a held-out run once logged into
+    another test's database)."""
+    import os
+
+    from pipeline import tracking
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ or pytest.skip("MLFLOW_TRACKING_URI is set by the user")
+    first = tracking.tracking_uri(None, str(tmp_path / "a"))
+    tracking.ensure_experiment(first, "e", str(tmp_path / "a"))
+    second = tracking.tracking_uri(None, str(tmp_path / "b"))
+    assert first != second and second.endswith(f"{tmp_path}/b/mlflow.db")
