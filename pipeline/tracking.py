@@ -111,13 +111,13 @@ def client(uri: str):
 def ensure_experiment(uri: str, name: str, workdir: str) -> str:
     """Experiment id. A server keeps artifacts where it was told to (its own
     artifact store); a local SQLite store keeps them under the workdir (not ./mlruns)."""
+    with _first_open(uri):
+        return _ensure_experiment(uri, name, workdir)
+
+
+def _ensure_experiment(uri: str, name: str, workdir: str) -> str:
     import mlflow
 
-    with _first_open(uri):
-        return _ensure_experiment(mlflow, uri, name, workdir)
-
-
-def _ensure_experiment(mlflow, uri: str, name: str, workdir: str) -> str:
     # set_tracking_uri also exports MLFLOW_TRACKING_URI, which `tracking_uri` reads as
     # the user's choice: a second pipeline run in this process (a held-out run after a
     # sweep, a test after a test) would log into the first run's store. Keep the user's.
