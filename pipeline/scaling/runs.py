@@ -27,6 +27,10 @@ class TrainingRun:
     curve: tuple[np.ndarray, np.ndarray]  # (flops, val_loss) at every evaluation
 
 
+# What a training stage counts as its data: the x axis of its runs and the unit of a sweep's budgets.
+UNITS = {"pretrain_gpt": "tokens", "pretrain_vit": "images"}
+
+
 def read_runs(experiment: str, tracking_uri: Optional[str] = None, stage: str = "pretrain_gpt",
               sweep: Optional[str] = None) -> list[TrainingRun]:
     from mlflow.tracking import MlflowClient
@@ -38,7 +42,7 @@ def read_runs(experiment: str, tracking_uri: Optional[str] = None, stage: str = 
     query = f"tags.stage = '{stage}' and tags.status = 'ran' and attributes.status = 'FINISHED'"
     if sweep:
         query += f" and tags.sweep = '{sweep}'"
-    unit = "tokens" if stage == "pretrain_gpt" else "images"
+    unit = UNITS[stage]
     runs = []
     for run in client.search_runs([found.experiment_id], query, max_results=10000):
         metrics = run.data.metrics

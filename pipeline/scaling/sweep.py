@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from pipeline.config import ConfigError, RunConfig, TransformerConfig, _validate, load_config, load_dataclass
+from pipeline.scaling.runs import UNITS
 
 
 @dataclass
@@ -55,7 +56,8 @@ class SweepConfig:
     def validate(self, key: str) -> None:
         if len(self.sizes) < 2:
             raise ConfigError(f"{key}sizes must list at least 2 model sizes, got {len(self.sizes)}")
-        unit, other = ("tokens", "images") if self.stage == "pretrain_gpt" else ("images", "tokens")
+        unit = UNITS[self.stage]
+        [other] = set(UNITS.values()) - {unit}
         if getattr(self, other):
             raise ConfigError(f"{key}{other} is not a budget of a {self.stage} sweep: list {unit}")
         if len(self.budgets) < 1 or any(t < 1 for t in self.budgets):
@@ -72,7 +74,7 @@ class SweepConfig:
 
     @property
     def budgets(self) -> list[int]:
-        return self.tokens if self.stage == "pretrain_gpt" else self.images
+        return getattr(self, UNITS[self.stage])
 
 
 def load_sweep(path: str) -> SweepConfig:
@@ -161,7 +163,7 @@ def run_holdout(path: str, workdir: Optional[str] = None, bootstrap: int = 200) 
 
 
 def format_sweep(points: list[RunConfig], records: list[dict[str, Any]], stage: str) -> str:
-    unit = "tokens" if stage == "pretrain_gpt" else "images"
+    unit = UNITS[stage]
     lines = [f"{'layers':>6} {'d_model':>7} {'params':>10} {unit:>10} {'status':>7} {'val loss':>9}"]
     for config, record in zip(points, records):
         model = getattr(config, stage).model
