@@ -50,7 +50,7 @@ def main() -> None:
     print(f"cold / bar ({BAR_COLD_S:.0f} s):     {cold_s / BAR_COLD_S:.2f}")
     print(f"cached / bar ({BAR_CACHED_S:.0f} s):    {cached_s / BAR_CACHED_S:.2f}  ({cached_s:.1f} s)")
     print(f"cached / cold:          {cached_s / cold_s:.3f}")
-    m = cold["stages"]["evaluate"]["metrics"]
+    m = {**cold["stages"]["evaluate_gpt"]["metrics"], **cold["stages"]["evaluate"]["metrics"]}
     print(f"metrics: gpt_val_loss={m['gpt_val_loss']:.3f} (unigram {m['gpt_unigram_entropy']:.3f}), "
           f"vit_test_accuracy={m['vit_test_accuracy']:.3f}, "
           f"captioner_per_digit_accuracy={m['captioner_per_digit_accuracy']:.3f}, "

@@ -16,12 +16,12 @@ COMMANDS = {
     "patchify": ["patchify"],
     "pretrain": ["pretrain_gpt", "pretrain_vit"],
     "finetune": ["finetune"],
-    "evaluate": ["evaluate"],
+    "evaluate": ["evaluate_gpt", "evaluate"],
     "batches": None,
     "plan": None,
 }
 HELP = {
-    "run": "the whole DAG: shard, tokenize, patchify, pretrain (GPT, ViT), finetune, evaluate",
+    "run": "the whole DAG (or the config's `targets`): shard, tokenize, patchify, pretrain (GPT, ViT), finetune, evaluate",
     "shard": "write WebDataset shards of MNIST digits, digit grids and text, with manifests",
     "tokenize": "train the byte-level BPE tokenizer and write packed token shards",
     "patchify": "turn image shards into ViT patch shards",
@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "a fit of an experiment also logs them to a scaling_fit run there")
     predict.add_argument("--params", type=float, required=True, help="non-embedding parameters N")
     predict.add_argument("--tokens", type=float, required=True, help="training tokens D")
+
+    read = sub.add_parser("predict", help="write out the digits of grid images with a fine-tuned captioner",
+                          description="Print each grid image's digits, one line per row: a digit or '_' (blank) per "
+                                      "cell. Images: grayscale, light digits on dark, 28x28-pixel cells, 1 to 10 rows "
+                                      "and columns (the size says how many). Greedy decoding, batched, with a KV cache.")
+    read.add_argument("--checkpoint", required=True, metavar="DIR",
+                      help="the fine-tune stage's checkpoint, as the run summary names it (stages.finetune.outputs.checkpoint)")
+    read.add_argument("images", nargs="+", metavar="IMAGE", help="grid images (PNG)")
+    read.add_argument("--json", action="store_true", help='one JSON object per image: {"image": PATH, "rows": ["37", "_1"]}')
+    read.add_argument("--batch-size", type=int, default=64, help="images decoded at once (default 64)")
     return parser
 
 
@@ -111,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        from pipeline.predict import CheckpointError, ImageError
+
         if isinstance(e, ConfigError):
             print(f"config error: {e}", file=sys.stderr)
+        elif isinstance(e, (ImageError, CheckpointError)):
+            print(f"predict: {e}", file=sys.stderr)
         elif isinstance(e, FitError):
             print(f"scaling: {e}", file=sys.stderr)
         else:
@@ -140,10 +154,15 @@ def _main(argv: list[str]) -> int:
     # Overrides may come after the options too (`run CFG --workdir W a.b=1`): argparse
     # leaves those in `extra`.
     args, extra = parser.parse_known_args(argv)
+    if args.command in ("scaling", "predict") and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "scaling":
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return _scaling(args)
+    if args.command == "predict":
+        from pipeline.predict import predict_command
+
+        print(predict_command(args.checkpoint, args.images, args.json, args.batch_size))
+        return 0
     for arg in extra:
         if arg.startswith("-") or "=" not in arg:
             parser.error(f"unrecognized argument: {arg}")

@@ -1,8 +1,9 @@
 """Held-out metrics: GPT validation loss, perplexity and the unigram baseline;
-ViT test accuracy; captioner per-digit accuracy and whole-grid exact match.
+ViT accuracy; the captioner's per-digit and per-cell accuracy, whole-grid exact
+match, shape errors and accuracy by grid shape, with pictures.
 
-`evaluate_all` is what the evaluate stage runs as a Ray task (on a GPU when
-`evaluate.use_gpu` is set): the driver only schedules it."""
+`evaluate_gpt` and `evaluate_images` are what the two evaluation stages run as
+Ray tasks (on a GPU when `evaluate.use_gpu` is set): the driver only schedules."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ import torch.nn.functional as F
 from pipeline.config import EvaluateConfig
 from pipeline.data.loader import head_batches
 from pipeline.data.shards import read_manifest, shard_entries
-from pipeline.data.sources import BLANK
+from pipeline import storage
+from pipeline.data.sources import BLANK, CELL, grid_output
+from pipeline.models.captioner import FIRST_CELL, encode_text
+from pipeline.preprocess.patchify import patchify
 from pipeline.train.checkpoint import load_trained
 
 EXAMPLES = 16  # test grids written out for a person to read, mistakes first
+PICTURES = ("samples.png", "confusion.png", "accuracy_by_shape.png", "attention.png")
 
 
 def _batches(directory: str, fields: dict, batch_size: int, limit: int | None = None) -> list[dict]:
@@ -71,14 +76,24 @@ def evaluate_vit(trained: dict[str, Any], patches: str, cfg: EvaluateConfig, spl
     return {f"vit_{split}_accuracy": correct / count, f"vit_{split}_images": float(count)}
 
 
-def score_grids(predicted: list[str], target: list[str], split: str = "test") -> dict[str, float]:
-    """Per-digit accuracy over the target's digit cells, blank-cell accuracy, and
-    exact match of the whole written grid. A missing or extra cell counts wrong."""
-    digits = digits_right = blanks = blanks_right = exact = 0
+def _metric_prefix(grid_set: str, split: str) -> str:
+    """`captioner_` for the training grid set's test split; the set's name and any other
+    split are spelled out: `captioner_val_`, `captioner_2x2_`, `captioner_2x2_val_`."""
+    parts = ["captioner"] + ([grid_set] if grid_set != "grids" else []) + ([split] if split != "test" else [])
+    return "_".join(parts) + "_"
+
+
+def score_grids(predicted: list[str], target: list[str], prefix: str = "captioner_") -> dict[str, float]:
+    """Per-digit accuracy over the target's digit cells, per-cell accuracy (blanks too),
+    blank accuracy, exact match of the whole written grid, and the shape-error rate (a
+    wrong number of rows or a row of the wrong length). A cell is read at its row and
+    column; a missing or extra cell counts wrong."""
+    digits = digits_right = blanks = blanks_right = exact = shape_errors = 0
     for pred, true in zip(predicted, target):
         exact += pred == true
-        pred_rows = pred.split("\n")
-        for r, row in enumerate(true.split("\n")):
+        pred_rows, true_rows = pred.split("\n"), true.split("\n")
+        shape_errors += [len(r) for r in pred_rows] != [len(r) for r in true_rows]
+        for r, row in enumerate(true_rows):
             for c, ch in enumerate(row):
                 got = pred_rows[r][c] if r < len(pred_rows) and c < len(pred_rows[r]) else None
                 if ch == BLANK:
@@ -87,46 +102,146 @@ def score_grids(predicted: list[str], target: list[str], split: str = "test") ->
                 else:
                     digits += 1
                     digits_right += got == ch
-    prefix = "captioner_" if split == "test" else f"captioner_{split}_"
     scores = {
         f"{prefix}per_digit_accuracy": digits_right / max(1, digits),
+        f"{prefix}per_cell_accuracy": (digits_right + blanks_right) / max(1, digits + blanks),
         f"{prefix}exact_match": exact / max(1, len(target)),
+        f"{prefix}shape_error_rate": shape_errors / max(1, len(target)),
     }
     if blanks:
         scores[f"{prefix}blank_accuracy"] = blanks_right / blanks
     return scores
 
 
+def accuracy_by(predicted: list[str], target: list[str], group) -> dict[str, float]:
+    """Per-cell accuracy of each group of grids; `group` names a grid's group from its
+    target rows, e.g. "3x5" by shape."""
+    counts: dict[str, list[int]] = {}
+    for pred, true in zip(predicted, target):
+        rows, pred_rows = true.split("\n"), pred.split("\n")
+        tally = counts.setdefault(group(rows), [0, 0])
+        tally[0] += sum(r < len(pred_rows) and c < len(pred_rows[r]) and pred_rows[r][c] == ch
+                        for r, row in enumerate(rows) for c, ch in enumerate(row))
+        tally[1] += sum(len(r) for r in rows)
+    return {name: right / cells for name, (right, cells) in sorted(counts.items())}
+
+
+def by_shape(rows: list[str]) -> str:
+    return f"{len(rows)}x{len(rows[0])}"
+
+
 @torch.no_grad()
-def evaluate_captioner(trained: dict[str, Any], grids: str, cfg: EvaluateConfig, split: str = "test") -> tuple[dict[str, float], list[dict]]:
-    """Metrics, and a few written-out grids (mistakes first) for a person to read."""
+def read_grids(trained: dict[str, Any], grids: str, cfg: EvaluateConfig) -> dict[str, list]:
+    """Every grid of a split written out by the model: keys, targets, predictions."""
     model, device = _load(trained, cfg)
     fields = {"npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])}
-    keys: list[str] = []
-    texts: list[str] = []
-    predicted: list[str] = []
+    out: dict[str, list] = {"keys": [], "targets": [], "predicted": []}
     for batch in _batches(grids, fields, cfg.batch_size):
-        rows, cols = (int(v) for v in batch["json"][0])
-        predicted += model.generate(batch["npy"].to(device), rows, cols)
-        keys += batch["__key__"]
-        texts += [str(t) for t in batch["txt"]]
-    wrong_first = sorted(range(len(texts)), key=lambda i: predicted[i] == texts[i])[:EXAMPLES]
-    examples = [{"key": keys[i], "target": texts[i], "predicted": predicted[i]} for i in wrong_first]
-    count_key = "captioner_test_grids" if split == "test" else f"captioner_{split}_grids"
-    return {**score_grids(predicted, texts, split), count_key: float(len(texts))}, examples
+        shapes = torch.tensor([[int(r), int(c)] for r, c in batch["json"]], device=device)
+        out["predicted"] += model.generate(batch["npy"].to(device), shapes)
+        out["keys"] += batch["__key__"]
+        out["targets"] += [str(t) for t in batch["txt"]]
+    return out
 
 
-def evaluate_all(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, float], list[dict]]:
-    """Every model on its held-out data (`inputs`: the upstream stages' outputs):
-    metrics, and the captioner's written-out test grids."""
+def evaluate_captioner(trained: dict[str, Any], grids: str, cfg: EvaluateConfig, grid_set: str = "grids",
+                       split: str = "test") -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics of one grid set's split, and what the pictures and the report need:
+    the written grids (mistakes first) and the accuracy of each grid shape."""
+    read = read_grids(trained, grids, cfg)
+    prefix = _metric_prefix(grid_set, split)
+    texts, predicted = read["targets"], read["predicted"]
+    metrics = {**score_grids(predicted, texts, prefix), f"{prefix}grids": float(len(texts))}
+    by_size = accuracy_by(predicted, texts, by_shape)
+    if len(by_size) > 1:  # ragged grids: per-cell accuracy by number of rows
+        by_rows = accuracy_by(predicted, texts, lambda rows: f"{len(rows):02d}")
+        metrics.update({f"{prefix}cell_accuracy_rows{int(r)}": acc for r, acc in by_rows.items()})
+    wrong_first = sorted(range(len(texts)), key=lambda i: predicted[i] == texts[i])
+    return metrics, {**read, "order": wrong_first, "by_size": by_size}
+
+
+@torch.no_grad()
+def cross_attention(model, patches: torch.Tensor, shapes: torch.Tensor, written: str) -> np.ndarray:
+    """The last decoder block's cross-attention (heads averaged) while it writes each cell
+    of `written` for one grid, laid over the image's patches: (cells written, rows*g, cols*g).
+    A cell's class token's share is spread over that cell's patches."""
+    block = model.blocks[-1].cross_attn
+    seen = {}
+    hook = block.register_forward_hook(lambda mod, args, kwargs, out: seen.update(x=args[0], **kwargs), with_kwargs=True)
+    try:
+        ids = torch.tensor([encode_text(written)], device=patches.device)
+        model(patches, shapes, ids[:, :-1])
+    finally:
+        hook.remove()
+    q = block.heads(block.q(seen["x"]))
+    k, _ = block.keys_values(seen["context"])
+    w = torch.softmax((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5, dim=-1).mean(1)[0]  # (T, memory)
+    writes_cell = ids[0, 1:] >= FIRST_CELL  # query t writes ids[t + 1]
+    rows, cols = (int(v) for v in shapes[0])
+    g = model.patch_grid
+    per_cell = w[writes_cell, 1:].reshape(-1, rows, cols, 1 + g * g)  # drop the shape token
+    spread = per_cell[..., 1:] + per_cell[..., :1] / (g * g)
+    return spread.reshape(-1, rows, cols, g, g).permute(0, 1, 3, 2, 4).reshape(-1, rows * g, cols * g).cpu().numpy()
+
+
+def _grid_images(directory: str, keys: list[str]) -> list[np.ndarray]:
+    """The raw grid images with these keys, from the shard stage's shards."""
+    from pipeline.data.shards import iter_verified
+
+    wanted = set(keys)
+    found = {s["__key__"]: s["png"] for s in iter_verified(directory) if s["__key__"] in wanted}
+    return [found[k] for k in keys]
+
+
+def captioner_pictures(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig, read: dict[str, Any]) -> dict[str, bytes]:
+    """The test grids' pictures: samples (mistakes first), the confusion of cells, accuracy
+    by shape (ragged grids), and one grid's cross-attention."""
+    from pipeline import pictures
+
+    raw = inputs["shard"]["grids_test"]
+    shown = read["order"][:8]
+    keys = [read["keys"][i] for i in shown]
+    out = {
+        "samples.png": pictures.samples_png(_grid_images(raw, keys), [read["predicted"][i] for i in shown],
+                                            [read["targets"][i] for i in shown], "test grids (mistakes first, in red)"),
+        "confusion.png": pictures.confusion_png(pictures.confusion(read["predicted"], read["targets"]),
+                                                "test cells: true against written"),
+    }
+    if len(read["by_size"]) > 1:
+        out["accuracy_by_shape.png"] = pictures.by_shape_png(read["by_size"], "test per-cell accuracy by grid shape")
+    # one grid of a few rows and columns, written right, for a readable attention map
+    sizes = [(t.count("\n") + 1) * len(t.split("\n")[0]) for t in read["targets"]]
+    pick = next((i for i, n in enumerate(sizes) if 4 <= n <= 12 and read["predicted"][i] == read["targets"][i]), 0)
+    (image,) = _grid_images(raw, [read["keys"][pick]])
+    model, device = _load(inputs["finetune"], cfg)
+    args = storage.read_json(inputs["finetune"]["model_config"])["model_args"]
+    patches = torch.from_numpy(patchify(image, args["patch_size"], args["mean"], args["std"]))[None].to(device)
+    shape = torch.tensor([[image.shape[0] // CELL, image.shape[1] // CELL]], device=device)
+    weights = cross_attention(model, patches, shape, read["predicted"][pick])
+    out["attention.png"] = pictures.attention_png(image, read["predicted"][pick], weights, args["patch_size"])
+    return out
+
+
+def evaluate_images(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig, grid_sets: list[str],
+                    out_dir: str) -> tuple[dict[str, float], list[dict]]:
+    """The ViT on single digits and the captioner on every grid set's validation and
+    test grids; the test pictures are written to `out_dir`. Returns metrics and the
+    written-out test grids of the training grid set (mistakes first)."""
     patches = inputs["patchify"]
-    captioner_test, examples = evaluate_captioner(inputs["finetune"], patches["grids_test"], cfg)
-    captioner_val, _ = evaluate_captioner(inputs["finetune"], patches["grids_val"], cfg, "val")
     metrics = {
-        **evaluate_gpt(inputs["pretrain_gpt"], inputs["tokenize"]["tokens_val"], cfg),
         **evaluate_vit(inputs["pretrain_vit"], patches["mnist_val"], cfg, "val"),
         **evaluate_vit(inputs["pretrain_vit"], patches["mnist_test"], cfg),
-        **captioner_val,
-        **captioner_test,
     }
+    main = None
+    for grid_set in grid_sets:
+        for split in ("val", "test"):
+            directory = patches[grid_output(grid_set, split)]
+            scores, read = evaluate_captioner(inputs["finetune"], directory, cfg, grid_set, split)
+            metrics.update(scores)
+            if grid_set == "grids" and split == "test":
+                main = read
+    for name, data in captioner_pictures(inputs, cfg, main).items():
+        storage.write_bytes_atomic(storage.join(out_dir, name), data)
+    examples = [{"key": main["keys"][i], "target": main["targets"][i], "predicted": main["predicted"][i]}
+                for i in main["order"][:EXAMPLES]]
     return metrics, examples

@@ -60,7 +60,10 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
 
     workdir = storage.absolute(workdir or config.workdir)
     config.workdir = workdir
-    names = closure(STAGES, targets or PIPELINE_ORDER)
+    try:
+        names = closure(STAGES, targets or config.targets or PIPELINE_ORDER)
+    except KeyError as e:
+        raise ConfigError(f"targets: {e.args[0]}") from None
     uri = tracking.tracking_uri(config.tracking.uri, workdir)
     check_cluster_storage(config, workdir, uri)
     try:
@@ -116,7 +119,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
-    metrics = summary["stages"].get("evaluate", {}).get("metrics", {})
+    metrics = {k: v for stage in ("evaluate_gpt", "evaluate") for k, v in summary["stages"].get(stage, {}).get("metrics", {}).items()}
     if metrics:
         width = max(len(k) for k in metrics)
         lines += ["", "evaluation"] + [f"  {k:<{width}}  {_fmt(v)}" for k, v in metrics.items()]

@@ -90,14 +90,18 @@ def run_shard(ctx: StageContext) -> StageResult:
 
     grid_schema = {"png": "uint8 grid image of 28x28 cells", "txt": "digits row by row, '_' blank",
                    "json": "rows, cols, digit_keys (the digits' keys in the mnist shards of the split)"}
-    for split in sources.SPLITS:
-        count = getattr(data.grids, f"{split}_count")
-        d = storage.join(out, "grids", split)
-        ranges = _shard_ranges(count, data.grids.samples_per_shard)
-        shard_args = [(data.grids, split, outputs[f"mnist_{split}"], data.seed, a, b) for a, b in ranges]
-        m = _write_split(d, "grids", sources.grid_samples, shard_args, grid_schema, fp, f"shard grids/{split}")
-        outputs[f"grids_{split}"] = d
-        metrics[f"grids_{split}_samples"] = m["total_samples"]
+    for grids in data.grid_sets():
+        for split in sources.SPLITS:
+            count = getattr(grids, f"{split}_count")
+            if not count:  # an evaluation-only set has no training grids
+                continue
+            name = sources.grid_output(grids.name, split)
+            d = storage.join(out, *name.split("_"))
+            ranges = _shard_ranges(count, grids.samples_per_shard)
+            shard_args = [(grids, split, outputs[f"mnist_{split}"], data.seed, a, b) for a, b in ranges]
+            m = _write_split(d, "grids", sources.grid_samples, shard_args, grid_schema, fp, f"shard {name}")
+            outputs[name] = d
+            metrics[f"{name}_samples"] = m["total_samples"]
 
     # The driver lists the parts; each Ray task reads only its own.
     text_schema = {"txt": "a UTF-8 document", "json": "source_key"}
@@ -164,7 +168,7 @@ def run_patchify(ctx: StageContext) -> StageResult:
     outputs: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     schema = {"npy": f"float16 (num_patches, {cfg.patch_size ** 2}) normalised patches, raster order"}
-    for name in (f"{kind}_{split}" for kind in ("mnist", "grids") for split in sources.SPLITS):
+    for name in (k for k in raw if k.startswith(("mnist_", "grids_"))):
         out = storage.join(ctx.out_dir, *name.split("_"))
         calls = [
             (entry, storage.join(out, f"patches-{i:06d}.tar"), cfg.patch_size, cfg.mean, cfg.std)
@@ -265,12 +269,13 @@ def _patch_args(ctx: StageContext) -> dict[str, Any]:
     p = ctx.config.patchify
     g = sources.CELL // p.patch_size
     return {"patch_size": p.patch_size, "num_patches": g * g, "patch_dim": p.patch_size ** 2,
-            "num_classes": 10, "background": -p.mean / p.std}
+            "num_classes": 10, "background": -p.mean / p.std, "mean": p.mean, "std": p.std}
 
 
 def run_pretrain_vit(ctx: StageContext) -> StageResult:
     cfg = ctx.config.pretrain_vit
-    return _train(ctx, "vit", cfg, *TRAINING_DATA["pretrain_vit"][1](ctx.inputs), _patch_args(ctx), max_shift=cfg.max_shift)
+    return _train(ctx, "vit", cfg, *TRAINING_DATA["pretrain_vit"][1](ctx.inputs), _patch_args(ctx), max_shift=cfg.max_shift,
+                  augment=cfg.augment)
 
 
 def run_finetune(ctx: StageContext) -> StageResult:
@@ -282,11 +287,24 @@ def run_finetune(ctx: StageContext) -> StageResult:
     return _train(
         ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), _patch_args(ctx),
         init_encoder=vit["weights"], encoder_model=TransformerConfig(**encoder["model"]),
-        encoder_lr_scale=cfg.encoder_lr_scale,
+        encoder_lr_scale=cfg.encoder_lr_scale, augment=cfg.augment,
     )
 
 
 # --------------------------------------------------------------------------- evaluate
+
+
+def run_evaluate_gpt(ctx: StageContext) -> StageResult:
+    import ray
+
+    from pipeline import evaluate
+
+    cfg = ctx.config.evaluate
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_gpt)
+    metrics = ray.get(task.remote(ctx.inputs["pretrain_gpt"], ctx.inputs["tokenize"]["tokens_val"], cfg))
+    metrics_path = storage.join(ctx.out_dir, "metrics.json")
+    storage.write_json_atomic(metrics_path, metrics)
+    return StageResult({"metrics": metrics_path}, metrics)
 
 
 def run_evaluate(ctx: StageContext) -> StageResult:
@@ -295,13 +313,20 @@ def run_evaluate(ctx: StageContext) -> StageResult:
     from pipeline import evaluate
 
     cfg = ctx.config.evaluate
-    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_all)
-    metrics, examples = ray.get(task.remote(ctx.inputs, cfg))
-    metrics_path = storage.join(ctx.out_dir, "metrics.json")
-    examples_path = storage.join(ctx.out_dir, "captioner_examples.json")
-    storage.write_json_atomic(metrics_path, metrics)
-    storage.write_json_atomic(examples_path, examples)
-    return StageResult({"metrics": metrics_path, "captioner_examples": examples_path}, metrics)
+    grid_sets = [g.name for g in ctx.config.data.grid_sets()]
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_images)
+    metrics, examples = ray.get(task.remote(ctx.inputs, cfg, grid_sets, ctx.out_dir))
+    outputs = {"metrics": storage.join(ctx.out_dir, "metrics.json"),
+               "captioner_examples": storage.join(ctx.out_dir, "captioner_examples.json")}
+    storage.write_json_atomic(outputs["metrics"], metrics)
+    storage.write_json_atomic(outputs["captioner_examples"], examples)
+    for picture in evaluate.PICTURES:
+        path = storage.join(ctx.out_dir, picture)
+        if storage.exists(path):
+            outputs[picture.removesuffix(".png")] = path
+    if ctx.mlflow_run_id:
+        tracking.log_files(ctx.tracking_uri, ctx.mlflow_run_id, list(outputs.values()))
+    return StageResult(outputs, metrics)
 
 
 STAGES: dict[str, Stage] = {
@@ -314,6 +339,9 @@ STAGES: dict[str, Stage] = {
         Stage("pretrain_gpt", ("tokenize",), lambda c: c.pretrain_gpt, run_pretrain_gpt, resumable=True),
         Stage("pretrain_vit", ("patchify",), lambda c: c.pretrain_vit, run_pretrain_vit, resumable=True),
         Stage("finetune", ("patchify", "pretrain_vit"), lambda c: c.finetune, run_finetune, resumable=True),
-        Stage("evaluate", ("tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "finetune"), lambda c: c.evaluate, run_evaluate),
+        Stage("evaluate_gpt", ("tokenize", "pretrain_gpt"), lambda c: c.evaluate, run_evaluate_gpt),
+        # the grid sets' names decide which metrics there are
+        Stage("evaluate", ("shard", "patchify", "pretrain_vit", "finetune"),
+              lambda c: {**dataclasses.asdict(c.evaluate), "grid_sets": [g.name for g in c.data.grid_sets()]}, run_evaluate),
     ]
 }

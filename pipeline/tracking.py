@@ -183,3 +183,16 @@ def plot_loss(uri: str, run_id: str, unit: str, path: str) -> None:
         with open(local, "rb") as f:
             storage.write_bytes_atomic(path, f.read())
         runs.log_artifact(run_id, local)
+
+
+def log_files(uri: str, run_id: str, paths: list[str]) -> None:
+    """Attach files (local or on a bucket) to a run as artifacts, under their own names."""
+    import tempfile
+
+    runs = client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in paths:
+            local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(path))
+            runs.log_artifact(run_id, local)

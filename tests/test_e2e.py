@@ -16,7 +16,7 @@ import pytest
 
 from conftest import SMOKE, VENV_BIN
 
-STAGES = ["shard", "tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "finetune", "evaluate"]
+STAGES = ["shard", "tokenize", "patchify", "pretrain_gpt", "pretrain_vit", "finetune", "evaluate_gpt", "evaluate"]
 
 
 def _pipeline(workdir, summary, *extra):
@@ -44,7 +44,7 @@ def test_smoke_run_learns(smoke):
         assert stage["status"] == "ran" and stage["seconds"] >= 0
     for name in ("pretrain_gpt", "pretrain_vit", "finetune"):
         assert os.path.isdir(summary["stages"][name]["outputs"]["checkpoint"])
-    m = summary["stages"]["evaluate"]["metrics"]
+    m = {**summary["stages"]["evaluate_gpt"]["metrics"], **summary["stages"]["evaluate"]["metrics"]}
     print(f"smoke cold run {seconds:.0f}s, metrics {m}")
     assert m["gpt_val_loss"] < m["gpt_unigram_entropy"]
     assert m["vit_test_accuracy"] >= 0.90
@@ -89,5 +89,5 @@ def test_rerun_is_cached_and_a_change_reruns_only_downstream(smoke):
     changed, _, _ = _pipeline(root / "work", root / "changed.json", "finetune.train.max_steps=40")
     status = {name: s["status"] for name, s in changed["stages"].items()}
     assert status == {"shard": "cached", "tokenize": "cached", "patchify": "cached", "pretrain_gpt": "cached",
-                      "pretrain_vit": "cached", "finetune": "ran", "evaluate": "ran"}
+                      "pretrain_vit": "cached", "finetune": "ran", "evaluate_gpt": "cached", "evaluate": "ran"}
     assert changed["stages"]["finetune"]["outputs"]["checkpoint"] != first["stages"]["finetune"]["outputs"]["checkpoint"]

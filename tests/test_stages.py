@@ -178,14 +178,18 @@ def test_finetune_starts_from_the_pretrained_vit(run_tiny):
 
 
 def test_evaluate(run_tiny):
-    summary = run_tiny(["evaluate"])
-    metrics = summary["stages"]["evaluate"]["metrics"]
+    summary = run_tiny(["evaluate_gpt", "evaluate"])
+    metrics = {**summary["stages"]["evaluate_gpt"]["metrics"], **summary["stages"]["evaluate"]["metrics"]}
     for key in ("vit_test_accuracy", "captioner_per_digit_accuracy", "captioner_exact_match"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["gpt_val_ppl"] == pytest.approx(math.exp(metrics["gpt_val_loss"]))
     assert metrics["vit_test_accuracy"] > 0.3  # 40 steps: far above the 0.1 of chance
-    written = storage.read_json(summary["stages"]["evaluate"]["outputs"]["metrics"])
-    assert written == json.loads(json.dumps(metrics))
+    for stage in ("evaluate_gpt", "evaluate"):
+        written = storage.read_json(summary["stages"][stage]["outputs"]["metrics"])
+        assert written == json.loads(json.dumps(summary["stages"][stage]["metrics"]))
+    pictures = summary["stages"]["evaluate"]["outputs"]
+    for name in ("samples", "confusion", "attention"):  # fixed 2x2 grids: no accuracy-by-shape map
+        assert storage.read_bytes(pictures[name])[:8] == b"\x89PNG\r\n\x1a\n", name
     examples = storage.read_json(summary["stages"]["evaluate"]["outputs"]["captioner_examples"])
     assert len(examples) == 16 and all(set(e) == {"key", "target", "predicted"} for e in examples)
 

@@ -16,7 +16,9 @@ def test_score_grids():
     # digits: 3 + 4 + 4 = 11; right: 3 + 3 + 1 = 7. One blank, right. One exact match of three.
     assert s["captioner_per_digit_accuracy"] == pytest.approx(7 / 11)
     assert s["captioner_blank_accuracy"] == 1.0
+    assert s["captioner_per_cell_accuracy"] == pytest.approx(8 / 12)
     assert s["captioner_exact_match"] == pytest.approx(1 / 3)
+    assert s["captioner_shape_error_rate"] == pytest.approx(1 / 3)  # "1" for a 2x2 grid
 
 
 def test_unigram_entropy():
@@ -57,7 +59,7 @@ def test_logged_flops_are_what_torch_counts(kind, encoder_lr_scale):
     torch.manual_seed(0)
     model = build_model(kind, model_cfg, args, encoder)
     param_groups(spec, model)  # freezes a captioner encoder whose learning-rate scale is 0
-    first = None
+    first = iter([None])
     if kind == "gpt":
         seq = torch.randint(0, 4096, (batch, 129))
         step = lambda: model(seq[:, :-1], seq[:, 1:])[1].backward()  # noqa: E731
@@ -66,10 +68,11 @@ def test_logged_flops_are_what_torch_counts(kind, encoder_lr_scale):
         step = lambda: model(x, y)[1].backward()  # noqa: E731
     else:
         rows, cols, text = 2, 3, "12_\n345"
-        first = {"json": {"rows": rows, "cols": cols}, "txt": text}
+        first = iter([{"json": {"rows": rows, "cols": cols}, "txt": text}])
         ids = torch.tensor([encode_text(text)] * batch)
         patches = torch.randn(batch, rows * cols * 16, 49)
-        step = lambda: model(patches, rows, cols, ids[:, :-1], ids[:, 1:])[1].backward()  # noqa: E731
+        shapes = torch.tensor([[rows, cols]] * batch)
+        step = lambda: model(patches, shapes, ids[:, :-1], ids[:, 1:])[1].backward()  # noqa: E731
     measured = _measured_step_flops(model, step)
     logged = batch * TASKS[kind].flops_per_sample(spec, model, first)
     assert logged == pytest.approx(measured, rel=0.01)

@@ -32,14 +32,18 @@ Transform = Callable[[dict[str, Any], np.ndarray], dict[str, Any]]
 
 def collate(samples: list[dict[str, Any]], fields: Fields) -> dict[str, Any]:
     """Stack each numeric field into one tensor (dtype kept: token ids stay uint16);
-    keys and text stay lists."""
+    keys and text stay lists. Arrays whose first dimension differs (the patches of
+    grids of different shapes) are zero-padded to the longest."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
     for field in fields:
-        values = [s[field] for s in samples]
-        if np.asarray(values[0]).dtype.kind in "biuf":
-            batch[field] = torch.from_numpy(np.stack([np.asarray(v) for v in values]))
-        else:
-            batch[field] = values
+        values = [np.asarray(s[field]) for s in samples]
+        if values[0].dtype.kind not in "biuf":
+            batch[field] = [s[field] for s in samples]
+            continue
+        longest = max(len(v) for v in values) if values[0].ndim else 0
+        if any(v.ndim and len(v) != longest for v in values):
+            values = [np.concatenate([v, np.zeros((longest - len(v), *v.shape[1:]), v.dtype)]) for v in values]
+        batch[field] = torch.from_numpy(np.stack(values))
     return batch
 
 

@@ -10,6 +10,7 @@ import glob
 import os
 import random
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -98,20 +99,29 @@ def load_digit_shards(directory: str) -> tuple[np.ndarray, np.ndarray, tuple[str
             tuple(s["__key__"] for s in samples))
 
 
+def grid_output(grid_set: str, split: str) -> str:
+    """The shard and patchify stages' output name of a grid set's split: `grids_val` for
+    the training grids, `grids_<name>_val` for an evaluation-only set."""
+    return f"grids_{split}" if grid_set == "grids" else f"grids_{grid_set}_{split}"
+
+
 def grid_samples(cfg: GridConfig, split: str, digits_dir: str, seed: int, start: int, stop: int) -> Iterator[dict]:
     """Grids number `start` to `stop - 1` of a split, built only from that split's digit
     shards (no test or validation digit reaches training). Grid n depends only on
-    (seed, split, n) and the digits."""
+    (seed, split, the set's name, n) and the digits."""
     images, labels, keys = load_digit_shards(digits_dir)
+    (min_rows, max_rows), (min_cols, max_cols) = cfg.row_range(), cfg.col_range()
+    prefix = "" if cfg.name == "grids" else f"{cfg.name}-"
     for n in range(start, stop):
-        rng = np.random.default_rng([seed, SPLITS.index(split), n])
-        pick = rng.integers(0, len(labels), size=(cfg.rows, cfg.cols))
-        blank = rng.random((cfg.rows, cfg.cols)) < cfg.blank_prob
+        rng = np.random.default_rng([seed, SPLITS.index(split), n, zlib.crc32(cfg.name.encode())])
+        rows, cols = int(rng.integers(min_rows, max_rows + 1)), int(rng.integers(min_cols, max_cols + 1))
+        pick = rng.integers(0, len(labels), size=(rows, cols))
+        blank = rng.random((rows, cols)) < cfg.blank_prob
         yield {
-            "__key__": f"{split}-grid-{n:06d}",
+            "__key__": f"{prefix}{split}-grid-{n:06d}",
             "png": compose_grid(images[pick], blank),
             "txt": grid_text(labels[pick], blank),
-            "json": {"digit_keys": [[keys[i] for i in row] for row in pick], "rows": cfg.rows, "cols": cfg.cols},
+            "json": {"digit_keys": [[keys[i] for i in row] for row in pick], "rows": rows, "cols": cols},
         }
 
 

@@ -1,10 +1,17 @@
 """The captioner: a pretrained ViT reads a grid of digits, a causal decoder
 with cross-attention writes them out, row by row.
 
-Grid images are made of 28x28 cells, so the encoder tiles the image into its
-cells, runs the ViT on every cell (the resolution it was pretrained at, no
-position interpolation needed) and tags each cell's tokens with a learned row
-and column embedding. The decoder cross-attends to all cells' tokens.
+Grid images are made of 28x28 cells, so an image's size says how many rows and
+columns it has. The encoder tiles the image into its cells, runs the ViT on every
+cell (the resolution it was pretrained at, no position interpolation needed) and
+tags each cell's tokens with a learned row and column embedding. One more memory
+token holds the grid's shape. A batch may mix shapes: the memory is padded and
+masked.
+
+The decoder cross-attends to the memory. Besides its token and position, each
+input carries a cursor: the row and column of the cell written next, counted
+from the text written so far (newlines and cells), so that "which cell now" is a
+lookup by the same row and column tags the memory carries.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pipeline.models.vit import ViT
 # The written form of a grid: digits, '_' for a blank cell, '\n' between rows.
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = ["<pad>", "<bos>", "<eos>", "\n", "_", *"0123456789"]
+NEWLINE, FIRST_CELL = 3, 4  # ids from FIRST_CELL on are cells: a blank or a digit
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB) if i > EOS}
 MAX_GRID = 10
 MAX_TEXT_LEN = MAX_GRID * (MAX_GRID + 1)  # 10 rows of 10 cells, newlines, EOS
@@ -51,55 +59,91 @@ class Captioner(nn.Module):
         d_enc = encoder.cfg.d_model
         self.row_emb = nn.Embedding(MAX_GRID, d_enc)
         self.col_emb = nn.Embedding(MAX_GRID, d_enc)
+        self.shape_rows = nn.Embedding(MAX_GRID + 1, d_enc)  # the shape token: rows + columns
+        self.shape_cols = nn.Embedding(MAX_GRID + 1, d_enc)
         self.memory_proj = nn.Linear(d_enc, cfg.d_model) if d_enc != cfg.d_model else nn.Identity()
         self.tok_emb = nn.Embedding(len(VOCAB), cfg.d_model)
         self.pos_emb = nn.Embedding(MAX_TEXT_LEN + 1, cfg.d_model)
+        self.cursor_row = nn.Embedding(MAX_GRID + 1, cfg.d_model)
+        self.cursor_col = nn.Embedding(MAX_GRID + 1, cfg.d_model)
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.n_head, cfg.dropout, causal=True, cross=True) for _ in range(cfg.n_layer)
         )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, len(VOCAB), bias=False)
-        for module in (self.row_emb, self.col_emb, self.memory_proj, self.tok_emb, self.pos_emb, self.blocks, self.lm_head):
+        for module in (self.row_emb, self.col_emb, self.shape_rows, self.shape_cols, self.memory_proj, self.tok_emb,
+                       self.pos_emb, self.cursor_row, self.cursor_col, self.blocks, self.lm_head):
             module.apply(init_weights)
         self.lm_head.weight = self.tok_emb.weight
 
-    def encode(self, patches: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        """(B, rows*g*cols*g, patch_dim) raster-order patches -> (B, cells*(1+g*g), d) memory."""
-        B, P, D = patches.shape
-        g = self.patch_grid
-        if P != rows * cols * g * g:
-            raise ValueError(f"{P} patches do not tile a {rows}x{cols} grid of {g}x{g}-patch cells")
-        cells = patches.view(B, rows, g, cols, g, D).permute(0, 1, 3, 2, 4, 5).reshape(B * rows * cols, g * g, D)
-        tokens = self.encoder.encode(cells)  # (B*cells, 1+g*g, d_enc)
-        r = torch.arange(rows, device=patches.device).repeat_interleave(cols)
-        c = torch.arange(cols, device=patches.device).repeat(rows)
-        where = (self.row_emb(r) + self.col_emb(c)).repeat(B, 1).unsqueeze(1)
-        tokens = (tokens + where).view(B, rows * cols * tokens.shape[1], -1)
-        return self.memory_proj(tokens)
+    def cells(self, patches: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+        """(B, P, patch_dim) raster-order patches, zero-padded after each grid's own
+        rows*g*cols*g -> (sum of cells, g*g, patch_dim), each grid's cells in row order."""
+        g, D = self.patch_grid, patches.shape[-1]
+        out = []
+        for grid, (rows, cols) in zip(patches, shapes.tolist()):
+            if grid.shape[0] < rows * cols * g * g:
+                raise ValueError(f"{grid.shape[0]} patches cannot tile a {rows}x{cols} grid of {g}x{g}-patch cells")
+            out.append(grid[: rows * cols * g * g].view(rows, g, cols, g, D).permute(0, 2, 1, 3, 4).reshape(rows * cols, g * g, D))
+        return torch.cat(out)
 
-    def decode(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        x = self.tok_emb(ids) + self.pos_emb(pos)
-        for block in self.blocks:
-            x = block(x, context=memory)
+    def encode(self, patches: torch.Tensor, shapes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches and (B, 2) rows, cols -> memory (B, S, d) and its mask (B, S): the
+        shape token, then every cell's tokens; a shorter grid's memory is padded."""
+        tokens = self.encoder.encode(self.cells(patches, shapes))  # (cells, 1+g*g, d_enc)
+        rows, cols = shapes[:, 0], shapes[:, 1]
+        counts = (rows * cols).tolist()
+        r = torch.cat([torch.arange(n, device=shapes.device) // c for n, c in zip(counts, cols.tolist())])
+        c = torch.cat([torch.arange(n, device=shapes.device) % c for n, c in zip(counts, cols.tolist())])
+        tokens = tokens + (self.row_emb(r) + self.col_emb(c)).unsqueeze(1)
+        shape_token = (self.shape_rows(rows) + self.shape_cols(cols)).unsqueeze(1)
+        per_grid = [torch.cat([s, t.flatten(0, 1)]) for s, t in zip(shape_token, tokens.split(counts))]
+        lengths = torch.tensor([len(m) for m in per_grid], device=shapes.device)
+        memory = torch.nn.utils.rnn.pad_sequence(per_grid, batch_first=True)
+        mask = torch.arange(memory.shape[1], device=shapes.device)[None, :] < lengths[:, None]
+        return self.memory_proj(memory), mask
+
+    @staticmethod
+    def cursor(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column of the cell written after each position of `ids` (B, T):
+        newlines so far, and cells since the last newline."""
+        newline = ids == NEWLINE
+        cells = torch.cumsum(ids >= FIRST_CELL, dim=1)
+        row = torch.cumsum(newline, dim=1)
+        cells_at_last_newline = torch.cummax(torch.where(newline, cells, torch.zeros_like(cells)), dim=1).values
+        return row.clamp(max=MAX_GRID), (cells - cells_at_last_newline).clamp(max=MAX_GRID)
+
+    def decode(self, memory: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, start: int = 0,
+               caches: list | None = None) -> torch.Tensor:
+        """Logits for ids[:, start:]; with `caches` (one per block) only those positions run."""
+        row, col = self.cursor(ids)
+        new = ids[:, start:]
+        pos = torch.arange(start, ids.shape[1], device=ids.device)
+        x = self.tok_emb(new) + self.pos_emb(pos) + self.cursor_row(row[:, start:]) + self.cursor_col(col[:, start:])
+        for i, block in enumerate(self.blocks):
+            x = block(x, context=memory, context_mask=mask, cache=None if caches is None else caches[i])
         return self.lm_head(self.ln_f(x))
 
-    def forward(self, patches: torch.Tensor, rows: int, cols: int, ids: torch.Tensor, targets: torch.Tensor | None = None):
-        logits = self.decode(self.encode(patches, rows, cols), ids)
+    def forward(self, patches: torch.Tensor, shapes: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.decode(*self.encode(patches, shapes), ids)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=PAD)
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, patches: torch.Tensor, rows: int, cols: int) -> list[str]:
-        """Greedy decoding of a batch of grids of one shape."""
-        memory = self.encode(patches, rows, cols)
-        ids = torch.full((patches.shape[0], 1), BOS, dtype=torch.long, device=patches.device)
-        max_len = rows * (cols + 1)  # every cell, a newline per row but the last, EOS
-        done = torch.zeros(patches.shape[0], dtype=torch.bool, device=patches.device)
-        for _ in range(max_len):
-            next_id = self.decode(memory, ids)[:, -1].argmax(-1)
+    def generate(self, patches: torch.Tensor, shapes: torch.Tensor, use_cache: bool = True) -> list[str]:
+        """Greedy decoding of a batch of grids (of any shapes), with a KV cache."""
+        memory, mask = self.encode(patches, shapes)
+        B = patches.shape[0]
+        ids = torch.full((B, 1), BOS, dtype=torch.long, device=patches.device)
+        # every cell, a newline after each row but the last, EOS; one more to see a model run on
+        max_len = min(MAX_TEXT_LEN, int((shapes[:, 0] * (shapes[:, 1] + 1)).max()) + 1)
+        done = torch.zeros(B, dtype=torch.bool, device=patches.device)
+        caches = [{"self": {}, "cross": {}} for _ in self.blocks] if use_cache else None
+        for step in range(max_len):
+            start = step if use_cache else 0
+            next_id = self.decode(memory, mask, ids, start, caches)[:, -1].argmax(-1)
             next_id = torch.where(done, torch.full_like(next_id, PAD), next_id)
             ids = torch.cat([ids, next_id[:, None]], dim=1)
             done |= next_id == EOS
@@ -108,4 +152,5 @@ class Captioner(nn.Module):
         return [decode_ids(row[1:].tolist()) for row in ids]
 
     def embedding_params(self) -> int:
-        return self.pos_emb.weight.numel() + self.row_emb.weight.numel() + self.col_emb.weight.numel() + self.encoder.embedding_params()
+        tables = (self.pos_emb, self.row_emb, self.col_emb, self.shape_rows, self.shape_cols, self.cursor_row, self.cursor_col)
+        return sum(t.weight.numel() for t in tables) + self.encoder.embedding_params()

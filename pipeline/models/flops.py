@@ -47,6 +47,6 @@ def captioner_flops_per_sample(
     encoder = flops_per_token(encoder_params, encoder_layers, cell_tokens, encoder_d) * cell_tokens * cells
     if not encoder_trained:
         encoder /= 3
-    memory = cell_tokens * cells
+    memory = cell_tokens * cells + 1  # and the grid's shape token
     decoder = flops_per_token(decoder_token_params, decoder_layers, text_len + memory, decoder_d) * text_len
     return encoder + decoder + 6.0 * memory_params * memory

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 
 class Attention(nn.Module):
-    """Multi-head attention; self-attention when `context` is None."""
+    """Multi-head attention; self-attention when `context` is None.
+
+    `mask` (B, S) marks the context positions that may be attended to (padding is
+    False). `cache`, a dict owned by the caller, makes decoding incremental: self-
+    attention appends this call's keys and values to it; cross-attention computes the
+    context's keys and values once and reuses them.
+    """
 
     def __init__(self, d_model: int, n_head: int, dropout: float):
         super().__init__()
@@ -17,14 +23,34 @@ class Attention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, heads, T, head_dim)"""
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(source).split(source.shape[-1], dim=2)
+        return self.heads(k), self.heads(v)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False,
+                mask: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        source = x if context is None else context
-        q = self.q(x)
-        k, v = self.kv(source).split(C, dim=2)
-        # (B, T, C) -> (B, heads, T, head_dim)
-        q, k, v = (t.view(B, t.shape[1], self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        q = self.heads(self.q(x))
+        if context is not None and cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k, v = self.keys_values(x if context is None else context)
+            if cache is not None and context is None and "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        # With a cache, the new queries come after every cached key: causal only among themselves.
+        is_causal = causal and attn_mask is None and (cache is None or k.shape[2] == T)
+        if causal and not is_causal and T > 1:
+            attn_mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -52,10 +78,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, dropout)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=self.causal)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                cache: dict | None = None) -> torch.Tensor:
+        """`cache`: {"self": {}, "cross": {}} for incremental decoding (see Attention)."""
+        x = x + self.attn(self.ln_1(x), causal=self.causal, cache=None if cache is None else cache["self"])
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.ln_cross(x), context=context)
+            x = x + self.cross_attn(self.ln_cross(x), context=context, mask=context_mask,
+                                    cache=None if cache is None else cache["cross"])
         return x + self.mlp(self.ln_2(x))
 
 

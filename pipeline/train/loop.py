@@ -227,7 +227,7 @@ def train_worker(loop_config: dict) -> None:
         ckpt.load_weights(model.encoder, spec.init_encoder)
     task = TASKS[spec.kind]
     data = TrainingData.open(spec.train_data, train, world, spec.skip_shards)
-    sample_flops = task.flops_per_sample(spec, model, next(iter_shard(data.entries[0]["path"])))
+    sample_flops = task.flops_per_sample(spec, model, iter_shard(data.entries[0]["path"]))
 
     engine, _, scheduler = initialize(model, param_groups(spec, model), train, deepspeed_config(spec.deepspeed, train, world))
     resumed_at = _resume(engine, data, spec)

@@ -7,17 +7,19 @@ The engine loop (`train/loop.py`) is the same for all three.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+import itertools
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
-from pipeline.config import TrainConfig, TransformerConfig
+from pipeline.config import AugmentConfig, TrainConfig, TransformerConfig
 from pipeline.models import flops
 from pipeline.models.captioner import MAX_TEXT_LEN, PAD, Captioner, encode_text
 from pipeline.models.gpt import GPT
 from pipeline.models.layers import count_params
 from pipeline.models.vit import ViT
+from pipeline.train.augment import KeyedAffine
 
 CELL = 28
 
@@ -38,6 +40,7 @@ class TrainSpec:
     encoder_model: Optional[TransformerConfig] = None
     encoder_lr_scale: float = 1.0
     max_shift: int = 0
+    augment: Optional[AugmentConfig] = None  # affine distortion of each cell (replaces max_shift)
     tracking_uri: Optional[str] = None
     mlflow_run_id: Optional[str] = None
     resume_from: Optional[str] = None  # a reported checkpoint to start from (Ray's own restore wins)
@@ -137,7 +140,8 @@ class Task:
         """(logits, loss, targets); targets equal to IGNORE do not count for accuracy."""
         raise NotImplementedError
 
-    def flops_per_sample(self, spec: TrainSpec, model: torch.nn.Module, first: dict[str, Any]) -> float:
+    def flops_per_sample(self, spec: TrainSpec, model: torch.nn.Module, samples: Iterator[dict[str, Any]]) -> float:
+        """Training FLOPs of one sample; `samples`: the first shard's, decoded."""
         raise NotImplementedError
 
 
@@ -156,7 +160,7 @@ class GPTTask(Task):
         logits, loss = model(seq[:, :-1], seq[:, 1:])
         return logits, loss, seq[:, 1:]
 
-    def flops_per_sample(self, spec, model, first):
+    def flops_per_sample(self, spec, model, samples):
         m = spec.model
         return flops.gpt_flops_per_sequence(flops.matmul_params(model), m.n_layer,
                                             spec.model_args["seq_len"], m.d_model)
@@ -166,9 +170,11 @@ class ViTTask(Task):
     fields = {"npy": _as_float32, "cls": int}
 
     def transform(self, spec):
+        a = spec.model_args
+        if spec.augment and spec.augment.active():
+            return KeyedAffine(spec.augment, spec.train.seed, a["patch_size"], float(a["background"]))
         if not spec.max_shift:
             return None
-        a = spec.model_args
         return KeyedShift(spec.train.seed, a["patch_size"], spec.max_shift, float(a["background"]))
 
     def forward(self, model, batch, device, dtype):
@@ -176,7 +182,7 @@ class ViTTask(Task):
         logits, loss = model(batch["npy"].to(device, dtype, non_blocking=True), labels)
         return logits, loss, labels
 
-    def flops_per_sample(self, spec, model, first):
+    def flops_per_sample(self, spec, model, samples):
         m = spec.model
         return flops.vit_flops_per_image(flops.matmul_params(model), flops.matmul_params(model.head), m.n_layer,
                                          spec.model_args["num_patches"], m.d_model)
@@ -185,27 +191,38 @@ class ViTTask(Task):
 class CaptionerTask(Task):
     fields = {"npy": _as_float32, "txt": _padded_text_ids, "json": _grid_shape}
 
+    def transform(self, spec):
+        if not (spec.augment and spec.augment.active()):
+            return None
+        a = spec.model_args
+        return KeyedAffine(spec.augment, spec.train.seed, a["patch_size"], float(a["background"]))
+
     def forward(self, model, batch, device, dtype):
-        rows, cols = (int(v) for v in batch["json"][0])
         ids = batch["txt"].to(device, non_blocking=True)
         length = int((ids != PAD).sum(1).max())
         ids = ids[:, :length]
-        logits, loss = model(batch["npy"].to(device, dtype, non_blocking=True), rows, cols, ids[:, :-1], ids[:, 1:])
+        shapes = batch["json"].to(device)
+        logits, loss = model(batch["npy"].to(device, dtype, non_blocking=True), shapes, ids[:, :-1], ids[:, 1:])
         targets = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, IGNORE)
         return logits, loss, targets
 
-    def flops_per_sample(self, spec, model, first):
+    def flops_per_sample(self, spec, model, samples):
+        """The mean over the first shard's grids (up to 256): grids of mixed shapes cost
+        what their cells and text cost."""
         m = spec.model
         enc = model.encoder
         enc_params = flops.matmul_params(enc) - flops.matmul_params(enc.head)  # the captioner skips the head
         memory_params = flops.matmul_params(model.memory_proj) + sum(flops.matmul_params(b.cross_attn.kv) for b in model.blocks)
         decoder_params = flops.matmul_params(model) - flops.matmul_params(enc)
-        rows, cols = first["json"]["rows"], first["json"]["cols"]
-        text_len = len(encode_text(first["txt"])) - 1  # predicted positions
-        return flops.captioner_flops_per_sample(
-            enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, rows * cols, spec.encoder_lr_scale > 0,
-            decoder_params - memory_params, memory_params, m.n_layer, m.d_model, text_len,
-        )
+        costs = []
+        for sample in itertools.islice(samples, 256):
+            cells = sample["json"]["rows"] * sample["json"]["cols"]
+            text_len = len(encode_text(sample["txt"])) - 1  # predicted positions
+            costs.append(flops.captioner_flops_per_sample(
+                enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, cells, spec.encoder_lr_scale > 0,
+                decoder_params - memory_params, memory_params, m.n_layer, m.d_model, text_len,
+            ))
+        return sum(costs) / len(costs)
 
 
 TASKS: dict[str, Task] = {"gpt": GPTTask(), "vit": ViTTask(), "captioner": CaptionerTask()}

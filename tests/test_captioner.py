@@ -1,0 +1,140 @@
+"""The captioner on grids of mixed shapes: padding changes nothing, the KV cache
+changes nothing, the decoder's cursor counts cells; `pipeline predict` refuses
+images outside the grid convention with one line naming the file."""
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import TransformerConfig
+from pipeline.data.loader import collate
+from pipeline.models.captioner import Captioner, encode_text
+from pipeline.models.vit import ViT
+from pipeline.predict import ImageError, read_grid_image
+
+from conftest import VENV_BIN
+
+SHAPES = [(1, 1), (3, 5), (10, 10), (2, 2)]
+
+
+def tiny_captioner(seed: int = 0) -> Captioner:
+    torch.manual_seed(seed)
+    encoder = ViT(16, 49, 10, TransformerConfig(n_layer=1, n_head=2, d_model=16))
+    return Captioner(encoder, TransformerConfig(n_layer=2, n_head=2, d_model=24), patch_grid=4).eval()
+
+
+def _grid(rows: int, cols: int, rng) -> tuple[torch.Tensor, str]:
+    patches = torch.from_numpy(rng.standard_normal((rows * cols * 16, 49)).astype(np.float32))
+    text = "\n".join("".join(str(d) for d in rng.integers(0, 10, cols)) for _ in range(rows))
+    return patches, text
+
+
+def test_a_batch_of_mixed_shapes_gives_each_grid_its_own_logits():
+    model = tiny_captioner()
+    rng = np.random.default_rng(0)
+    grids = [_grid(r, c, rng) for r, c in SHAPES]
+    ids = [torch.tensor(encode_text(t)) for _, t in grids]
+    batch = collate([{"__key__": str(i), "npy": p.numpy(), "ids": np.pad(x.numpy(), (0, 120 - len(x)))}
+                     for i, ((p, _), x) in enumerate(zip(grids, ids))], {"npy": None, "ids": None})
+    assert batch["npy"].shape == (4, 1600, 49)  # padded to the 10x10 grid's patches
+    shapes = torch.tensor(SHAPES)
+    together, _ = model(batch["npy"], shapes, batch["ids"][:, :111])
+    for i, ((patches, _), x) in enumerate(zip(grids, ids)):
+        alone, _ = model(patches[None], shapes[i : i + 1], x[None])
+        torch.testing.assert_close(together[i, : len(x)], alone[0], atol=2e-5, rtol=1e-4)
+
+
+def test_kv_cache_decodes_what_full_recomputation_decodes():
+    model = tiny_captioner(seed=3)
+    with torch.no_grad():  # a bias towards cells, so an untrained model writes long texts
+        model.lm_head.weight[4:] += 0.05
+    rng = np.random.default_rng(1)
+    grids = [_grid(r, c, rng)[0] for r, c in SHAPES]
+    padded = torch.nn.utils.rnn.pad_sequence(grids, batch_first=True)
+    cached = model.generate(padded, torch.tensor(SHAPES))
+    assert cached == model.generate(padded, torch.tensor(SHAPES), use_cache=False)
+    assert max(len(t) for t in cached) > 20
+
+
+def test_cursor_counts_rows_and_cells_since_the_last_newline():
+    ids = torch.tensor([encode_text("12_\n3\n45")[:-1]])  # BOS 1 2 _ \n 3 \n 4 5
+    row, col = Captioner.cursor(ids)
+    assert row.tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2]]
+    assert col.tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2]]
+
+
+def _save(path, array, mode=None):
+    from PIL import Image
+
+    Image.fromarray(array, mode).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: _save(p, np.zeros((56, 50), np.uint8)), "width 50 px is not a whole number of 28-pixel cells"),
+    (lambda p: _save(p, np.zeros((28 * 11, 28), np.uint8)), "height 308 px is 11 cells; at most 10"),
+    (lambda p: _save(p, np.zeros((28, 28, 3), np.uint8)), "a RGB image; grids are grayscale"),
+    (lambda p: _save(p, np.full((28, 56), 250, np.uint8)), "mostly light"),
+    (lambda p: (p.write_bytes(b"\x89PNG\r\n\x1a\n truncated"), str(p))[1], "not a readable image"),
+    (lambda p: str(p.parent / "missing.png"), "no such file"),
+])
+def test_images_outside_the_convention_are_refused_by_name(tmp_path, make, says):
+    path = make(tmp_path / "grid.png")
+    with pytest.raises(ImageError, match=says) as e:
+        read_grid_image(path)
+    assert str(e.value).startswith(path)
+
+
+def test_a_grid_image_reads_as_its_pixels(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 60, (84, 140), dtype=np.uint8)
+    assert np.array_equal(read_grid_image(_save(tmp_path / "g.png", pixels)), pixels)
+
+
+def test_predict_cli_refuses_a_bad_image_or_checkpoint_in_one_line(tmp_path):
+    good = _save(tmp_path / "good.png", np.zeros((28, 56), np.uint8))
+    bad = _save(tmp_path / "wide.png", np.zeros((28, 30), np.uint8))
+
+    def predict(*images):
+        out = subprocess.run([str(VENV_BIN / "pipeline"), "predict", "--checkpoint", str(tmp_path), *images],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and out.stdout == ""
+        return out.stderr.strip().splitlines()
+
+    assert predict(good, bad) == [f"predict: {bad}: width 30 px is not a whole number of 28-pixel cells"]
+    assert predict(good) == [f"predict: {tmp_path}: no model_config.json and model.safetensors here or in the "
+                             "training stage directory above it; pass the fine-tune stage's checkpoint "
+                             "(stages.finetune.outputs.checkpoint)"]
+
+
+def _affine():
+    from pipeline.config import AugmentConfig
+    from pipeline.train.augment import KeyedAffine
+
+    return KeyedAffine(AugmentConfig(rotate=15, shear=10, scale=0.1, shift=3), seed=0, patch_size=7, background=-0.1307 / 0.3081)
+
+
+def test_affine_distortion_is_keyed_by_sample_and_epoch_and_stays_in_its_cell():
+    from pipeline.preprocess.patchify import patchify
+
+    rng = np.random.default_rng(0)
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 10:18] = rng.integers(100, 255, (16, 8))
+    grid = np.zeros((56, 84), np.uint8)
+    grid[28:, 28:56] = digit  # one digit, in row 1 column 1 of a 2x3 grid
+    as_patches = lambda image: torch.from_numpy(patchify(image, 7, 0.1307, 0.3081))  # noqa: E731
+    batch = {"__key__": ["a", "b"], "npy": torch.nn.utils.rnn.pad_sequence([as_patches(grid), as_patches(digit)], batch_first=True),
+             "json": torch.tensor([[2, 3], [1, 1]])}
+    out = _affine()(batch, np.array([0, 0]))["npy"]
+    background = as_patches(np.zeros((56, 84), np.uint8))
+    cells = out[0].view(2, 4, 3, 4, 49)
+    untouched = [(r, c) for r in range(2) for c in range(3) if (r, c) != (1, 1)]
+    for r, c in untouched:  # what moved out of the digit's cell went nowhere else
+        torch.testing.assert_close(cells[r, :, c], background.view(2, 4, 3, 4, 49)[r, :, c])
+    assert not torch.allclose(cells[1, :, 1], as_patches(grid).view(2, 4, 3, 4, 49)[1, :, 1])
+    assert torch.equal(out[1, 16:], batch["npy"][1, 16:])  # the padding after a 1x1 grid stays as it was
+    alone = _affine()({k: v[1:] for k, v in batch.items()}, np.array([0]))["npy"]
+    torch.testing.assert_close(alone[0, :16], out[1, :16])  # same key, same epoch: same distortion in any batch
+    next_epoch = _affine()({k: v[1:] for k, v in batch.items()}, np.array([1]))["npy"]
+    assert not torch.allclose(next_epoch[0, :16], out[1, :16])
