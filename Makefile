@@ -1,11 +1,12 @@
 # Two commands on a fresh machine (see README):
 #   make smoke   set up .venv and run the whole pipeline on the embedded data
+#   make digits  the flagship captioner alone, on ragged grids (configs/digits.yaml)
 #   make test    set up .venv and run the test suite
 VENV ?= .venv
 PYTHON ?= python3
 WORKDIR ?= runs/smoke
 
-.PHONY: setup smoke test test-fast bench
+.PHONY: setup smoke digits test test-fast bench
 
 # torch is pinned and installed first: a bare `torch` requirement would pull
 # several GB of CUDA wheels instead of the CPU build.
@@ -19,6 +20,10 @@ setup: $(VENV)/.installed
 
 smoke: setup
 	$(VENV)/bin/pipeline run configs/smoke.yaml --workdir $(WORKDIR) --summary $(WORKDIR)/summary.json
+
+# The flagship: the captioner's branch on ragged 1x1..10x10 grids (configs/digits.yaml).
+digits: setup
+	$(VENV)/bin/pipeline run configs/digits.yaml --workdir runs/digits --summary runs/digits/summary.json
 
 test: setup
 	$(VENV)/bin/pytest -q -rs --durations=25

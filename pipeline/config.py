@@ -278,10 +278,15 @@ class PretrainViTConfig:
     # An active `augment` (affine) replaces it.
     max_shift: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Channels of a conv stem before the patch projection (0: the plain linear
+    # projection of a stock ViT). The captioner's encoder inherits it.
+    stem_channels: int = 0
 
     def validate(self, key: str) -> None:
         if not 0 <= self.max_shift < 14:
             raise ConfigError(f"{key}.max_shift must be 0..13 pixels (half a 28-pixel cell), got {self.max_shift}")
+        if not 0 <= self.stem_channels <= 256:
+            raise ConfigError(f"{key}.stem_channels must be 0..256, got {self.stem_channels}")
 
 
 @dataclass
@@ -431,7 +436,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     for i, part in enumerate(parts):
         if isinstance(node, list):  # a list of sections, indexed: data.eval_grids.0.test_count=100
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override '{dotted}': '{part}' is not an index of {parts[i - 1]} (0..{len(node) - 1})")
+                raise ConfigError(f"override '{dotted}': '{part}' is not an index of {parts[i - 1]} (it has {len(node)} entries)")
             part = int(part)
         elif not isinstance(node, dict):
             raise ConfigError(f"override '{dotted}': '{parts[i - 1]}' is not a section")

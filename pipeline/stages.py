@@ -274,7 +274,8 @@ def _patch_args(ctx: StageContext) -> dict[str, Any]:
 
 def run_pretrain_vit(ctx: StageContext) -> StageResult:
     cfg = ctx.config.pretrain_vit
-    return _train(ctx, "vit", cfg, *TRAINING_DATA["pretrain_vit"][1](ctx.inputs), _patch_args(ctx), max_shift=cfg.max_shift,
+    args = {**_patch_args(ctx), "stem_channels": cfg.stem_channels}
+    return _train(ctx, "vit", cfg, *TRAINING_DATA["pretrain_vit"][1](ctx.inputs), args, max_shift=cfg.max_shift,
                   augment=cfg.augment)
 
 
@@ -284,8 +285,9 @@ def run_finetune(ctx: StageContext) -> StageResult:
     vit = ctx.inputs["pretrain_vit"]
     encoder = json.loads(storage.read_bytes(vit["model_config"]))
     cfg = ctx.config.finetune
+    args = {**_patch_args(ctx), "stem_channels": encoder["model_args"].get("stem_channels", 0)}
     return _train(
-        ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), _patch_args(ctx),
+        ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), args,
         init_encoder=vit["weights"], encoder_model=TransformerConfig(**encoder["model"]),
         encoder_lr_scale=cfg.encoder_lr_scale, augment=cfg.augment,
     )

@@ -7,10 +7,11 @@ workdirs a user types."""
 from __future__ import annotations
 
 import pytest
-from conftest import SMOKE
+from conftest import REPO, SMOKE
 
 from pipeline.cli import main
 
+DIGITS = REPO / "configs" / "digits.yaml"
 CASES = [
     # (name, extra files {name: text}, argv with {tmp} for the test's directory, what the line must say)
     ("unknown key in the file", {"c.yaml": "pretrain_gpt:\n  model: {n_layers: 2}\n"}, ["run", "{tmp}/c.yaml"], "pretrain_gpt.model.n_layers"),
@@ -23,6 +24,13 @@ CASES = [
     ("heads do not divide the width", {}, ["run", str(SMOKE), "pretrain_vit.model.n_head=5"], "pretrain_vit.model"),
     ("negative shift", {}, ["run", str(SMOKE), "pretrain_vit.max_shift=-1"], "pretrain_vit.max_shift"),
     ("grid too large", {}, ["run", str(SMOKE), "data.grids.rows=11"], "data.grids.rows"),
+    ("fewest rows above the most", {}, ["run", str(SMOKE), "data.grids.min_rows=5", "data.grids.rows=3"], "data.grids.min_rows"),
+    ("evaluation grids that train", {}, ["run", str(SMOKE), "data.eval_grids=[{name: a, train_count: 5}]"], "data.eval_grids[0].train_count must be 0"),
+    ("evaluation grids named grids", {}, ["run", str(SMOKE), "data.eval_grids=[{name: grids, train_count: 0}]"], "data.eval_grids[0].name"),
+    ("override into a list the config lacks", {}, ["run", str(SMOKE), "data.eval_grids.0.name=x"], "data.eval_grids must be a list"),
+    ("override past a list's end", {}, ["run", str(DIGITS), "data.eval_grids.3.name=x"], "'3' is not an index of eval_grids (it has 1 entries)"),
+    ("unknown target stage", {}, ["run", str(SMOKE), "targets=[evaluat]"], "targets: unknown stage 'evaluat'"),
+    ("rotation out of range", {}, ["run", str(SMOKE), "finetune.augment.rotate=90"], "finetune.augment.rotate"),
     ("zero stage 4", {}, ["run", str(SMOKE), "pretrain_gpt.train.zero_stage=4"], "pretrain_gpt.train.zero_stage"),
     ("min_lr above lr", {}, ["run", str(SMOKE), "pretrain_gpt.train.min_lr=1.0"], "pretrain_gpt.train.min_lr"),
     ("unknown source", {}, ["run", str(SMOKE), "data.text.source=web"], "data.text.source"),

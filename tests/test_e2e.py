@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from conftest import SMOKE, VENV_BIN
@@ -91,3 +92,38 @@ def test_rerun_is_cached_and_a_change_reruns_only_downstream(smoke):
     assert status == {"shard": "cached", "tokenize": "cached", "patchify": "cached", "pretrain_gpt": "cached",
                       "pretrain_vit": "cached", "finetune": "ran", "evaluate_gpt": "cached", "evaluate": "ran"}
     assert changed["stages"]["finetune"]["outputs"]["checkpoint"] != first["stages"]["finetune"]["outputs"]["checkpoint"]
+
+
+@pytest.mark.slow
+def test_predict_writes_test_grids_with_the_finetuned_checkpoint(smoke, tmp_path):
+    """`pipeline predict` on PNGs a user would pass: 2x2 grids of test digits (the smoke
+    captioner's shape), written out through the summary's checkpoint."""
+    from PIL import Image
+
+    from pipeline.data.sources import compose_grid, mnist_split
+
+    _, (summary, _, _) = smoke
+    checkpoint = summary["stages"]["finetune"]["outputs"]["checkpoint"]
+    images, labels, _ = mnist_split("test")
+    rng = np.random.default_rng(7)
+    paths, truth = [], []
+    for n in range(12):
+        pick = rng.choice(len(labels), size=(2, 2), replace=False)
+        path = tmp_path / f"grid{n}.png"
+        Image.fromarray(compose_grid(images[pick], np.zeros((2, 2), bool))).save(path)
+        paths.append(str(path))
+        truth.append(["".join(str(labels[i]) for i in row) for row in pick])
+
+    def predict(*args):
+        out = subprocess.run([str(VENV_BIN / "pipeline"), "predict", "--checkpoint", checkpoint, *args],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    written = [json.loads(line) for line in predict("--json", *paths).stdout.splitlines()]
+    assert [w["image"] for w in written] == paths
+    assert all(len(w["rows"]) == 2 and all(len(r) == 2 for r in w["rows"]) for w in written)
+    right = sum(a == b for w, t in zip(written, truth) for got, want in zip(w["rows"], t) for a, b in zip(got, want))
+    assert right / 48 >= 0.8, (written, truth)
+    one = predict(paths[0])
+    assert one.stdout.splitlines() == written[0]["rows"] and "grids/s" in one.stderr

@@ -38,8 +38,9 @@ def _measured_step_flops(model, run_step) -> float:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("kind, encoder_lr_scale", [("gpt", None), ("vit", None), ("captioner", 0.1), ("captioner", 0.0)])
-def test_logged_flops_are_what_torch_counts(kind, encoder_lr_scale):
+@pytest.mark.parametrize("kind, encoder_lr_scale, stem", [("gpt", None, 0), ("vit", None, 0), ("vit", None, 16),
+                                                          ("captioner", 0.1, 0), ("captioner", 0.0, 0), ("captioner", 0.1, 16)])
+def test_logged_flops_are_what_torch_counts(kind, encoder_lr_scale, stem):
     """Each task's FLOPs per sample against torch's FlopCounterMode on one training step
     of the smoke models (a frozen captioner encoder runs forward only)."""
     import torch
@@ -49,7 +50,8 @@ def test_logged_flops_are_what_torch_counts(kind, encoder_lr_scale):
 
     cfg = load_config(SMOKE)
     batch = 4
-    patch_args = {"patch_size": 7, "num_patches": 16, "patch_dim": 49, "num_classes": 10, "background": 0.0}
+    patch_args = {"patch_size": 7, "num_patches": 16, "patch_dim": 49, "num_classes": 10, "background": 0.0,
+                  "stem_channels": stem}
     section = {"gpt": cfg.pretrain_gpt, "vit": cfg.pretrain_vit, "captioner": cfg.finetune}[kind]
     model_cfg = cfg.finetune.decoder if kind == "captioner" else section.model
     args = {"vocab_size": 4096, "seq_len": 128} if kind == "gpt" else patch_args

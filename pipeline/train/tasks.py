@@ -59,10 +59,10 @@ def build_model(kind: str, model: TransformerConfig, args: dict[str, Any], encod
     if kind == "gpt":
         return GPT(args["vocab_size"], args["seq_len"], model)
     if kind == "vit":
-        return ViT(args["num_patches"], args["patch_dim"], args["num_classes"], model)
+        return ViT(args["num_patches"], args["patch_dim"], args["num_classes"], model, args.get("stem_channels", 0))
     if kind == "captioner":
         g = CELL // args["patch_size"]
-        encoder = ViT(g * g, args["patch_size"] ** 2, 10, encoder_model)
+        encoder = ViT(g * g, args["patch_size"] ** 2, 10, encoder_model, args.get("stem_channels", 0))
         return Captioner(encoder, model, patch_grid=g)
     raise ValueError(f"unknown model kind {kind!r}")
 
@@ -184,8 +184,9 @@ class ViTTask(Task):
 
     def flops_per_sample(self, spec, model, samples):
         m = spec.model
-        return flops.vit_flops_per_image(flops.matmul_params(model), flops.matmul_params(model.head), m.n_layer,
-                                         spec.model_args["num_patches"], m.d_model)
+        stem, stem_params = model.stem_flops(trained=True)
+        return stem + flops.vit_flops_per_image(flops.matmul_params(model) - stem_params, flops.matmul_params(model.head),
+                                                m.n_layer, spec.model_args["num_patches"], m.d_model)
 
 
 class CaptionerTask(Task):
@@ -211,7 +212,8 @@ class CaptionerTask(Task):
         what their cells and text cost."""
         m = spec.model
         enc = model.encoder
-        enc_params = flops.matmul_params(enc) - flops.matmul_params(enc.head)  # the captioner skips the head
+        stem, stem_params = enc.stem_flops(trained=spec.encoder_lr_scale > 0)
+        enc_params = flops.matmul_params(enc) - flops.matmul_params(enc.head) - stem_params  # the captioner skips the head
         memory_params = flops.matmul_params(model.memory_proj) + sum(flops.matmul_params(b.cross_attn.kv) for b in model.blocks)
         decoder_params = flops.matmul_params(model) - flops.matmul_params(enc)
         costs = []
@@ -221,7 +223,7 @@ class CaptionerTask(Task):
             costs.append(flops.captioner_flops_per_sample(
                 enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, cells, spec.encoder_lr_scale > 0,
                 decoder_params - memory_params, memory_params, m.n_layer, m.d_model, text_len,
-            ))
+            ) + stem * cells)
         return sum(costs) / len(costs)
 
 
