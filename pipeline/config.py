@@ -295,6 +295,9 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(zero_stage=1))
     # Learning-rate multiplier for the pretrained encoder (0 freezes it).
     encoder_lr_scale: float = 0.1
+    # "scratch": the encoder starts from random weights of the same shape, to measure
+    # what pretraining buys at equal fine-tune compute.
+    encoder_init: Literal["pretrained", "scratch"] = "pretrained"
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # each grid cell on its own
 
     def validate(self, key: str) -> None:

@@ -83,33 +83,33 @@ def _metric_prefix(grid_set: str, split: str) -> str:
     return "_".join(parts) + "_"
 
 
+MISSING = "·"  # a cell the prediction does not have
+
+
+def aligned_cells(predicted: str, target: str) -> list[tuple[str, str]]:
+    """(true, written) for every cell of the target, read at its row and column; a
+    cell the prediction lacks is MISSING."""
+    pred_rows = predicted.split("\n")
+    return [(ch, pred_rows[r][c] if r < len(pred_rows) and c < len(pred_rows[r]) else MISSING)
+            for r, row in enumerate(target.split("\n")) for c, ch in enumerate(row)]
+
+
 def score_grids(predicted: list[str], target: list[str], prefix: str = "captioner_") -> dict[str, float]:
     """Per-digit accuracy over the target's digit cells, per-cell accuracy (blanks too),
     blank accuracy, exact match of the whole written grid, and the shape-error rate (a
-    wrong number of rows or a row of the wrong length). A cell is read at its row and
-    column; a missing or extra cell counts wrong."""
-    digits = digits_right = blanks = blanks_right = exact = shape_errors = 0
-    for pred, true in zip(predicted, target):
-        exact += pred == true
-        pred_rows, true_rows = pred.split("\n"), true.split("\n")
-        shape_errors += [len(r) for r in pred_rows] != [len(r) for r in true_rows]
-        for r, row in enumerate(true_rows):
-            for c, ch in enumerate(row):
-                got = pred_rows[r][c] if r < len(pred_rows) and c < len(pred_rows[r]) else None
-                if ch == BLANK:
-                    blanks += 1
-                    blanks_right += got == ch
-                else:
-                    digits += 1
-                    digits_right += got == ch
+    wrong number of rows or a row of the wrong length). A missing or extra cell counts wrong."""
+    cells = [pair for pred, true in zip(predicted, target) for pair in aligned_cells(pred, true)]
+    digits = [got == want for want, got in cells if want != BLANK]
+    blanks = [got == want for want, got in cells if want == BLANK]
+    shape = lambda text: [len(row) for row in text.split("\n")]  # noqa: E731
     scores = {
-        f"{prefix}per_digit_accuracy": digits_right / max(1, digits),
-        f"{prefix}per_cell_accuracy": (digits_right + blanks_right) / max(1, digits + blanks),
-        f"{prefix}exact_match": exact / max(1, len(target)),
-        f"{prefix}shape_error_rate": shape_errors / max(1, len(target)),
+        f"{prefix}per_digit_accuracy": sum(digits) / max(1, len(digits)),
+        f"{prefix}per_cell_accuracy": (sum(digits) + sum(blanks)) / max(1, len(cells)),
+        f"{prefix}exact_match": sum(p == t for p, t in zip(predicted, target)) / max(1, len(target)),
+        f"{prefix}shape_error_rate": sum(shape(p) != shape(t) for p, t in zip(predicted, target)) / max(1, len(target)),
     }
     if blanks:
-        scores[f"{prefix}blank_accuracy"] = blanks_right / blanks
+        scores[f"{prefix}blank_accuracy"] = sum(blanks) / len(blanks)
     return scores
 
 
@@ -118,12 +118,11 @@ def accuracy_by(predicted: list[str], target: list[str], group) -> dict[str, flo
     target rows, e.g. "3x5" by shape."""
     counts: dict[str, list[int]] = {}
     for pred, true in zip(predicted, target):
-        rows, pred_rows = true.split("\n"), pred.split("\n")
-        tally = counts.setdefault(group(rows), [0, 0])
-        tally[0] += sum(r < len(pred_rows) and c < len(pred_rows[r]) and pred_rows[r][c] == ch
-                        for r, row in enumerate(rows) for c, ch in enumerate(row))
-        tally[1] += sum(len(r) for r in rows)
-    return {name: right / cells for name, (right, cells) in sorted(counts.items())}
+        tally = counts.setdefault(group(true.split("\n")), [0, 0])
+        cells = aligned_cells(pred, true)
+        tally[0] += sum(got == want for want, got in cells)
+        tally[1] += len(cells)
+    return {name: right / n for name, (right, n) in sorted(counts.items())}
 
 
 def by_shape(rows: list[str]) -> str:

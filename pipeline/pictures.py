@@ -4,38 +4,12 @@ per-cell accuracy by grid shape, and where the decoder looks as it writes."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
+from pipeline.evaluate import MISSING, aligned_cells
+from pipeline.plotting import png, pyplot
+
 CELL_LABELS = [*"0123456789", "_"]  # a confusion matrix's classes: digits, then blank
-MISSING = "·"  # a cell the model did not write
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def png(fig) -> bytes:
-    plt = pyplot()
-    fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png", dpi=110)
-    plt.close(fig)
-    return out.getvalue()
-
-
-def aligned_cells(predicted: str, target: str) -> list[tuple[str, str]]:
-    """(true, written) for every cell of the target, read at its row and column;
-    a cell the prediction lacks is MISSING."""
-    pred_rows = predicted.split("\n")
-    return [(ch, pred_rows[r][c] if r < len(pred_rows) and c < len(pred_rows[r]) else MISSING)
-            for r, row in enumerate(target.split("\n")) for c, ch in enumerate(row)]
 
 
 def confusion(predicted: list[str], targets: list[str]) -> np.ndarray:

@@ -288,7 +288,8 @@ def run_finetune(ctx: StageContext) -> StageResult:
     args = {**_patch_args(ctx), "stem_channels": encoder["model_args"].get("stem_channels", 0)}
     return _train(
         ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), args,
-        init_encoder=vit["weights"], encoder_model=TransformerConfig(**encoder["model"]),
+        init_encoder=vit["weights"] if cfg.encoder_init == "pretrained" else None,
+        encoder_model=TransformerConfig(**encoder["model"]),
         encoder_lr_scale=cfg.encoder_lr_scale, augment=cfg.augment,
     )
 

@@ -156,13 +156,9 @@ class RunLogger:
 def plot_loss(uri: str, run_id: str, unit: str, path: str) -> None:
     """Training loss against data seen and against compute, from the run's history;
     saved to `path` and attached to the run as an artifact."""
-    import tempfile
+    from pipeline.plotting import png, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = client(uri)
     history = {k: {m.step: m.value for m in runs.get_metric_history(run_id, k)} for k in ("loss", unit, "flops")}
     steps = sorted(history["loss"])
@@ -175,14 +171,8 @@ def plot_loss(uri: str, run_id: str, unit: str, path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("training loss")
     fig.suptitle(runs.get_run(run_id).info.run_name)
-    fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "loss.png")
-        fig.savefig(local, dpi=110)
-        plt.close(fig)
-        with open(local, "rb") as f:
-            storage.write_bytes_atomic(path, f.read())
-        runs.log_artifact(run_id, local)
+    storage.write_bytes_atomic(path, png(fig))
+    log_files(uri, run_id, [path])
 
 
 def log_files(uri: str, run_id: str, paths: list[str]) -> None:

@@ -5,27 +5,18 @@ fitted law's slice through each budget and its minimum)."""
 
 from __future__ import annotations
 
-import io
 from typing import Callable, Optional
 
 import numpy as np
 
+from pipeline.plotting import png, pyplot
 from pipeline.scaling.chinchilla import ChinchillaFit
 from pipeline.scaling.laws import group_by_compute
 from pipeline.scaling.runs import TrainingRun
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _size_colors(params: np.ndarray):
-    plt = _pyplot()
+    plt = pyplot()
     logs = np.log(params)
     span = max(logs.max() - logs.min(), 1e-9)
     return lambda n: plt.cm.viridis(0.9 * (np.log(n) - logs.min()) / span)
@@ -35,7 +26,7 @@ def loss_vs_flops(params, tokens, loss, runs: list[TrainingRun], frontier: Optio
                   laws: dict[str, Callable[[np.ndarray], np.ndarray]]) -> bytes:
     """A PNG: log-log validation loss against training FLOPs, with `laws` (label: loss at
     compute C) drawn out to 10x the largest run."""
-    plt = _pyplot()
+    plt = pyplot()
     n, d, l = (np.asarray(v, float) for v in (params, tokens, loss))
     flops = 6 * n * d if not runs else np.array([r.flops for r in runs])
     color = _size_colors(n)
@@ -53,7 +44,7 @@ def loss_vs_flops(params, tokens, loss, runs: list[TrainingRun], frontier: Optio
            title="loss against compute (colour: model size)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def isoflop_points(runs: list[TrainingRun], budgets: np.ndarray) -> dict[float, tuple[np.ndarray, np.ndarray]]:
@@ -74,7 +65,7 @@ def isoflop_points(runs: list[TrainingRun], budgets: np.ndarray) -> dict[float, 
 def isoflop(fit: ChinchillaFit, params, tokens, loss, runs: list[TrainingRun], budgets: int = 4) -> bytes:
     """A PNG. Left: loss against N at fixed compute (from the runs' curves, or from runs of equal
     final compute without them) with the fitted law's slice. Right: N*(C)."""
-    plt = _pyplot()
+    plt = pyplot()
     n, d, l = (np.asarray(v, float) for v in (params, tokens, loss))
     if runs:
         finals = 6 * n * d
@@ -103,13 +94,4 @@ def isoflop(fit: ChinchillaFit, params, tokens, loss, runs: list[TrainingRun], b
     right.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="N*", title="compute-optimal size")
     right.grid(alpha=0.3, which="both")
     right.legend(fontsize=8)
-    return _png(fig)
-
-
-def _png(fig) -> bytes:
-    plt = _pyplot()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    return png.getvalue()
+    return png(fig)
