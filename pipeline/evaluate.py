@@ -174,7 +174,8 @@ def cross_attention(model, patches: torch.Tensor, shapes: torch.Tensor, written:
         hook.remove()
     q = block.heads(block.q(seen["x"]))
     k, _ = block.keys_values(seen["context"])
-    w = torch.softmax((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5, dim=-1).mean(1)[0]  # (T, memory)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + seen["bias"]  # the cell-under-cursor bonus
+    w = torch.softmax(scores, dim=-1).mean(1)[0]  # (T, memory)
     writes_cell = ids[0, 1:] >= FIRST_CELL  # query t writes ids[t + 1]
     rows, cols = (int(v) for v in shapes[0])
     g = model.patch_grid

@@ -31,6 +31,10 @@ NEWLINE, FIRST_CELL = 3, 4  # ids from FIRST_CELL on are cells: a blank or a dig
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB) if i > EOS}
 MAX_GRID = 10
 MAX_TEXT_LEN = MAX_GRID * (MAX_GRID + 1)  # 10 rows of 10 cells, newlines, EOS
+# Starting bonus on the attention scores of the cell under the cursor: e^4 ~ 55x the
+# weight of any other token. Learned only, the alignment stalled (loss flat at 2.1,
+# reading nothing, for 100 steps on ragged grids).
+CELL_BIAS_INIT = 4.0
 
 
 def encode_text(text: str) -> list[int]:
@@ -69,6 +73,8 @@ class Captioner(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.n_head, cfg.dropout, causal=True, cross=True) for _ in range(cfg.n_layer)
         )
+        # one per block and head; 1-D, so that it gets no weight decay
+        self.cell_bias = nn.Parameter(torch.full((cfg.n_layer * cfg.n_head,), CELL_BIAS_INIT))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, len(VOCAB), bias=False)
         for module in (self.row_emb, self.col_emb, self.shape_rows, self.shape_cols, self.memory_proj, self.tok_emb,
@@ -101,7 +107,11 @@ class Captioner(nn.Module):
         lengths = torch.tensor([len(m) for m in per_grid], device=shapes.device)
         memory = torch.nn.utils.rnn.pad_sequence(per_grid, batch_first=True)
         mask = torch.arange(memory.shape[1], device=shapes.device)[None, :] < lengths[:, None]
-        return self.memory_proj(memory), mask
+        # The cell each memory token belongs to (row * MAX_GRID + column; -1: the shape token, padding)
+        cell = (r * MAX_GRID + c).repeat_interleave(tokens.shape[1])
+        where = [torch.cat([cell.new_full((1,), -1), w]) for w in cell.split([n * tokens.shape[1] for n in counts])]
+        cells = torch.nn.utils.rnn.pad_sequence(where, batch_first=True, padding_value=-1)
+        return self.memory_proj(memory), mask, cells
 
     @staticmethod
     def cursor(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,15 +123,20 @@ class Captioner(nn.Module):
         cells_at_last_newline = torch.cummax(torch.where(newline, cells, torch.zeros_like(cells)), dim=1).values
         return row.clamp(max=MAX_GRID), (cells - cells_at_last_newline).clamp(max=MAX_GRID)
 
-    def decode(self, memory: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, start: int = 0,
+    def decode(self, memory: torch.Tensor, mask: torch.Tensor, cells: torch.Tensor, ids: torch.Tensor, start: int = 0,
                caches: list | None = None) -> torch.Tensor:
-        """Logits for ids[:, start:]; with `caches` (one per block) only those positions run."""
-        row, col = self.cursor(ids)
+        """Logits for ids[:, start:]; with `caches` (one per block) only those positions run.
+
+        Cross-attention scores get a learned bonus, per block and head, on the memory
+        tokens of the cell under the cursor: where to look is given, what is there is read."""
+        row, col = (t[:, start:] for t in self.cursor(ids))
         new = ids[:, start:]
         pos = torch.arange(start, ids.shape[1], device=ids.device)
-        x = self.tok_emb(new) + self.pos_emb(pos) + self.cursor_row(row[:, start:]) + self.cursor_col(col[:, start:])
+        x = self.tok_emb(new) + self.pos_emb(pos) + self.cursor_row(row) + self.cursor_col(col)
+        under_cursor = ((row * MAX_GRID + col)[:, :, None] == cells[:, None, :]).unsqueeze(1).to(x.dtype)  # (B, 1, T, S)
         for i, block in enumerate(self.blocks):
-            x = block(x, context=memory, context_mask=mask, cache=None if caches is None else caches[i])
+            bias = under_cursor * self.cell_bias.view(len(self.blocks), -1)[i][None, :, None, None]
+            x = block(x, context=memory, context_mask=mask, cache=None if caches is None else caches[i], context_bias=bias)
         return self.lm_head(self.ln_f(x))
 
     def forward(self, patches: torch.Tensor, shapes: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor | None = None):
@@ -134,7 +149,7 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, patches: torch.Tensor, shapes: torch.Tensor, use_cache: bool = True) -> list[str]:
         """Greedy decoding of a batch of grids (of any shapes), with a KV cache."""
-        memory, mask = self.encode(patches, shapes)
+        memory, mask, cells = self.encode(patches, shapes)
         B = patches.shape[0]
         ids = torch.full((B, 1), BOS, dtype=torch.long, device=patches.device)
         # every cell, a newline after each row but the last, EOS; one more to see a model run on
@@ -143,7 +158,7 @@ class Captioner(nn.Module):
         caches = [{"self": {}, "cross": {}} for _ in self.blocks] if use_cache else None
         for step in range(max_len):
             start = step if use_cache else 0
-            next_id = self.decode(memory, mask, ids, start, caches)[:, -1].argmax(-1)
+            next_id = self.decode(memory, mask, cells, ids, start, caches)[:, -1].argmax(-1)
             next_id = torch.where(done, torch.full_like(next_id, PAD), next_id)
             ids = torch.cat([ids, next_id[:, None]], dim=1)
             done |= next_id == EOS

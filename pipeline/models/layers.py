@@ -11,7 +11,7 @@ class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None.
 
     `mask` (B, S) marks the context positions that may be attended to (padding is
-    False). `cache`, a dict owned by the caller, makes decoding incremental: self-
+    False); `bias` (B, heads, T, S) is added to the attention scores. `cache`, a dict owned by the caller, makes decoding incremental: self-
     attention appends this call's keys and values to it; cross-attention computes the
     context's keys and values once and reuses them.
     """
@@ -33,7 +33,7 @@ class Attention(nn.Module):
         return self.heads(k), self.heads(v)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False,
-                mask: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: dict | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.heads(self.q(x))
         if context is not None and cache is not None and "k" in cache:
@@ -45,6 +45,8 @@ class Attention(nn.Module):
             if cache is not None:
                 cache["k"], cache["v"] = k, v
         attn_mask = None if mask is None else mask[:, None, None, :]
+        if bias is not None:  # added to the scores; a masked position stays out
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
         # With a cache, the new queries come after every cached key: causal only among themselves.
         is_causal = causal and attn_mask is None and (cache is None or k.shape[2] == T)
         if causal and not is_causal and T > 1:
@@ -79,12 +81,12 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: dict | None = None) -> torch.Tensor:
+                cache: dict | None = None, context_bias: torch.Tensor | None = None) -> torch.Tensor:
         """`cache`: {"self": {}, "cross": {}} for incremental decoding (see Attention)."""
         x = x + self.attn(self.ln_1(x), causal=self.causal, cache=None if cache is None else cache["self"])
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.ln_cross(x), context=context, mask=context_mask,
-                                    cache=None if cache is None else cache["cross"])
+                                    cache=None if cache is None else cache["cross"], bias=context_bias)
         return x + self.mlp(self.ln_2(x))
 
 
