@@ -161,9 +161,9 @@ def evaluate_captioner(trained: dict[str, Any], grids: str, cfg: EvaluateConfig,
 
 @torch.no_grad()
 def cross_attention(model, patches: torch.Tensor, shapes: torch.Tensor, written: str) -> np.ndarray:
-    """The last decoder block's cross-attention (heads averaged) while it writes each cell
-    of `written` for one grid, laid over the image's patches: (cells written, rows*g, cols*g).
-    A cell's class token's share is spread over that cell's patches."""
+    """The last decoder block's cross-attention (heads averaged) over the grid's cells while
+    it writes each cell of `written`, laid over the image's patches: (cells written,
+    rows*g, cols*g)."""
     block = model.blocks[-1].cross_attn
     seen = {}
     hook = block.register_forward_hook(lambda mod, args, kwargs, out: seen.update(x=args[0], **kwargs), with_kwargs=True)
@@ -179,9 +179,8 @@ def cross_attention(model, patches: torch.Tensor, shapes: torch.Tensor, written:
     writes_cell = ids[0, 1:] >= FIRST_CELL  # query t writes ids[t + 1]
     rows, cols = (int(v) for v in shapes[0])
     g = model.patch_grid
-    per_cell = w[writes_cell, 1:].reshape(-1, rows, cols, 1 + g * g)  # drop the shape token
-    spread = per_cell[..., 1:] + per_cell[..., :1] / (g * g)
-    return spread.reshape(-1, rows, cols, g, g).permute(0, 1, 3, 2, 4).reshape(-1, rows * g, cols * g).cpu().numpy()
+    per_cell = w[writes_cell, : rows * cols].reshape(-1, rows, cols)  # the cells; the row edges after them
+    return np.kron(per_cell.cpu().numpy(), np.ones((1, g, g)))  # each cell's weight over its patches
 
 
 def _grid_images(directory: str, keys: list[str]) -> list[np.ndarray]:

@@ -4,9 +4,9 @@ with cross-attention writes them out, row by row.
 Grid images are made of 28x28 cells, so an image's size says how many rows and
 columns it has. The encoder tiles the image into its cells, runs the ViT on every
 cell (the resolution it was pretrained at, no position interpolation needed) and
-tags each cell's tokens with a learned row and column embedding. One more memory
-token holds the grid's shape. A batch may mix shapes: the memory is padded and
-masked.
+tags each cell's class token with a learned row and column embedding: the memory.
+After each row's cells comes an edge token (end of row, or of the grid). A batch
+may mix shapes: the memory is padded and masked.
 
 The decoder cross-attends to the memory. Besides its token and position, each
 input carries a cursor: the row and column of the cell written next, counted
@@ -45,6 +45,11 @@ def encode_text(text: str) -> list[int]:
         raise ValueError(f"grid text may only hold digits, '_' and newlines, got {e.args[0]!r}") from None
 
 
+def place(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """One number per (row, column) of a grid, columns 0..MAX_GRID (one past the last)."""
+    return row * (MAX_GRID + 1) + col
+
+
 def decode_ids(ids: list[int]) -> str:
     out = []
     for i in ids:
@@ -63,8 +68,7 @@ class Captioner(nn.Module):
         d_enc = encoder.cfg.d_model
         self.row_emb = nn.Embedding(MAX_GRID, d_enc)
         self.col_emb = nn.Embedding(MAX_GRID, d_enc)
-        self.shape_rows = nn.Embedding(MAX_GRID + 1, d_enc)  # the shape token: rows + columns
-        self.shape_cols = nn.Embedding(MAX_GRID + 1, d_enc)
+        self.edge_emb = nn.Embedding(2, d_enc)  # past a row's last cell: 0 end of row, 1 end of grid
         self.memory_proj = nn.Linear(d_enc, cfg.d_model) if d_enc != cfg.d_model else nn.Identity()
         self.tok_emb = nn.Embedding(len(VOCAB), cfg.d_model)
         self.pos_emb = nn.Embedding(MAX_TEXT_LEN + 1, cfg.d_model)
@@ -77,7 +81,7 @@ class Captioner(nn.Module):
         self.cell_bias = nn.Parameter(torch.full((cfg.n_layer * cfg.n_head,), CELL_BIAS_INIT))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, len(VOCAB), bias=False)
-        for module in (self.row_emb, self.col_emb, self.shape_rows, self.shape_cols, self.memory_proj, self.tok_emb,
+        for module in (self.row_emb, self.col_emb, self.edge_emb, self.memory_proj, self.tok_emb,
                        self.pos_emb, self.cursor_row, self.cursor_col, self.blocks, self.lm_head):
             module.apply(init_weights)
         self.lm_head.weight = self.tok_emb.weight
@@ -93,25 +97,23 @@ class Captioner(nn.Module):
             out.append(grid[: rows * cols * g * g].view(rows, g, cols, g, D).permute(0, 2, 1, 3, 4).reshape(rows * cols, g * g, D))
         return torch.cat(out)
 
-    def encode(self, patches: torch.Tensor, shapes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches and (B, 2) rows, cols -> memory (B, S, d) and its mask (B, S): the
-        shape token, then every cell's tokens; a shorter grid's memory is padded."""
-        tokens = self.encoder.encode(self.cells(patches, shapes))  # (cells, 1+g*g, d_enc)
-        rows, cols = shapes[:, 0], shapes[:, 1]
-        counts = (rows * cols).tolist()
-        r = torch.cat([torch.arange(n, device=shapes.device) // c for n, c in zip(counts, cols.tolist())])
-        c = torch.cat([torch.arange(n, device=shapes.device) % c for n, c in zip(counts, cols.tolist())])
-        tokens = tokens + (self.row_emb(r) + self.col_emb(c)).unsqueeze(1)
-        shape_token = (self.shape_rows(rows) + self.shape_cols(cols)).unsqueeze(1)
-        per_grid = [torch.cat([s, t.flatten(0, 1)]) for s, t in zip(shape_token, tokens.split(counts))]
-        lengths = torch.tensor([len(m) for m in per_grid], device=shapes.device)
+    def encode(self, patches: torch.Tensor, shapes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patches and (B, 2) rows, cols -> memory (B, S, d), its mask (B, S) and the
+        place of each memory token (B, S). A grid's memory: each cell's class token, in
+        row order, then one edge token per row, placed just past the row's last cell (the
+        last row's says "end of grid"). A smaller grid's memory is padded."""
+        tokens = self.encoder.encode(self.cells(patches, shapes))[:, 0]  # (cells, d_enc): class tokens
+        per_grid, places = [], []
+        for grid, (rows, cols) in zip(tokens.split((shapes[:, 0] * shapes[:, 1]).tolist()), shapes.tolist()):
+            r = torch.arange(rows, device=shapes.device)
+            c = torch.arange(cols, device=shapes.device)
+            cells = grid + self.row_emb(r).repeat_interleave(cols, 0) + self.col_emb(c).repeat(rows, 1)
+            edges = self.row_emb(r) + self.edge_emb((r == rows - 1).long())
+            per_grid.append(torch.cat([cells, edges]))
+            places.append(torch.cat([place(r.repeat_interleave(cols), c.repeat(rows)), place(r, torch.full_like(r, cols))]))
         memory = torch.nn.utils.rnn.pad_sequence(per_grid, batch_first=True)
-        mask = torch.arange(memory.shape[1], device=shapes.device)[None, :] < lengths[:, None]
-        # The cell each memory token belongs to (row * MAX_GRID + column; -1: the shape token, padding)
-        cell = (r * MAX_GRID + c).repeat_interleave(tokens.shape[1])
-        where = [torch.cat([cell.new_full((1,), -1), w]) for w in cell.split([n * tokens.shape[1] for n in counts])]
-        cells = torch.nn.utils.rnn.pad_sequence(where, batch_first=True, padding_value=-1)
-        return self.memory_proj(memory), mask, cells
+        where = torch.nn.utils.rnn.pad_sequence(places, batch_first=True, padding_value=-1)
+        return self.memory_proj(memory), where >= 0, where
 
     @staticmethod
     def cursor(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +135,7 @@ class Captioner(nn.Module):
         new = ids[:, start:]
         pos = torch.arange(start, ids.shape[1], device=ids.device)
         x = self.tok_emb(new) + self.pos_emb(pos) + self.cursor_row(row) + self.cursor_col(col)
-        under_cursor = ((row * MAX_GRID + col)[:, :, None] == cells[:, None, :]).unsqueeze(1).to(x.dtype)  # (B, 1, T, S)
+        under_cursor = (place(row, col)[:, :, None] == cells[:, None, :]).unsqueeze(1).to(x.dtype)  # (B, 1, T, S)
         for i, block in enumerate(self.blocks):
             bias = under_cursor * self.cell_bias.view(len(self.blocks), -1)[i][None, :, None, None]
             x = block(x, context=memory, context_mask=mask, cache=None if caches is None else caches[i], context_bias=bias)
@@ -167,5 +169,5 @@ class Captioner(nn.Module):
         return [decode_ids(row[1:].tolist()) for row in ids]
 
     def embedding_params(self) -> int:
-        tables = (self.pos_emb, self.row_emb, self.col_emb, self.shape_rows, self.shape_cols, self.cursor_row, self.cursor_col)
+        tables = (self.pos_emb, self.row_emb, self.col_emb, self.edge_emb, self.cursor_row, self.cursor_col)
         return sum(t.weight.numel() for t in tables) + self.encoder.embedding_params()

@@ -34,7 +34,7 @@ def vit_flops_per_image(n_params: int, head_params: int, n_layer: int, num_patch
 
 
 def captioner_flops_per_sample(
-    encoder_params: int, encoder_layers: int, encoder_d: int, cell_tokens: int, cells: int, encoder_trained: bool,
+    encoder_params: int, encoder_layers: int, encoder_d: int, cell_tokens: int, rows: int, cells: int, encoder_trained: bool,
     decoder_token_params: int, memory_params: int, decoder_layers: int, decoder_d: int, text_len: int,
 ) -> float:
     """What one training step runs for one grid:
@@ -47,6 +47,6 @@ def captioner_flops_per_sample(
     encoder = flops_per_token(encoder_params, encoder_layers, cell_tokens, encoder_d) * cell_tokens * cells
     if not encoder_trained:
         encoder /= 3
-    memory = cell_tokens * cells + 1  # and the grid's shape token
+    memory = cells + rows  # each cell's class token, and an edge token per row
     decoder = flops_per_token(decoder_token_params, decoder_layers, text_len + memory, decoder_d) * text_len
     return encoder + decoder + 6.0 * memory_params * memory

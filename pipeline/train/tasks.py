@@ -221,7 +221,8 @@ class CaptionerTask(Task):
             cells = sample["json"]["rows"] * sample["json"]["cols"]
             text_len = len(encode_text(sample["txt"])) - 1  # predicted positions
             costs.append(flops.captioner_flops_per_sample(
-                enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, cells, spec.encoder_lr_scale > 0,
+                enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, sample["json"]["rows"], cells,
+                spec.encoder_lr_scale > 0,
                 decoder_params - memory_params, memory_params, m.n_layer, m.d_model, text_len,
             ) + stem * cells)
         return sum(costs) / len(costs)
