@@ -208,9 +208,10 @@ def captioner_pictures(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig, r
     }
     if len(read["by_size"]) > 1:
         out["accuracy_by_shape.png"] = pictures.by_shape_png(read["by_size"], "test per-cell accuracy by grid shape")
-    # one grid of a few rows and columns, written right, for a readable attention map
-    sizes = [(t.count("\n") + 1) * len(t.split("\n")[0]) for t in read["targets"]]
-    pick = next((i for i, n in enumerate(sizes) if 4 <= n <= 12 and read["predicted"][i] == read["targets"][i]), 0)
+    # a grid of 2-4 rows and columns, written right, for a readable attention map
+    shapes = [(t.count("\n") + 1, len(t.split("\n")[0])) for t in read["targets"]]
+    pick = next((i for i, (r, c) in enumerate(shapes) if 2 <= r <= 4 and 2 <= c <= 4
+                 and read["predicted"][i] == read["targets"][i]), 0)
     (image,) = _grid_images(raw, [read["keys"][pick]])
     model, device = _load(inputs["finetune"], cfg)
     args = storage.read_json(inputs["finetune"]["model_config"])["model_args"]
