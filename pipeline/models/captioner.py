@@ -125,7 +125,7 @@ class Captioner(nn.Module):
         cells_at_last_newline = torch.cummax(torch.where(newline, cells, torch.zeros_like(cells)), dim=1).values
         return row.clamp(max=MAX_GRID), (cells - cells_at_last_newline).clamp(max=MAX_GRID)
 
-    def decode(self, memory: torch.Tensor, mask: torch.Tensor, cells: torch.Tensor, ids: torch.Tensor, start: int = 0,
+    def decode(self, memory: torch.Tensor, mask: torch.Tensor, places: torch.Tensor, ids: torch.Tensor, start: int = 0,
                caches: list | None = None) -> torch.Tensor:
         """Logits for ids[:, start:]; with `caches` (one per block) only those positions run.
 
@@ -135,7 +135,7 @@ class Captioner(nn.Module):
         new = ids[:, start:]
         pos = torch.arange(start, ids.shape[1], device=ids.device)
         x = self.tok_emb(new) + self.pos_emb(pos) + self.cursor_row(row) + self.cursor_col(col)
-        under_cursor = (place(row, col)[:, :, None] == cells[:, None, :]).unsqueeze(1).to(x.dtype)  # (B, 1, T, S)
+        under_cursor = (place(row, col)[:, :, None] == places[:, None, :]).unsqueeze(1).to(x.dtype)  # (B, 1, T, S)
         for i, block in enumerate(self.blocks):
             bias = under_cursor * self.cell_bias.view(len(self.blocks), -1)[i][None, :, None, None]
             x = block(x, context=memory, context_mask=mask, cache=None if caches is None else caches[i], context_bias=bias)
@@ -151,7 +151,7 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, patches: torch.Tensor, shapes: torch.Tensor, use_cache: bool = True) -> list[str]:
         """Greedy decoding of a batch of grids (of any shapes), with a KV cache."""
-        memory, mask, cells = self.encode(patches, shapes)
+        memory, mask, places = self.encode(patches, shapes)
         B = patches.shape[0]
         ids = torch.full((B, 1), BOS, dtype=torch.long, device=patches.device)
         # every cell, a newline after each row but the last, EOS; one more to see a model run on
@@ -160,7 +160,7 @@ class Captioner(nn.Module):
         caches = [{"self": {}, "cross": {}} for _ in self.blocks] if use_cache else None
         for step in range(max_len):
             start = step if use_cache else 0
-            next_id = self.decode(memory, mask, cells, ids, start, caches)[:, -1].argmax(-1)
+            next_id = self.decode(memory, mask, places, ids, start, caches)[:, -1].argmax(-1)
             next_id = torch.where(done, torch.full_like(next_id, PAD), next_id)
             ids = torch.cat([ids, next_id[:, None]], dim=1)
             done |= next_id == EOS
