@@ -49,7 +49,7 @@ def test_intervals_and_predictions_are_honest_with_noise():
     predicted = 0
     for seed in range(10):
         noisy = true_loss(n, d) * (1 + np.random.default_rng(100 + seed).normal(0, 0.01, len(n)))
-        result = fit(n, d, noisy, bootstrap=200, seed=seed)
+        result = fit(n, d, noisy, bootstrap=100, seed=seed)
         for name in covered:
             lo, hi = result.ci95[name]
             covered[name] += lo <= TRUE[name] <= hi
