@@ -130,9 +130,8 @@ def by_shape(rows: list[str]) -> str:
 
 
 @torch.no_grad()
-def read_grids(trained: dict[str, Any], grids: str, cfg: EvaluateConfig) -> dict[str, list]:
+def read_grids(model, device, grids: str, cfg: EvaluateConfig) -> dict[str, list]:
     """Every grid of a split written out by the model: keys, targets, predictions."""
-    model, device = _load(trained, cfg)
     fields = {"npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])}
     out: dict[str, list] = {"keys": [], "targets": [], "predicted": []}
     for batch in _batches(grids, fields, cfg.batch_size):
@@ -143,11 +142,11 @@ def read_grids(trained: dict[str, Any], grids: str, cfg: EvaluateConfig) -> dict
     return out
 
 
-def evaluate_captioner(trained: dict[str, Any], grids: str, cfg: EvaluateConfig, grid_set: str = "grids",
+def evaluate_captioner(model, device, grids: str, cfg: EvaluateConfig, grid_set: str = "grids",
                        split: str = "test") -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics of one grid set's split, and what the pictures and the report need:
     the written grids (mistakes first) and the accuracy of each grid shape."""
-    read = read_grids(trained, grids, cfg)
+    read = read_grids(model, device, grids, cfg)
     prefix = _metric_prefix(grid_set, split)
     texts, predicted = read["targets"], read["predicted"]
     metrics = {**score_grids(predicted, texts, prefix), f"{prefix}grids": float(len(texts))}
@@ -192,7 +191,7 @@ def _grid_images(directory: str, keys: list[str]) -> list[np.ndarray]:
     return [found[k] for k in keys]
 
 
-def captioner_pictures(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig, read: dict[str, Any]) -> dict[str, bytes]:
+def captioner_pictures(inputs: dict[str, dict[str, Any]], model, device, read: dict[str, Any]) -> dict[str, bytes]:
     """The test grids' pictures: samples (mistakes first), the confusion of cells, accuracy
     by shape (ragged grids), and one grid's cross-attention."""
     from pipeline import pictures
@@ -213,7 +212,6 @@ def captioner_pictures(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig, r
     pick = next((i for i, (r, c) in enumerate(shapes) if 2 <= r <= 4 and 2 <= c <= 4
                  and read["predicted"][i] == read["targets"][i]), 0)
     (image,) = _grid_images(raw, [read["keys"][pick]])
-    model, device = _load(inputs["finetune"], cfg)
     args = storage.read_json(inputs["finetune"]["model_config"])["model_args"]
     patches = torch.from_numpy(patchify(image, args["patch_size"], args["mean"], args["std"]))[None].to(device)
     shape = torch.tensor([[image.shape[0] // CELL, image.shape[1] // CELL]], device=device)
@@ -232,15 +230,16 @@ def evaluate_images(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig, grid
         **evaluate_vit(inputs["pretrain_vit"], patches["mnist_val"], cfg, "val"),
         **evaluate_vit(inputs["pretrain_vit"], patches["mnist_test"], cfg),
     }
+    captioner, device = _load(inputs["finetune"], cfg)
     main = None
     for grid_set in grid_sets:
         for split in ("val", "test"):
             directory = patches[grid_output(grid_set, split)]
-            scores, read = evaluate_captioner(inputs["finetune"], directory, cfg, grid_set, split)
+            scores, read = evaluate_captioner(captioner, device, directory, cfg, grid_set, split)
             metrics.update(scores)
             if grid_set == "grids" and split == "test":
                 main = read
-    for name, data in captioner_pictures(inputs, cfg, main).items():
+    for name, data in captioner_pictures(inputs, captioner, device, main).items():
         storage.write_bytes_atomic(storage.join(out_dir, name), data)
     examples = [{"key": main["keys"][i], "target": main["targets"][i], "predicted": main["predicted"][i]}
                 for i in main["order"][:EXAMPLES]]
