@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.config import TransformerConfig
 from pipeline.models.layers import Block, init_weights
+from pipeline.patches import to_images, to_patches
 
 
 class ConvStem(nn.Module):
@@ -25,9 +26,8 @@ class ConvStem(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         B, P, _ = patches.shape
         p, g = self.p, int(round(P**0.5))
-        image = patches.view(B, g, g, p, p).permute(0, 1, 3, 2, 4).reshape(B, 1, g * p, g * p)
-        features = F.gelu(self.conv2(F.gelu(self.conv1(image))))
-        tokens = features.view(B, self.c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, P, self.c * p * p)
+        features = F.gelu(self.conv2(F.gelu(self.conv1(to_images(patches, g, g, p).unsqueeze(1)))))
+        tokens = to_patches(features, p).permute(0, 2, 1, 3).reshape(B, P, self.c * p * p)  # channels within a patch
         return self.proj(tokens)
 
     def training_flops(self, pixels: int, patches: int, trained: bool) -> float:

@@ -17,19 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import AugmentConfig
+from pipeline.patches import to_images, to_patches
 
 CELL = 28
-
-
-def _cells_of(patches: torch.Tensor, rows: int, cols: int, p: int) -> torch.Tensor:
-    """(rows*cols*g*g, p*p) raster-order patches of one image -> (rows*cols, 28, 28) cell images."""
-    g = CELL // p
-    return patches.view(rows, g, cols, g, p, p).permute(0, 2, 1, 4, 3, 5).reshape(rows * cols, CELL, CELL)
-
-
-def _patches_of(cells: torch.Tensor, rows: int, cols: int, p: int) -> torch.Tensor:
-    g = CELL // p
-    return cells.view(rows, cols, g, p, g, p).permute(0, 2, 1, 4, 3, 5).reshape(rows * cols * g * g, p * p)
 
 
 class KeyedAffine:
@@ -65,13 +55,15 @@ class KeyedAffine:
     def __call__(self, batch: dict[str, Any], epochs: np.ndarray) -> dict[str, Any]:
         patches = batch["npy"]
         shapes = batch["json"].tolist() if "json" in batch else [(1, 1)] * len(patches)
+        g = CELL // self.p
         cells, draws = [], []
         for sample, (rows, cols), key, epoch in zip(patches, shapes, batch["__key__"], epochs):
-            cells.append(_cells_of(sample[: rows * cols * (CELL // self.p) ** 2], rows, cols, self.p))
+            image = to_images(sample[: rows * cols * g * g], rows * g, cols * g, self.p)
+            cells.append(to_patches(image, CELL).view(rows * cols, CELL, CELL))  # a cell is a 28-pixel patch
             draws.append(self.draws(key, int(epoch), rows * cols))
         distorted = self.distort(torch.cat(cells), np.concatenate(draws)).split([len(c) for c in cells])
         out = patches.clone()
         for i, (d, (rows, cols)) in enumerate(zip(distorted, shapes)):
-            n = rows * cols * (CELL // self.p) ** 2
-            out[i, :n] = _patches_of(d, rows, cols, self.p)
+            image = to_images(d.reshape(rows * cols, CELL * CELL), rows, cols, CELL)
+            out[i, : rows * cols * g * g] = to_patches(image, self.p)
         return {**batch, "npy": out}

@@ -19,6 +19,7 @@ from pipeline.models.captioner import MAX_TEXT_LEN, PAD, Captioner, encode_text
 from pipeline.models.gpt import GPT
 from pipeline.models.layers import count_params
 from pipeline.models.vit import ViT
+from pipeline.patches import to_images, to_patches
 from pipeline.train.augment import KeyedAffine
 
 CELL = 28
@@ -112,7 +113,7 @@ class KeyedShift:
         p, m = self.p, self.m
         g = int(round(P**0.5))
         size = g * p
-        images = patches.view(B, g, g, p, p).permute(0, 1, 3, 2, 4).reshape(B, size, size)
+        images = to_images(patches, g, g, p)
         padded = torch.nn.functional.pad(images, (m,) * 4, value=self.background)
         shifted = torch.empty_like(images)
         offsets = torch.from_numpy(self.offsets(batch["__key__"], epochs))
@@ -120,7 +121,7 @@ class KeyedShift:
             for dy in range(2 * m + 1):
                 rows = ((offsets[:, 0] == dx) & (offsets[:, 1] == dy)).nonzero().flatten()
                 shifted[rows] = padded[rows, dy : dy + size, dx : dx + size]
-        out = shifted.view(B, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(B, P, p * p)
+        out = to_patches(shifted, p)
         return {**batch, "npy": out.contiguous()}
 
 
