@@ -13,7 +13,7 @@ WORKDIR ?= runs/smoke
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev,hf]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("images", nargs="+", metavar="IMAGE", help="grid images (PNG)")
     read.add_argument("--json", action="store_true", help='one JSON object per image: {"image": PATH, "rows": ["37", "_1"]}')
     read.add_argument("--batch-size", type=int, default=64, help="images decoded at once (default 64)")
+    export = sub.add_parser("export", help="a training stage's checkpoint as a Hugging Face model folder",
+                            description="Write a Hugging Face model folder (safetensors weights, config, tokenizer or "
+                                        "image processor) from a training stage's checkpoint, at any ZeRO stage: the "
+                                        "GPT loads with AutoModelForCausalLM, the ViT with ViTForImageClassification, "
+                                        "the captioner with AutoModel and trust_remote_code=True.")
+    export.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a training stage's checkpoint, as the run summary names it (stages.<stage>.outputs.checkpoint)")
+    export.add_argument("--format", default="hf", choices=["hf"], help="hf: a Hugging Face transformers folder (the only one)")
+    export.add_argument("--out", required=True, metavar="OUT", help="the folder to write; must not exist, or be empty")
     return parser
 
 
@@ -121,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        from pipeline.predict import CheckpointError, ImageError
+        from pipeline.export import ExportError
+        from pipeline.predict import ImageError
+        from pipeline.train.checkpoint import CheckpointError
 
         if isinstance(e, ConfigError):
             print(f"config error: {e}", file=sys.stderr)
-        elif isinstance(e, (ImageError, CheckpointError)):
-            print(f"predict: {e}", file=sys.stderr)
+        elif isinstance(e, (ImageError, CheckpointError, ExportError)):
+            print(f"{argv[0] if argv else 'pipeline'}: {e}", file=sys.stderr)
         elif isinstance(e, FitError):
             print(f"scaling: {e}", file=sys.stderr)
         else:
@@ -154,7 +165,7 @@ def _main(argv: list[str]) -> int:
     # Overrides may come after the options too (`run CFG --workdir W a.b=1`): argparse
     # leaves those in `extra`.
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("scaling", "predict") and extra:
+    if args.command in ("scaling", "predict", "export") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "scaling":
         return _scaling(args)
@@ -162,6 +173,11 @@ def _main(argv: list[str]) -> int:
         from pipeline.predict import predict_command
 
         print(predict_command(args.checkpoint, args.images, args.json, args.batch_size))
+        return 0
+    if args.command == "export":
+        from pipeline.export import export_command
+
+        print(export_command(args.checkpoint, args.format, args.out))
         return 0
     for arg in extra:
         if arg.startswith("-") or "=" not in arg:

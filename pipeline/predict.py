@@ -17,19 +17,10 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.sources import CELL
 from pipeline.models.captioner import MAX_GRID
-
-# A training stage's directory holds its consolidated weights and model config; its
-# checkpoints lie a few levels below it (Ray Train's run and checkpoint folders).
-WEIGHTS, MODEL_CONFIG = "model.safetensors", "model_config.json"
-LEVELS_UP = 4
-
+from pipeline.train.checkpoint import CheckpointError, find_trained
 
 class ImageError(ValueError):
     """An image that does not follow the grid convention."""
-
-
-class CheckpointError(ValueError):
-    """A directory that does not hold a fine-tuned captioner."""
 
 
 def read_grid_image(path: str) -> np.ndarray:
@@ -65,21 +56,6 @@ class Trained:
     patch_size: int
     mean: float
     std: float
-
-
-def find_trained(directory: str) -> tuple[str, str]:
-    """The model config and weights of the training stage that `directory` (a checkpoint
-    or the stage's own directory) belongs to."""
-    here = directory.rstrip("/")
-    for _ in range(LEVELS_UP + 1):
-        config, weights = storage.join(here, MODEL_CONFIG), storage.join(here, WEIGHTS)
-        if storage.exists(config) and storage.exists(weights):
-            return config, weights
-        if "/" not in here.strip("/"):
-            break
-        here = here.rsplit("/", 1)[0]
-    raise CheckpointError(f"{directory}: no {MODEL_CONFIG} and {WEIGHTS} here or in the training stage directory "
-                          "above it; pass the fine-tune stage's checkpoint (stages.finetune.outputs.checkpoint)")
 
 
 def load_captioner(directory: str) -> Trained:

@@ -262,7 +262,11 @@ def run_pretrain_gpt(ctx: StageContext) -> StageResult:
     tok = ctx.inputs["tokenize"]
     manifest = shards.read_manifest(tok["tokens_train"])
     args = {"vocab_size": int(manifest["vocab_size"]), "seq_len": int(manifest["seq_len"])}
-    return _train(ctx, "gpt", ctx.config.pretrain_gpt, *TRAINING_DATA["pretrain_gpt"][1](ctx.inputs), args)
+    result = _train(ctx, "gpt", ctx.config.pretrain_gpt, *TRAINING_DATA["pretrain_gpt"][1](ctx.inputs), args)
+    # The model is useless without its tokenizer: the stage directory holds both (`pipeline export`).
+    result.outputs["tokenizer"] = storage.join(ctx.out_dir, "tokenizer.json")
+    storage.write_bytes_atomic(result.outputs["tokenizer"], storage.read_bytes(tok["tokenizer"]))
+    return result
 
 
 def _patch_args(ctx: StageContext) -> dict[str, Any]:

@@ -128,3 +128,16 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local path holding the tree at `path`: itself when local, else a temporary download."""
+    if is_local(path):
+        yield absolute(path)
+        return
+    fs, p = _fs(path)
+    with tempfile.TemporaryDirectory(prefix="download-") as tmp:
+        local = os.path.join(tmp, os.path.basename(p.rstrip("/")))
+        fs.get(p.rstrip("/") + "/", local, recursive=True)
+        yield local

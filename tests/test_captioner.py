@@ -104,8 +104,8 @@ def test_predict_cli_refuses_a_bad_image_or_checkpoint_in_one_line(tmp_path):
 
     assert predict(good, bad) == [f"predict: {bad}: width 30 px is not a whole number of 28-pixel cells"]
     assert predict(good) == [f"predict: {tmp_path}: no model_config.json and model.safetensors here or in the "
-                             "training stage directory above it; pass the fine-tune stage's checkpoint "
-                             "(stages.finetune.outputs.checkpoint)"]
+                             "training stage directory above it; pass a training stage's checkpoint "
+                             "(stages.<stage>.outputs.checkpoint)"]
 
 
 def _affine():

@@ -49,6 +49,11 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
     assert sorted(resumed["checkpoints_by_step"]) == [12]
 
     _assert_same_weights(tmp_path / "full.safetensors", tmp_path / "resumed.safetensors")
+    # Every rank's ZeRO shard of the last checkpoint, consolidated (`pipeline export`), is
+    # the final model that rank 0 gathered and wrote.
+    final = load_file(tmp_path / "full.safetensors")
+    consolidated = ckpt.consolidated_state(full["checkpoints_by_step"][12])
+    assert all(torch.equal(consolidated[name], final[name]) for name in final) and final
 
     if zero_stage == 3:
         # The drill really kills the run when Ray may not restart it...

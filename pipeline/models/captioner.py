@@ -20,9 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import TransformerConfig
-from pipeline.models.layers import Block, init_weights
-from pipeline.models.vit import ViT
+from .layers import Block, ModelShape, init_weights
+from .vit import ViT
 
 # The written form of a grid: digits, '_' for a blank cell, '\n' between rows.
 PAD, BOS, EOS = 0, 1, 2
@@ -61,7 +60,7 @@ def decode_ids(ids: list[int]) -> str:
 
 
 class Captioner(nn.Module):
-    def __init__(self, encoder: ViT, cfg: TransformerConfig, patch_grid: int):
+    def __init__(self, encoder: ViT, cfg: ModelShape, patch_grid: int):
         super().__init__()
         self.cfg, self.patch_grid = cfg, patch_grid  # patch_grid: patches per cell side
         self.encoder = encoder

@@ -6,12 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import TransformerConfig
-from pipeline.models.layers import Block, init_weights
+from .layers import Block, ModelShape, init_weights
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, seq_len: int, cfg: TransformerConfig):
+    def __init__(self, vocab_size: int, seq_len: int, cfg: ModelShape):
         super().__init__()
         self.vocab_size, self.seq_len, self.cfg = vocab_size, seq_len, cfg
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class ModelShape(Protocol):
+    """What a model reads of its config (`pipeline.config.TransformerConfig` in the pipeline)."""
+
+    n_layer: int
+    n_head: int
+    d_model: int
+    dropout: float
 
 
 class Attention(nn.Module):

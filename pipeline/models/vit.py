@@ -6,9 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import TransformerConfig
-from pipeline.models.layers import Block, init_weights
-from pipeline.patches import to_images, to_patches
+from .layers import Block, ModelShape, init_weights
+from .patches import to_images, to_patches
 
 
 class ConvStem(nn.Module):
@@ -60,7 +59,7 @@ class PatchEmbed(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, num_patches: int, patch_dim: int, num_classes: int, cfg: TransformerConfig, stem_channels: int = 0):
+    def __init__(self, num_patches: int, patch_dim: int, num_classes: int, cfg: ModelShape, stem_channels: int = 0):
         super().__init__()
         self.num_patches, self.patch_dim, self.num_classes, self.cfg = num_patches, patch_dim, num_classes, cfg
         self.embed = PatchEmbed(num_patches, patch_dim, cfg.d_model, stem_channels)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import AugmentConfig
-from pipeline.patches import to_images, to_patches
+from pipeline.models.patches import to_images, to_patches
 
 CELL = 28
 

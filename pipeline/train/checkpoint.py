@@ -17,6 +17,14 @@ from safetensors.torch import load_file, save_file
 from pipeline import storage
 
 TAG = "state"  # one DeepSpeed tag per checkpoint directory: Ray versions the directories
+# A training stage's directory holds its consolidated weights and model config; its
+# checkpoints lie a few levels below it (Ray Train's run and checkpoint folders).
+WEIGHTS, MODEL_CONFIG = "model.safetensors", "model_config.json"
+LEVELS_UP = 4
+
+
+class CheckpointError(ValueError):
+    """A directory that does not hold what a command needs of a training stage."""
 
 
 def deepspeed_safe_globals() -> list:
@@ -28,16 +36,29 @@ def deepspeed_safe_globals() -> list:
     return [ZeroStageEnum, LossScaler, fragment_address]
 
 
+def load_weights_only(path: str, map_location=None, **_ignored):
+    """torch.load of a DeepSpeed checkpoint file, tensors and DeepSpeed's few classes only."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        return _torch_load(path, map_location=map_location, weights_only=True)
+
+
+_torch_load = torch.load  # the real one, also while `weights_only_torch_load` is active
+
+
+@contextlib.contextmanager
+def weights_only_torch_load():
+    """For DeepSpeed's own readers (zero_to_fp32) that call torch.load(weights_only=False):
+    inside this block torch.load unpickles nothing but tensors and DeepSpeed's classes."""
+    torch.load = load_weights_only
+    try:
+        yield
+    finally:
+        torch.load = _torch_load
+
+
 def _weights_only_loads(engine) -> None:
     """Make DeepSpeed's checkpoint engine refuse to unpickle arbitrary objects."""
-    checkpoint_engine = engine.checkpoint_engine
-    allowed = deepspeed_safe_globals()
-
-    def load(path: str, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    checkpoint_engine.load = load
+    engine.checkpoint_engine.load = load_weights_only
 
 
 DATA_STATE = "data_state.json"
@@ -115,15 +136,55 @@ def load_weights(module: torch.nn.Module, path: str) -> None:
     module.load_state_dict(state, strict=False)  # tied aliases are absent by design
 
 
-def load_trained(model_config_path: str, weights_path: str) -> torch.nn.Module:
-    """Rebuild a trained model from its saved config and safetensors weights, in eval mode."""
-    import json
-
+def build_saved(saved: dict) -> torch.nn.Module:
+    """An untrained model of the shape a stage's model_config.json describes."""
     from pipeline.config import TransformerConfig
     from pipeline.train.tasks import build_model
 
-    saved = json.loads(storage.read_bytes(model_config_path))
     encoder = TransformerConfig(**saved["encoder_model"]) if saved.get("encoder_model") else None
-    model = build_model(saved["kind"], TransformerConfig(**saved["model"]), saved["model_args"], encoder)
+    return build_model(saved["kind"], TransformerConfig(**saved["model"]), saved["model_args"], encoder)
+
+
+def load_trained(model_config_path: str, weights_path: str) -> torch.nn.Module:
+    """Rebuild a trained model from its saved config and safetensors weights, in eval mode."""
+    model = build_saved(storage.read_json(model_config_path))
     load_weights(model, weights_path)
     return model.eval()
+
+
+def consolidated_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """The full fp32 weights in a DeepSpeed checkpoint this pipeline wrote, whatever its
+    ZeRO stage and world size: ZeRO 1-3 rebuilt from every rank's optimizer partition
+    by DeepSpeed's zero_to_fp32, ZeRO 0 read from the model state. Nothing is unpickled."""
+    import glob
+    import io
+
+    with storage.local_copy(checkpoint_dir) as local:
+        tagged = os.path.join(local, TAG)
+        model_states = sorted(glob.glob(os.path.join(tagged, "*model_states.pt")))
+        if not model_states:
+            raise CheckpointError(f"{checkpoint_dir}: no DeepSpeed checkpoint in it ({TAG}/*model_states.pt)")
+        with weights_only_torch_load(), contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates
+            if glob.glob(os.path.join(tagged, "*_optim_states.pt")):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                state = get_fp32_state_dict_from_zero_checkpoint(local, tag=TAG)
+            else:
+                state = torch.load(model_states[0], map_location="cpu")["module"]
+    return {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+
+
+def find_trained(directory: str, names: tuple[str, ...] = (MODEL_CONFIG, WEIGHTS)) -> tuple[str, ...]:
+    """The paths of `names` (by default the model config and final weights) in the
+    training stage directory that `directory` (a checkpoint or the stage's own
+    directory) belongs to."""
+    here = directory.rstrip("/")
+    for _ in range(LEVELS_UP + 1):
+        paths = tuple(storage.join(here, name) for name in names)
+        if all(storage.exists(p) for p in paths):
+            return paths
+        if "/" not in here.strip("/"):
+            break
+        here = here.rsplit("/", 1)[0]
+    raise CheckpointError(f"{directory}: no {' and '.join(names)} here or in the training stage directory "
+                          "above it; pass a training stage's checkpoint (stages.<stage>.outputs.checkpoint)")

@@ -19,7 +19,7 @@ from pipeline.models.captioner import MAX_TEXT_LEN, PAD, Captioner, encode_text
 from pipeline.models.gpt import GPT
 from pipeline.models.layers import count_params
 from pipeline.models.vit import ViT
-from pipeline.patches import to_images, to_patches
+from pipeline.models.patches import to_images, to_patches
 from pipeline.train.augment import KeyedAffine
 
 CELL = 28

@@ -1,0 +1,75 @@
+"""`pipeline export`: a training stage's checkpoint as a Hugging Face model folder.
+
+The weights come from the DeepSpeed checkpoint itself (any ZeRO stage, every rank's
+shard consolidated), so a mid-run checkpoint of a stopped stage exports as well as a
+finished one. The GPT and the ViT become stock `transformers` models (GPT-2 and ViT
+classes hold exactly our architectures); the captioner, whose encoder reads each cell
+separately, ships its own code and loads with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked."""
+
+
+FORMATS = ("hf",)
+
+
+def export_command(checkpoint: str, fmt: str, out: str) -> str:
+    from pipeline import storage
+    from pipeline.train import checkpoint as ckpt
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: the formats are {', '.join(FORMATS)}")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ExportError(f"--out {out} exists and is not an empty directory; remove it or choose another")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ExportError("the Hugging Face export needs transformers: pip install -e '.[hf]'") from None
+    if not storage.exists(checkpoint):
+        raise ckpt.CheckpointError(f"{checkpoint}: no such checkpoint directory")
+    (config_path,) = ckpt.find_trained(checkpoint, (ckpt.MODEL_CONFIG,))
+    saved = storage.read_json(config_path)
+    model = ckpt.build_saved(saved)
+    state = ckpt.consolidated_state(checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{checkpoint} does not fit the model its {ckpt.MODEL_CONFIG} describes (written by another "
+                          f"version?): missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    model.eval()
+
+    staging = f"{out}.tmp-{uuid.uuid4().hex[:8]}"  # renamed into place only when whole
+    os.makedirs(staging)
+    try:
+        how = _write(saved, model, config_path.rsplit("/", 1)[0], staging)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return f"exported the {saved['kind']} of {checkpoint} to {out}\nload it with {how.format(out=out)}"
+
+
+def _write(saved: dict, model, stage_dir: str, folder: str) -> str:
+    """Write the folder; returns how to load it (with `{out}` for its path)."""
+    from pipeline.export import remote, stock
+
+    kind = saved["kind"]
+    if kind == "gpt":
+        stock.write_gpt2(model, stage_dir, folder)
+        return "transformers.AutoModelForCausalLM.from_pretrained('{out}') and AutoTokenizer.from_pretrained('{out}')"
+    if kind == "vit":
+        stock.write_vit(model, saved["model_args"], folder)
+        return "transformers.ViTForImageClassification.from_pretrained('{out}') and AutoImageProcessor.from_pretrained('{out}')"
+    if kind == "captioner":
+        remote.write_captioner(model, saved, folder)
+        return "transformers.AutoModel.from_pretrained('{out}', trust_remote_code=True); model.generate(pixel_values)"
+    raise ExportError(f"no Hugging Face export for a {kind!r} model")

@@ -1,0 +1,47 @@
+"""The captioner as a Hugging Face custom-code folder (`trust_remote_code=True`).
+
+No stock class holds it: its encoder runs the ViT on each 28x28 cell, its memory
+carries row/column tags and edge tokens, and its decoder has a cursor and a
+cell-under-cursor attention bonus. So the folder ships the model's own code: the
+files of `pipeline/models` (which import nothing outside themselves) and a thin
+`PreTrainedModel` around them, `remote_modeling.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from safetensors.torch import save_file
+
+from pipeline.data.sources import CELL
+from pipeline.export.stock import image_processor
+
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models")
+MODEL_FILES = ("layers.py", "patches.py", "vit.py", "captioner.py")
+MODELING = "modeling_thousandwords.py"
+PREFIX = "captioner."  # the wrapper's attribute holding our model
+
+
+def write_captioner(model, saved: dict, folder: str) -> None:
+    for name in MODEL_FILES:
+        shutil.copyfile(os.path.join(MODELS_DIR, name), os.path.join(folder, name))
+    shutil.copyfile(os.path.join(os.path.dirname(__file__), "remote_modeling.py"), os.path.join(folder, MODELING))
+    args = saved["model_args"]
+    config = {
+        "model_type": "thousandwords_grid_captioner",
+        "architectures": ["GridCaptioner"],
+        "auto_map": {"AutoConfig": f"{MODELING[:-3]}.GridCaptionerConfig", "AutoModel": f"{MODELING[:-3]}.GridCaptioner"},
+        "encoder_shape": saved["encoder_model"],
+        "decoder_shape": saved["model"],
+        "cell": CELL,
+        "patch_size": args["patch_size"],
+        "stem_channels": args.get("stem_channels", 0),
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    # Tied weights under both names: transformers' loader reads each name it expects.
+    state = {PREFIX + k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    image_processor(args).save_pretrained(folder)
