@@ -12,6 +12,8 @@ from conftest import REPO, SMOKE
 from pipeline.cli import main
 
 DIGITS = REPO / "configs" / "digits.yaml"
+TINY_GPT = ('{"kind": "gpt", "model": {"n_layer": 1, "n_head": 1, "d_model": 8, "dropout": 0.0}, '
+            '"model_args": {"vocab_size": 16, "seq_len": 4}, "encoder_model": null}')
 CASES = [
     # (name, extra files {name: text}, argv with {tmp} for the test's directory, what the line must say)
     ("unknown key in the file", {"c.yaml": "pretrain_gpt:\n  model: {n_layers: 2}\n"}, ["run", "{tmp}/c.yaml"], "pretrain_gpt.model.n_layers"),
@@ -51,6 +53,13 @@ CASES = [
     ("too few points", {"p.csv": "params,tokens,loss\n1e6,1e9,3\n2e6,1e9,2.9\n"}, ["scaling", "fit", "--points", "{tmp}/p.csv"], "at least 5"),
     ("sweep with one size", {"s.yaml": f"name: s\nbase: {SMOKE}\nexperiment: e\nsizes: [{{}}]\ntokens: [1000]\n"},
      ["scaling", "sweep", "{tmp}/s.yaml"], "at least 2 model sizes"),
+    ("export of a missing checkpoint", {}, ["export", "--checkpoint", "{tmp}/nope", "--out", "{tmp}/o"], "{tmp}/nope: no such checkpoint directory"),
+    ("export of a folder of no stage", {}, ["export", "--checkpoint", "{tmp}", "--out", "{tmp}/o"], "no model_config.json here or in the training stage"),
+    ("export of a stage without DeepSpeed state", {"model_config.json": TINY_GPT}, ["export", "--checkpoint", "{tmp}", "--out", "{tmp}/o"],
+     "{tmp}: no DeepSpeed checkpoint in it"),
+    ("export over a folder with files", {"o/keep.txt": "mine"}, ["export", "--checkpoint", "{tmp}", "--out", "{tmp}/o"],
+     "--out {tmp}/o exists and is not an empty directory"),
+    ("export to an unknown format", {}, ["export", "--checkpoint", "{tmp}", "--format", "onnx", "--out", "{tmp}/o"], "invalid choice: 'onnx'"),
     ("negative prediction point", {"p.csv": "params,tokens,loss\n" + "".join(f"{n},{d},{3 + 1 / n + 1 / d}\n" for n in (1e6, 2e6, 4e6) for d in (1e9, 2e9))},
      ["scaling", "predict", "--points", "{tmp}/p.csv", "--params", "-5", "--tokens", "1e9", "--bootstrap", "0"], "must be positive"),
 ]
@@ -59,6 +68,7 @@ CASES = [
 @pytest.mark.parametrize("name, files, argv, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_leaves_nothing(name, files, argv, expected, tmp_path, capsys):
     for file, text in files.items():
+        (tmp_path / file).parent.mkdir(exist_ok=True)
         (tmp_path / file).write_text(text)
     before = set(tmp_path.rglob("*"))
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -68,7 +78,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(name, files, argv, expected, t
         code = e.code
     assert code not in (0, None)
     err = capsys.readouterr().err.strip().splitlines()
-    if "unrecognized" in expected:  # argparse prints its usage line first
+    if "unrecognized" in expected or "invalid choice" in expected:  # argparse prints its usage line first
         err = err[-1:]
     assert len(err) == 1, err
     assert expected.replace("{tmp}", str(tmp_path)) in err[0] and "Traceback" not in err[0]

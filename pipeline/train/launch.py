@@ -27,26 +27,13 @@ def _to_universal(source: str, target: str) -> str:
     import io
     import shutil
 
-    import torch
     from deepspeed.checkpoint import ds_to_universal
-
-    allowed = ckpt.deepspeed_safe_globals()
-    real_load = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return real_load(*args, **kwargs)
 
     args = argparse.Namespace(input_folder=os.path.join(source, ckpt.TAG), output_folder=os.path.join(target, ckpt.TAG),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
-    torch.load = safe_load
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it narrates every parameter
-            ds_to_universal.main(args)
-    finally:
-        torch.load = real_load
+    with ckpt.weights_only_torch_load(), contextlib.redirect_stdout(io.StringIO()):  # it narrates every parameter
+        ds_to_universal.main(args)
     shutil.copy(os.path.join(source, ckpt.DATA_STATE), os.path.join(target, ckpt.DATA_STATE))
     return target
 
