@@ -78,7 +78,8 @@ def main() -> None:
 
     import ray
 
-    from pipeline.config import TrainConfig, TransformerConfig
+    from pipeline.config import RayConfig, TrainConfig, TransformerConfig
+    from pipeline.runner import ensure_ray
     from pipeline.train.engine import load_zero_config
     from pipeline.train.launch import fit
     from pipeline.train.tasks import TrainSpec
@@ -102,7 +103,9 @@ def main() -> None:
         spec = TrainSpec(kind="gpt", train_data=tokens, model=model_cfg, train=train,
                          deepspeed=load_zero_config(args.zero), weights_out=os.path.join(tmp, "w.safetensors"),
                          model_args={"vocab_size": args.vocab, "seq_len": args.seq_len})
-        ray.init(num_cpus=None if args.gpu else args.workers, include_dashboard=False)
+        # With its dashboard, as the pipeline starts it: Ray Train's placement-group cleaner
+        # polls the state API there, and warns on every poll without one.
+        ensure_ray(RayConfig(num_cpus=None if args.gpu else args.workers))
         metrics = fit(spec, os.path.join(tmp, "run"))["metrics"]
         ray.shutdown()
 

@@ -194,8 +194,13 @@ def _main(argv: list[str]) -> int:
     targets = COMMANDS[args.command]
     if args.command == "pretrain" and args.model != "both":
         targets = [f"pretrain_{args.model}"]
+    from pipeline import tracking
     from pipeline.train.preemption import EXIT_CODE, Preempted
 
+    if args.workdir:
+        config.workdir = args.workdir
+    print("resolved config (also saved as config.yaml on the MLflow run; secrets redacted):", flush=True)
+    print("  " + tracking.config_yaml(config).rstrip().replace("\n", "\n  "), flush=True)
     try:
         summary = run_pipeline(config, targets, args.workdir)
     except Preempted as e:

@@ -329,6 +329,16 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI if set, else SQLite under the workdir
     experiment: str = "thousandwords"
     sweep: Optional[str] = None  # tags every run with `sweep`, for `pipeline scaling fit --sweep`
+    # Attach each training stage's final safetensors to its run. Off for models whose
+    # weights should not be copied into the artifact store (the workdir keeps them).
+    log_weights: bool = True
+    # MLflow's system metrics (CPU, memory, disk, network, GPU) on each stage's run,
+    # sampled on the driver's node every this many seconds; 0: off.
+    system_metrics_every: float = 5.0
+
+    def validate(self, key: str) -> None:
+        if self.system_metrics_every < 0:
+            raise ConfigError(f"{key}.system_metrics_every must be >= 0 (0: off), got {self.system_metrics_every}")
 
 
 @dataclass

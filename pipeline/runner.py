@@ -80,7 +80,13 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.name,
                           tags={"git_commit": commit, "kind": "pipeline", **sweep}) as parent:
         mlflow.log_params(tracking.params_for_mlflow({"targets": ",".join(names)}))
+        resolved = tracking.config_yaml(config)
+        mlflow.log_text(resolved, "config.yaml")
         summary["mlflow_run_id"] = parent.info.run_id
+        if config.tracking.system_metrics_every:
+            from mlflow.system_metrics import set_system_metrics_sampling_interval
+
+            set_system_metrics_sampling_interval(config.tracking.system_metrics_every)
         for name in names:
             stage = STAGES[name]
             fp = fingerprint(stage, config, {d: fingerprints[d] for d in stage.deps})
@@ -88,16 +94,18 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
             out_dir = storage.join(workdir, name, fp)
             cached = read_done(out_dir)
             with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
-                                  tags={"stage": name, "fingerprint": fp, "git_commit": commit, **sweep}) as run:
+                                  tags={"stage": name, "fingerprint": fp, "git_commit": commit, **sweep},
+                                  log_system_metrics=cached is None and config.tracking.system_metrics_every > 0) as run:
                 if cached is None:
                     ensure_ray(config.ray)
                     print(f"[{name}] running -> {out_dir}", flush=True)
                     mlflow.log_params(tracking.params_for_mlflow({"config": section_dict(stage, config)}))
+                    mlflow.log_text(resolved, "config.yaml")
                 ctx = StageContext(config, out_dir, {d: outputs[d] for d in stage.deps}, fp, uri, run.info.run_id)
                 record = run_stage(stage, ctx)
                 mlflow.set_tag("status", record["status"])
                 if record["status"] == "cached" and record.get("mlflow_run_id"):
-                    mlflow.set_tag("produced_by_run", record["mlflow_run_id"])
+                    tracking.link_to_producer(uri, run.info.run_id, record["mlflow_run_id"])
                 if record["status"] == "ran":
                     if record.get("params"):
                         mlflow.log_params(tracking.params_for_mlflow(record["params"]))

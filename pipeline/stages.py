@@ -229,6 +229,8 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, 
         outputs["loss_plot"] = storage.join(ctx.out_dir, "loss.png")
         unit, _ = units_per_sample(spec)
         tracking.plot_loss(ctx.tracking_uri, ctx.mlflow_run_id, unit, outputs["loss_plot"])
+        if ctx.config.tracking.log_weights:
+            tracking.log_files(ctx.tracking_uri, ctx.mlflow_run_id, [weights, model_config_path])
     return StageResult(outputs, metrics, params)
 
 

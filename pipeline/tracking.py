@@ -75,6 +75,23 @@ def redact(key: str, value: Any) -> Any:
     return _URL_PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value
 
 
+def redacted(value: Any, key: str = "") -> Any:
+    """A nested config (dicts and lists) with every secret redacted, for printing and logging."""
+    if isinstance(value, Mapping):
+        return {k: redacted(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    return redact(key, value)
+
+
+def config_yaml(config) -> str:
+    """The resolved run config as YAML, secrets redacted: printed at the start of a run
+    and attached to its MLflow runs as `config.yaml`."""
+    import yaml
+
+    return yaml.safe_dump(redacted(config.to_dict()), sort_keys=False)
+
+
 def params_for_mlflow(d: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(redact(k, v))[:_MAX_PARAM_LEN] for k, v in flatten(d).items()}
 
@@ -137,6 +154,23 @@ def _ensure_experiment(uri: str, name: str, workdir: str) -> str:
         os.makedirs(artifacts, exist_ok=True)
         artifacts = "file://" + artifacts
     return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def link_to_producer(uri: str, run_id: str, producer_id: str) -> None:
+    """A cached stage's run points at the run that made its outputs: a tag, and a
+    description (shown on the run's page) with the link."""
+    from mlflow.exceptions import MlflowException
+
+    runs = client(uri)
+    runs.set_tag(run_id, "produced_by_run", producer_id)
+    try:
+        producer = runs.get_run(producer_id)
+    except MlflowException:  # a store that no longer holds it (another tracking URI, deleted)
+        note = f"Cached: outputs made by run {producer_id}, not in this tracking store."
+    else:
+        link = f"#/experiments/{producer.info.experiment_id}/runs/{producer_id}"
+        note = f"Cached: its outputs were made by [{producer.info.run_name} {producer_id[:8]}]({link}); metrics, plots and weights are there."
+    runs.set_tag(run_id, "mlflow.note.content", note)
 
 
 class RunLogger:

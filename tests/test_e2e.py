@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -28,7 +29,7 @@ def _pipeline(workdir, summary, *extra):
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(summary.read_text()), proc.stdout, time.perf_counter() - start
+    return json.loads(summary.read_text()), proc.stdout + proc.stderr, time.perf_counter() - start
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,12 @@ def test_smoke_run_learns(smoke):
     assert m["captioner_per_digit_accuracy"] >= 0.80
     assert 0.0 <= m["captioner_exact_match"] <= 1.0
     assert "vit_test_accuracy" in stdout  # the printed summary table
+    # Each training line once (rank 0's, not every worker's, not echoed twice), no warning spam.
+    found = (re.search(r"\[(gpt|vit|captioner)\] step \d+.*", line) for line in stdout.splitlines())
+    training = [hit.group(0) for hit in found if hit]  # without Ray's "(RayTrainWorker pid=...)" prefix
+    assert len(training) >= 15 + 40 + 12, len(training)  # every log_every steps of the three stages
+    assert len(set(training)) == len(training), [t for t in training if training.count(t) > 1][:3]
+    assert "DeprecationWarning" not in stdout and "FutureWarning" not in stdout
 
 
 @pytest.mark.slow
@@ -77,6 +84,31 @@ def test_smoke_run_is_tracked_in_mlflow(smoke):
     assert gpt.data.params["config.train.zero_stage"] == "3"
     evaluate = next(r for r in children if r.data.tags["stage"] == "evaluate")
     assert evaluate.data.metrics["vit_test_accuracy"] == summary["stages"]["evaluate"]["metrics"]["vit_test_accuracy"]
+    _assert_training_runs_tell_the_story(client, parent, children, summary)
+
+
+def _assert_training_runs_tell_the_story(client, parent, children, summary):
+    """Without a terminal: each training run holds its plots, its final weights, the
+    resolved config and the machine's load while it ran."""
+    import yaml
+    from mlflow.artifacts import download_artifacts
+    from safetensors.torch import load_file
+
+    config = yaml.safe_load(client.download_artifacts(parent.info.run_id, "config.yaml"))
+    assert config["pretrain_gpt"]["train"]["zero_stage"] == 3 and config["name"] == "smoke"
+    for stage in ("pretrain_gpt", "pretrain_vit", "finetune"):
+        run = next(r for r in children if r.data.tags["stage"] == stage)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"loss.png", "model.safetensors", "model_config.json", "config.yaml"} <= artifacts, (stage, artifacts)
+        logged = load_file(download_artifacts(run_id=run.info.run_id, artifact_path="model.safetensors",
+                                              tracking_uri=summary["tracking_uri"]))
+        final = load_file(summary["stages"][stage]["outputs"]["weights"])
+        assert logged.keys() == final.keys() and all((logged[k] == final[k]).all() for k in final)
+        # MLflow's own system metrics, sampled while the stage trained (every 5 s; these run 20 s and more)
+        cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        memory = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+        assert len(cpu) >= 2 and all(0 <= m.value <= 100 for m in cpu), stage
+        assert memory and all(m.value > 100 for m in memory), stage
 
 
 @pytest.mark.slow
@@ -84,6 +116,7 @@ def test_rerun_is_cached_and_a_change_reruns_only_downstream(smoke):
     root, (first, _, _) = smoke
     again, _, seconds = _pipeline(root / "work", root / "again.json")
     assert {s["status"] for s in again["stages"].values()} == {"cached"}
+    _assert_cached_runs_link_their_producers(again, first)
     assert again["stages"]["evaluate"]["metrics"] == first["stages"]["evaluate"]["metrics"]
     assert seconds < 90, f"cached re-run took {seconds:.0f}s"
 
@@ -92,6 +125,19 @@ def test_rerun_is_cached_and_a_change_reruns_only_downstream(smoke):
     assert status == {"shard": "cached", "tokenize": "cached", "patchify": "cached", "pretrain_gpt": "cached",
                       "pretrain_vit": "cached", "finetune": "ran", "evaluate_gpt": "cached", "evaluate": "ran"}
     assert changed["stages"]["finetune"]["outputs"]["checkpoint"] != first["stages"]["finetune"]["outputs"]["checkpoint"]
+
+
+def _assert_cached_runs_link_their_producers(again, first):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=again["tracking_uri"])
+    for stage in ("pretrain_gpt", "evaluate"):
+        cached = client.search_runs([client.get_run(again["mlflow_run_id"]).info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{again['mlflow_run_id']}' and tags.stage = '{stage}'")[0]
+        producer = first["stages"][stage]["mlflow_run_id"]
+        assert cached.data.tags["produced_by_run"] == producer
+        assert f"/runs/{producer})" in cached.data.tags["mlflow.note.content"]  # a link on the run's page
+        assert not cached.data.metrics  # nothing re-measured: the numbers live on the producer
 
 
 @pytest.mark.slow
