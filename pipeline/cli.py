@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("images", nargs="+", metavar="IMAGE", help="grid images (PNG)")
     read.add_argument("--json", action="store_true", help='one JSON object per image: {"image": PATH, "rows": ["37", "_1"]}')
     read.add_argument("--batch-size", type=int, default=64, help="images decoded at once (default 64)")
+    report = sub.add_parser("report", help="the latest pipeline run's stages and metrics, or two runs compared, from MLflow",
+                            description="Read the tracking store: the latest pipeline run of an experiment as a table "
+                                        "of stages (status, seconds, headline metrics; a cached stage shows the run that "
+                                        "made its outputs), or with --compare two pipeline runs side by side, with the "
+                                        "config keys and metrics that differ.")
+    report.add_argument("--workdir", help="the run's workdir: its SQLite store (mlflow.db) is read")
+    report.add_argument("--tracking-uri", help="an MLflow tracking URI instead (default: MLFLOW_TRACKING_URI)")
+    report.add_argument("--experiment", default="thousandwords", help="MLflow experiment (default: thousandwords)")
+    report.add_argument("--compare", nargs=2, metavar="RUN", help="two pipeline run ids (as `report` prints them)")
     export = sub.add_parser("export", help="a training stage's checkpoint as a Hugging Face model folder",
                             description="Write a Hugging Face model folder (safetensors weights, config, tokenizer or "
                                         "image processor) from a training stage's checkpoint, at any ZeRO stage: the "
@@ -132,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from pipeline.export import ExportError
         from pipeline.predict import ImageError
+        from pipeline.report import ReportError
         from pipeline.train.checkpoint import CheckpointError
 
         if isinstance(e, ConfigError):
             print(f"config error: {e}", file=sys.stderr)
-        elif isinstance(e, (ImageError, CheckpointError, ExportError)):
+        elif isinstance(e, (ImageError, CheckpointError, ExportError, ReportError)):
             print(f"{argv[0] if argv else 'pipeline'}: {e}", file=sys.stderr)
         elif isinstance(e, FitError):
             print(f"scaling: {e}", file=sys.stderr)
@@ -165,7 +175,7 @@ def _main(argv: list[str]) -> int:
     # Overrides may come after the options too (`run CFG --workdir W a.b=1`): argparse
     # leaves those in `extra`.
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("scaling", "predict", "export") and extra:
+    if args.command in ("scaling", "predict", "export", "report") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "scaling":
         return _scaling(args)
@@ -173,6 +183,12 @@ def _main(argv: list[str]) -> int:
         from pipeline.predict import predict_command
 
         print(predict_command(args.checkpoint, args.images, args.json, args.batch_size))
+        return 0
+    if args.command == "report":
+        from pipeline import report
+
+        uri = report.resolve_uri(args.tracking_uri, args.workdir)
+        print(report.compare(uri, *args.compare) if args.compare else report.report(uri, args.experiment))
         return 0
     if args.command == "export":
         from pipeline.export import export_command

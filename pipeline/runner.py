@@ -120,13 +120,13 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A table of stages (status, seconds, outputs' count), then every evaluation metric."""
+    from pipeline.report import table
+
     rows = [("stage", "status", "seconds", "checkpoint / outputs")]
     for name, s in summary["stages"].items():
         where = s["outputs"].get("checkpoint") or f"{len(s['outputs'])} outputs"
         rows.append((name, s["status"], f"{s['seconds']:.1f}", str(where)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
-    lines.insert(1, "-" * max(len(line) for line in lines))
+    lines = table(rows, right=(2,)).splitlines()
     metrics = {k: v for stage in ("evaluate_gpt", "evaluate") for k, v in summary["stages"].get(stage, {}).get("metrics", {}).items()}
     if metrics:
         width = max(len(k) for k in metrics)

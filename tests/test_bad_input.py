@@ -60,6 +60,7 @@ CASES = [
     ("export over a folder with files", {"o/keep.txt": "mine"}, ["export", "--checkpoint", "{tmp}", "--out", "{tmp}/o"],
      "--out {tmp}/o exists and is not an empty directory"),
     ("export to an unknown format", {}, ["export", "--checkpoint", "{tmp}", "--format", "onnx", "--out", "{tmp}/o"], "invalid choice: 'onnx'"),
+    ("report of a workdir that has no runs", {}, ["report", "--workdir", "{tmp}"], "report: no tracking store at {tmp}/mlflow.db"),
     ("negative prediction point", {"p.csv": "params,tokens,loss\n" + "".join(f"{n},{d},{3 + 1 / n + 1 / d}\n" for n in (1e6, 2e6, 4e6) for d in (1e9, 2e9))},
      ["scaling", "predict", "--points", "{tmp}/p.csv", "--params", "-5", "--tokens", "1e9", "--bootstrap", "0"], "must be positive"),
 ]
