@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON ?= python3
 WORKDIR ?= runs/smoke
 
-.PHONY: setup smoke digits test test-fast bench
+.PHONY: setup smoke digits test test-fast bench browser
 
 # torch is pinned and installed first: a bare `torch` requirement would pull
 # several GB of CUDA wheels instead of the CPU build.
@@ -25,7 +25,15 @@ smoke: setup
 digits: setup
 	$(VENV)/bin/pipeline run configs/digits.yaml --workdir runs/digits --summary runs/digits/summary.json
 
-test: setup
+# The MLflow UI test drives Debian's chromium through Selenium: installed here when
+# root may (apt), else that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "chromium not installed: the MLflow UI browser test will be skipped"
+
+test: setup browser
 	$(VENV)/bin/pytest -q -rs --durations=25
 
 test-fast: setup

@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri", help="an MLflow tracking URI instead (default: MLFLOW_TRACKING_URI)")
     report.add_argument("--experiment", default="thousandwords", help="MLflow experiment (default: thousandwords)")
     report.add_argument("--compare", nargs=2, metavar="RUN", help="two pipeline run ids (as `report` prints them)")
+    ui = sub.add_parser("ui", help="the MLflow UI over a run's tracking store, on 127.0.0.1",
+                        description="Start the MLflow UI against a run's tracking store and print its address; "
+                                    "Ctrl-C stops it. It has no authentication: it binds to 127.0.0.1 unless --host "
+                                    "says otherwise (reach it from elsewhere through an SSH tunnel).")
+    ui.add_argument("--workdir", help="the run's workdir: its SQLite store (mlflow.db) is served")
+    ui.add_argument("--tracking-uri", help="an MLflow tracking URI instead (default: MLFLOW_TRACKING_URI)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     export = sub.add_parser("export", help="a training stage's checkpoint as a Hugging Face model folder",
                             description="Write a Hugging Face model folder (safetensors weights, config, tokenizer or "
                                         "image processor) from a training stage's checkpoint, at any ZeRO stage: the "
@@ -175,7 +183,7 @@ def _main(argv: list[str]) -> int:
     # Overrides may come after the options too (`run CFG --workdir W a.b=1`): argparse
     # leaves those in `extra`.
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("scaling", "predict", "export", "report") and extra:
+    if args.command in ("scaling", "predict", "export", "report", "ui") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "scaling":
         return _scaling(args)
@@ -190,6 +198,11 @@ def _main(argv: list[str]) -> int:
         uri = report.resolve_uri(args.tracking_uri, args.workdir)
         print(report.compare(uri, *args.compare) if args.compare else report.report(uri, args.experiment))
         return 0
+    if args.command == "ui":
+        from pipeline.report import resolve_uri
+        from pipeline.ui import ui_command
+
+        return ui_command(resolve_uri(args.tracking_uri, args.workdir), args.host, args.port)
     if args.command == "export":
         from pipeline.export import export_command
 

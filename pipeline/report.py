@@ -35,20 +35,20 @@ def _cell(value: Any) -> str:
 
 
 def resolve_uri(tracking_uri: Optional[str], workdir: Optional[str]) -> str:
+    """The tracking store to read: named, a workdir's own, or MLFLOW_TRACKING_URI; a
+    SQLite file must exist (reading never creates one)."""
     if tracking_uri:
-        return tracking_uri
-    if workdir:
-        return tracking.tracking_uri(None, workdir)
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    raise ReportError("say which tracking store: --workdir DIR (its mlflow.db) or --tracking-uri URI "
-                      "(or set MLFLOW_TRACKING_URI)")
-
-
-def _store(uri: str):
+        uri = tracking_uri
+    elif workdir:
+        uri = tracking.tracking_uri(None, workdir)
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        raise ReportError("say which tracking store: --workdir DIR (its mlflow.db) or --tracking-uri URI "
+                          "(or set MLFLOW_TRACKING_URI)")
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
         raise ReportError(f"no tracking store at {uri[len('sqlite:///'):]}: has a pipeline run there?")
-    return tracking.client(uri)
+    return uri
 
 
 def _experiment_id(runs, name: str) -> str:
@@ -107,7 +107,7 @@ HEADLINE = ("final_loss", "final_val_loss", "final_val_accuracy", "gpt_val_loss"
 
 
 def report(uri: str, experiment: str) -> str:
-    runs = _store(uri)
+    runs = tracking.client(uri)
     found = runs.search_runs([_experiment_id(runs, experiment)], "tags.kind = 'pipeline'",
                              order_by=["attributes.start_time DESC"], max_results=1)
     if not found:
@@ -128,7 +128,7 @@ def compare(uri: str, run_a: str, run_b: str) -> str:
     import yaml
     from mlflow.exceptions import MlflowException
 
-    runs = _store(uri)
+    runs = tracking.client(uri)
     a, b = _pipeline_run(runs, run_a), _pipeline_run(runs, run_b)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file each
     configs = []

@@ -146,14 +146,21 @@ def _ensure_experiment(uri: str, name: str, workdir: str) -> str:
         os.environ["MLFLOW_TRACKING_URI"] = users
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if _KIND not in experiment.tags:
+            mlflow.MlflowClient(uri).set_experiment_tag(experiment.experiment_id, _KIND, _MODEL_TRAINING)
         return experiment.experiment_id
     if is_server(uri):
-        return mlflow.create_experiment(name)
+        return mlflow.create_experiment(name, tags={_KIND: _MODEL_TRAINING})
     artifacts = storage.join(storage.absolute(workdir), "mlflow-artifacts")
     if storage.is_local(artifacts):
         os.makedirs(artifacts, exist_ok=True)
         artifacts = "file://" + artifacts
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    return mlflow.create_experiment(name, artifact_location=artifacts, tags={_KIND: _MODEL_TRAINING})
+
+
+# The MLflow UI opens an experiment of unknown kind on its GenAI (traces) pages; ours
+# are training runs, which its "model training" pages show.
+_KIND, _MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def link_to_producer(uri: str, run_id: str, producer_id: str) -> None:

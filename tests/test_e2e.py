@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -201,3 +202,53 @@ def test_predict_writes_test_grids_with_the_finetuned_checkpoint(smoke, tmp_path
     assert right / 48 >= 0.8, (written, truth)
     one = predict(paths[0])
     assert one.stdout.splitlines() == written[0]["rows"] and "grids/s" in one.stderr
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason="needs Debian's chromium and chromium-driver (`make test` installs them as root)")
+def test_ui_lists_the_runs_and_shows_a_loss_plot_in_a_real_browser(smoke):
+    """`pipeline ui` on the smoke workdir, read by headless chromium through Selenium:
+    the experiment page lists the pipeline run, a training run's page draws loss.png."""
+    from mlflow.tracking import MlflowClient
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, (summary, _, _) = smoke
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    experiment = client.get_run(summary["mlflow_run_id"]).info.experiment_id
+    gpt_run = summary["stages"]["pretrain_gpt"]["mlflow_run_id"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([str(VENV_BIN / "pipeline"), "ui", "--workdir", str(root / "work"), "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    browser = None
+    try:
+        line = ui.stdout.readline()  # printed once the UI answers
+        assert line.startswith(f"MLflow UI: http://127.0.0.1:{port}"), line + ui.stderr.read()
+        browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        browser.get(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")
+        page = lambda b: b.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        WebDriverWait(browser, 60).until(lambda b: "smoke" in page(b) and "matching runs" in page(b))
+        browser.get(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{gpt_run}/artifacts/loss.png")
+
+        def plot_drawn(b):
+            sizes = [b.execute_script("return arguments[0].naturalWidth", img) for img in b.find_elements(By.TAG_NAME, "img")]
+            return "pretrain_gpt" in page(b) and max(sizes, default=0) >= 500  # the 10x3.6-inch plot, decoded
+
+        WebDriverWait(browser, 60).until(plot_drawn)
+    finally:
+        if browser is not None:
+            browser.quit()
+        ui.terminate()
+        assert ui.wait(timeout=30) == 0  # SIGTERM stops the UI and its server cleanly
