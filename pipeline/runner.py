@@ -65,6 +65,7 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
     except KeyError as e:
         raise ConfigError(f"targets: {e.args[0]}") from None
     uri = tracking.tracking_uri(config.tracking.uri, workdir)
+    tracking.quiet_routine_logs()
     check_cluster_storage(config, workdir, uri)
     try:
         storage.makedirs(workdir)

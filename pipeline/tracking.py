@@ -163,6 +163,18 @@ def _ensure_experiment(uri: str, name: str, workdir: str) -> str:
 _KIND, _MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
+# MLflow narrates routine steps at INFO on every run: creating a store's tables,
+# starting and stopping the system-metrics thread of each stage. Warnings still show.
+_CHATTY_LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics.system_metrics_monitor")
+
+
+def quiet_routine_logs() -> None:
+    import logging
+
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def link_to_producer(uri: str, run_id: str, producer_id: str) -> None:
     """A cached stage's run points at the run that made its outputs: a tag, and a
     description (shown on the run's page) with the link."""

@@ -20,6 +20,11 @@ from pipeline.train.loop import train_worker
 from pipeline.train.tasks import TrainSpec
 
 
+# Ray Train's print patch sends a worker's print both to its stdout and, through the
+# logging module, to its stderr: the driver showed every training line twice.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def _to_universal(source: str, target: str) -> str:
     """DeepSpeed's ds_to_universal, with every torch.load forced to weights_only=True."""
     import argparse
@@ -81,6 +86,7 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": WORKER_ENV},
         ),
     )
     with preemption.stop_on_sigterm(spec.stop_file):
