@@ -21,13 +21,14 @@ from pipeline.data.shards import ShardInfo
 def _ray_map(fn: Callable[..., Any], calls: list[tuple], desc: str) -> list[Any]:
     """Run `fn(*args)` for every args tuple as a Ray task, with a progress bar."""
     import ray
-    from tqdm import tqdm
+
+    from pipeline.progress import progress
 
     task = ray.remote(num_cpus=1)(fn)
     pending = [task.remote(*args) for args in calls]
     results: dict[Any, Any] = {}
     order = list(pending)
-    with tqdm(total=len(pending), desc=desc, unit="shard", leave=False) as bar:
+    with progress(len(pending), desc, "shard") as bar:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             results[ready[0]] = ray.get(ready[0])

@@ -127,3 +127,30 @@ def test_secrets_never_reach_mlflow_params():
     assert params["tokenize.vocab_size"] == "1024" and params["tokenize.tokens"] == "5"
     assert params["digit_keys"] == "['000001']"
     assert not any(secret in " ".join(params.values()) for secret in ("hf_abcdef", "wJalrXUtnFEMI", "s3cret", "AKIAEXAMPLE"))
+
+
+def test_printed_and_saved_config_hides_secrets():
+    import yaml
+
+    from pipeline.tracking import config_yaml, redacted
+
+    config = load_config(SMOKE, ["tracking.uri=http://alice:s3cret@mlflow.internal:5000"])
+    text = config_yaml(config)
+    assert "s3cret" not in text and yaml.safe_load(text)["tracking"]["uri"] == "http://alice:***@mlflow.internal:5000"
+    assert yaml.safe_load(text)["pretrain_gpt"]["train"]["zero_stage"] == config.pretrain_gpt.train.zero_stage
+    nested = redacted({"sources": [{"name": "a", "api_key": "k-123"}], "hf_token": "hf_x", "tokens": 5})
+    assert nested == {"sources": [{"name": "a", "api_key": "***"}], "hf_token": "***", "tokens": 5}
+
+
+def test_progress_off_a_terminal_is_plain_periodic_lines(capsys):
+    from pipeline.progress import progress
+
+    with progress(5, "shard grids", "shard", every=3600) as bar:  # capsys: stderr is not a terminal
+        for _ in range(5):
+            bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shard grids: 5/5 shards") and "\r" not in lines[0]
+    with progress(3, "x", "run", every=0) as bar:
+        for _ in range(3):
+            bar.update(1)
+    assert [line.split(",")[0] for line in capsys.readouterr().err.splitlines()] == ["x: 1/3 runs", "x: 2/3 runs", "x: 3/3 runs"]

@@ -107,8 +107,8 @@ def point_config(base: RunConfig, sweep: SweepConfig, size: TransformerConfig, b
 def run_sweep(path: str, workdir: Optional[str] = None) -> str:
     """Run every point not yet done; return a table of the points."""
     import ray
-    from tqdm import tqdm
 
+    from pipeline.progress import progress
     from pipeline.runner import ensure_ray, run_pipeline
     from pipeline.stages import STAGES
 
@@ -121,7 +121,7 @@ def run_sweep(path: str, workdir: Optional[str] = None) -> str:
     task = ray.remote(num_cpus=0)(run_pipeline)  # a launcher: its Ray Train workers hold the resources
     pending = {task.remote(config, [sweep.stage], workdir): n for n, config in enumerate(points)}
     records: list[dict] = [{}] * len(points)
-    with tqdm(total=len(points), desc=f"sweep {sweep.name}", unit="run") as bar:
+    with progress(len(points), f"sweep {sweep.name}", "run", leave=True) as bar:
         while pending:
             [ready], _ = ray.wait(list(pending), num_returns=1)
             records[pending.pop(ready)] = ray.get(ready)["stages"][sweep.stage]
