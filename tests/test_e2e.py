@@ -95,7 +95,8 @@ def _assert_training_runs_tell_the_story(client, parent, children, summary):
     from mlflow.artifacts import download_artifacts
     from safetensors.torch import load_file
 
-    config = yaml.safe_load(client.download_artifacts(parent.info.run_id, "config.yaml"))
+    with open(client.download_artifacts(parent.info.run_id, "config.yaml")) as f:
+        config = yaml.safe_load(f)
     assert config["pretrain_gpt"]["train"]["zero_stage"] == 3 and config["name"] == "smoke"
     for stage in ("pretrain_gpt", "pretrain_vit", "finetune"):
         run = next(r for r in children if r.data.tags["stage"] == stage)
