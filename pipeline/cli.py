@@ -107,16 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                                         "of stages (status, seconds, headline metrics; a cached stage shows the run that "
                                         "made its outputs), or with --compare two pipeline runs side by side, with the "
                                         "config keys and metrics that differ.")
-    report.add_argument("--workdir", help="the run's workdir: its SQLite store (mlflow.db) is read")
-    report.add_argument("--tracking-uri", help="an MLflow tracking URI instead (default: MLFLOW_TRACKING_URI)")
+    _store_options(report)
     report.add_argument("--experiment", default="thousandwords", help="MLflow experiment (default: thousandwords)")
     report.add_argument("--compare", nargs=2, metavar="RUN", help="two pipeline run ids (as `report` prints them)")
     ui = sub.add_parser("ui", help="the MLflow UI over a run's tracking store, on 127.0.0.1",
                         description="Start the MLflow UI against a run's tracking store and print its address; "
                                     "Ctrl-C stops it. It has no authentication: it binds to 127.0.0.1 unless --host "
                                     "says otherwise (reach it from elsewhere through an SSH tunnel).")
-    ui.add_argument("--workdir", help="the run's workdir: its SQLite store (mlflow.db) is served")
-    ui.add_argument("--tracking-uri", help="an MLflow tracking URI instead (default: MLFLOW_TRACKING_URI)")
+    _store_options(ui)
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     export = sub.add_parser("export", help="a training stage's checkpoint as a Hugging Face model folder",
@@ -129,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="hf", choices=["hf"], help="hf: a Hugging Face transformers folder (the only one)")
     export.add_argument("--out", required=True, metavar="OUT", help="the folder to write; must not exist, or be empty")
     return parser
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    """Which MLflow tracking store a command reads."""
+    p.add_argument("--workdir", help="a run's workdir: its own SQLite store (mlflow.db)")
+    p.add_argument("--tracking-uri", help="an MLflow tracking URI instead (default: MLFLOW_TRACKING_URI)")
 
 
 _RAY_WAS_UP = False

@@ -141,7 +141,7 @@ def _assert_report_reads_mlflow(workdir, first, changed):
 
     table = report()
     assert changed["mlflow_run_id"] in table.splitlines()[0]  # the latest pipeline run
-    rows = {line.split()[0]: line for line in table.splitlines()[3:]}
+    rows = {line.split()[0]: line for line in table.splitlines()[4:]}  # after the title, a blank line, the header
     assert list(rows) == STAGES
     finetune_loss = changed["stages"]["finetune"]["metrics"]["final_loss"]
     assert rows["finetune"].split()[1] == "ran" and f"final_loss={finetune_loss:.4g}" in rows["finetune"]
