@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workdir", help="where stage outputs go (local path or fsspec URL); default: the config's workdir")
         p.add_argument("--summary", help="write the run summary as JSON to this file")
         if name == "pretrain":
-            p.add_argument("--model", choices=["gpt", "vit", "both"], default="both")
+            p.add_argument("--model", choices=["gpt", "vit", "both"], default="both", help="which model to pretrain (default both)")
         if name == "batches":
             p.add_argument("--stage", required=True, help="pretrain_gpt, pretrain_vit or finetune")
             p.add_argument("--steps", required=True, help="A:B, steps A to B-1, numbered as in the training logs (from 1)")

@@ -154,3 +154,24 @@ def test_progress_off_a_terminal_is_plain_periodic_lines(capsys):
         for _ in range(3):
             bar.update(1)
     assert [line.split(",")[0] for line in capsys.readouterr().err.splitlines()] == ["x: 1/3 runs", "x: 2/3 runs", "x: 3/3 runs"]
+
+
+def test_every_command_and_option_is_explained_in_help():
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    unexplained = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    if not sub.description:
+                        unexplained.append(f"{path} {name}")
+                    walk(sub, f"{path} {name}")
+            elif not action.help:
+                unexplained.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "pipeline")
+    assert not unexplained, unexplained
