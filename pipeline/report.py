@@ -76,6 +76,8 @@ def _pipeline_run(runs, run_id: str):
 def stages_of(runs, parent) -> dict[str, dict[str, Any]]:
     """Stage name -> its status, seconds, metrics and run id; a cached stage's metrics
     are those of the run that produced its outputs."""
+    from mlflow.exceptions import MlflowException
+
     children = runs.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                                 order_by=["attributes.start_time ASC"])
     stages = {}
@@ -83,15 +85,13 @@ def stages_of(runs, parent) -> dict[str, dict[str, Any]]:
         tags, metrics = child.data.tags, dict(child.data.metrics)
         producer = tags.get("produced_by_run")
         if producer:
-            from mlflow.exceptions import MlflowException
-
             try:
                 metrics = dict(runs.get_run(producer).data.metrics)
             except MlflowException:
-                pass
+                pass  # a producer this store does not hold: no numbers to show
         seconds = metrics.pop("stage_seconds", None)
         if producer:
-            seconds = None  # the producer's time, not this run's
+            seconds = None  # that was the producer's time, not this run's
         metrics = {k: v for k, v in metrics.items() if not k.startswith("system/")}
         stages[tags.get("stage", child.info.run_name)] = {
             "status": tags.get("status", child.info.status.lower()), "seconds": seconds,
