@@ -298,11 +298,17 @@ class FinetuneConfig:
     # "scratch": the encoder starts from random weights of the same shape, to measure
     # what pretraining buys at equal fine-tune compute.
     encoder_init: Literal["pretrained", "scratch"] = "pretrained"
+    # Safetensors of a GPT with the decoder's shape and the captioner's vocabulary (as
+    # bench/decoder_init.py pretrains on digit text): its embeddings, self-attention,
+    # MLPs and final norm start the decoder. Empty: a fresh decoder.
+    init_decoder: str = ""
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # each grid cell on its own
 
     def validate(self, key: str) -> None:
         if self.encoder_lr_scale < 0:
             raise ConfigError(f"{key}.encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
+        if self.init_decoder and "://" not in self.init_decoder and not Path(self.init_decoder).is_file():
+            raise ConfigError(f"{key}.init_decoder: no file at {self.init_decoder!r}")
 
 
 @dataclass

@@ -189,6 +189,7 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, 
            **spec_extra) -> StageResult:
     import torch
 
+    from pipeline.train.checkpoint import check_fit, read_weights
     from pipeline.train.engine import load_zero_config
     from pipeline.train.launch import fit
     from pipeline.train.tasks import TrainSpec, build_model, param_counts, units_per_sample
@@ -211,7 +212,10 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, 
         **spec_extra,
     )
     with torch.device("meta"):  # shapes only: the driver never holds the weights
-        counts = param_counts(build_model(kind, model_cfg, model_args, spec.encoder_model))
+        model = build_model(kind, model_cfg, model_args, spec.encoder_model)
+    counts = param_counts(model)
+    if spec.init_decoder:  # refused here, before any worker starts
+        check_fit(model, read_weights(spec.init_decoder), spec.init_decoder, subset=True)
     model_config = {
         "kind": kind,
         "model": dataclasses.asdict(model_cfg),
@@ -296,6 +300,7 @@ def run_finetune(ctx: StageContext) -> StageResult:
     return _train(
         ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), args,
         init_encoder=vit["weights"] if cfg.encoder_init == "pretrained" else None,
+        init_decoder=cfg.init_decoder or None,
         encoder_model=TransformerConfig(**encoder["model"]),
         encoder_lr_scale=cfg.encoder_lr_scale, augment=cfg.augment,
     )

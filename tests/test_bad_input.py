@@ -31,6 +31,7 @@ CASES = [
     ("evaluation grids named grids", {}, ["run", str(SMOKE), "data.eval_grids=[{name: grids, train_count: 0}]"], "data.eval_grids[0].name"),
     ("override into a list the config lacks", {}, ["run", str(SMOKE), "data.eval_grids.0.name=x"], "data.eval_grids must be a list"),
     ("override past a list's end", {}, ["run", str(DIGITS), "data.eval_grids.3.name=x"], "'3' is not an index of eval_grids (it has 1 entries)"),
+    ("text decoder that is not there", {}, ["run", str(DIGITS), "finetune.init_decoder={tmp}/none.safetensors"], "finetune.init_decoder: no file"),
     ("unknown target stage", {}, ["run", str(SMOKE), "targets=[evaluat]"], "targets: unknown stage 'evaluat'"),
     ("rotation out of range", {}, ["run", str(SMOKE), "finetune.augment.rotate=90"], "finetune.augment.rotate"),
     ("zero stage 4", {}, ["run", str(SMOKE), "pretrain_gpt.train.zero_stage=4"], "pretrain_gpt.train.zero_stage"),

@@ -138,3 +138,33 @@ def test_affine_distortion_is_keyed_by_sample_and_epoch_and_stays_in_its_cell():
     torch.testing.assert_close(alone[0, :16], out[1, :16])  # same key, same epoch: same distortion in any batch
     next_epoch = _affine()({k: v[1:] for k, v in batch.items()}, np.array([1]))["npy"]
     assert not torch.allclose(next_epoch[0, :16], out[1, :16])
+
+
+def test_a_text_only_gpt_starts_the_decoder_and_a_misfit_is_named(tmp_path):
+    """`finetune.init_decoder`: a GPT of the decoder's shape and vocabulary gives the decoder
+    its embeddings, self-attention, MLPs and final norm; cross-attention stays as it was."""
+    from safetensors.torch import save_file
+
+    from pipeline.models.captioner import MAX_TEXT_LEN, VOCAB
+    from pipeline.models.gpt import GPT
+    from pipeline.train.checkpoint import load_weights, unique_state
+
+    shape = TransformerConfig(n_layer=2, n_head=2, d_model=24)
+    torch.manual_seed(1)
+    text_model = GPT(len(VOCAB), MAX_TEXT_LEN + 1, shape)
+    path = str(tmp_path / "text.safetensors")
+    save_file(unique_state(text_model), path)
+
+    captioner = tiny_captioner()
+    cross_before = captioner.blocks[0].cross_attn.q.weight.clone()
+    load_weights(captioner, path, subset=True)
+    for name, want in unique_state(text_model).items():
+        assert torch.equal(captioner.get_parameter(name), want), name
+    assert torch.equal(captioner.lm_head.weight, text_model.tok_emb.weight)  # still tied
+    assert torch.equal(captioner.blocks[0].cross_attn.q.weight, cross_before)
+
+    save_file(unique_state(GPT(len(VOCAB), 64, shape)), path)  # too few positions
+    with pytest.raises(ValueError, match=r"pos_emb.weight \(64, 24\), the model's \(111, 24\)"):
+        load_weights(tiny_captioner(), path, subset=True)
+    with pytest.raises(ValueError, match="missing"):  # a whole model must be whole
+        load_weights(tiny_captioner(), str(tmp_path / "text.safetensors"))

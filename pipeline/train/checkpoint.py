@@ -119,20 +119,35 @@ def unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in named}
 
 
-def load_weights(module: torch.nn.Module, path: str) -> None:
-    """Load safetensors into `module`; every key must match (tied weights are stored once)."""
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file, local or on object storage."""
     if storage.is_local(path):
-        state = load_file(path)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "model.safetensors")
-            with open(local, "wb") as f:
-                f.write(storage.read_bytes(path))
-            state = load_file(local)
-    expected = set(unique_state(module))
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        return load_file(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model.safetensors")
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(path))
+        return load_file(local)
+
+
+def check_fit(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str, subset: bool = False) -> None:
+    """Every tensor of `state` is one of `module`'s (tied weights under their first name),
+    of the same shape; without `subset`, all of them are there. Works on a meta-device module."""
+    expected = {name: t.shape for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    unexpected = sorted(set(state) - set(expected))
+    missing = [] if subset else sorted(set(expected) - set(state))
+    if missing or unexpected:
         raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    misshapen = [f"{k} {tuple(v.shape)}, the model's {tuple(expected[k])}" for k, v in state.items() if v.shape != expected[k]]
+    if misshapen:
+        raise ValueError(f"{path} does not fit the model: {'; '.join(misshapen[:3])}")
+
+
+def load_weights(module: torch.nn.Module, path: str, subset: bool = False) -> None:
+    """Load safetensors into `module` (see `check_fit`); with `subset` the file may hold
+    only some of its tensors (a text-only GPT starting a captioner's decoder)."""
+    state = read_weights(path)
+    check_fit(module, state, path, subset)
     module.load_state_dict(state, strict=False)  # tied aliases are absent by design
 
 

@@ -225,6 +225,8 @@ def train_worker(loop_config: dict) -> None:
     model = build_model(spec.kind, spec.model, spec.model_args, spec.encoder_model)
     if spec.init_encoder:
         ckpt.load_weights(model.encoder, spec.init_encoder)
+    if spec.init_decoder:
+        ckpt.load_weights(model, spec.init_decoder, subset=True)
     task = TASKS[spec.kind]
     data = TrainingData.open(spec.train_data, train, world, spec.skip_shards)
     sample_flops = task.flops_per_sample(spec, model, iter_shard(data.entries[0]["path"]))

@@ -38,6 +38,7 @@ class TrainSpec:
     val_data: Optional[str] = None  # directory of the validation shards' manifest
     model_args: dict[str, Any] = field(default_factory=dict)
     init_encoder: Optional[str] = None  # safetensors of a pretrained ViT (captioner)
+    init_decoder: Optional[str] = None  # safetensors of a text-only GPT of the decoder's shape (captioner)
     encoder_model: Optional[TransformerConfig] = None
     encoder_lr_scale: float = 1.0
     max_shift: int = 0
