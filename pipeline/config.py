@@ -278,8 +278,9 @@ class PretrainViTConfig:
     # An active `augment` (affine) replaces it.
     max_shift: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # Channels of a conv stem before the patch projection (0: the plain linear
-    # projection of a stock ViT). The captioner's encoder inherits it.
+    # Channels of a conv stem in front of the patch tokens (`models.vit.ConvStem`; its
+    # last convolution has twice as many). 0: the linear patch projection of a stock
+    # ViT. The captioner's encoder inherits it.
     stem_channels: int = 0
 
     def validate(self, key: str) -> None:
@@ -409,6 +410,11 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         if not math.isfinite(value):  # YAML reads .inf and .nan; no setting means either

@@ -300,7 +300,7 @@ def run_finetune(ctx: StageContext) -> StageResult:
     return _train(
         ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), args,
         init_encoder=vit["weights"] if cfg.encoder_init == "pretrained" else None,
-        init_decoder=cfg.init_decoder or None,
+        init_decoder=storage.absolute(cfg.init_decoder) if cfg.init_decoder else None,  # workers start elsewhere
         encoder_model=TransformerConfig(**encoder["model"]),
         encoder_lr_scale=cfg.encoder_lr_scale, augment=cfg.augment,
     )

@@ -47,6 +47,9 @@ def test_overrides_are_typed_and_validated():
     config = load_config(SMOKE, ["pretrain_gpt.train.max_steps=70", "data.text.paths=[a.txt, b.txt]"])
     assert config.pretrain_gpt.train.max_steps == 70
     assert config.data.text.paths == ["a.txt", "b.txt"]
+    assert load_config(SMOKE, ["finetune.train.lr=1e-2"]).finetune.train.lr == 1e-2  # YAML 1.1 reads it as a string
+    with pytest.raises(ConfigError, match="finetune.train.lr must be a number, got 'fast'"):
+        load_config(SMOKE, ["finetune.train.lr=fast"])
     with pytest.raises(ConfigError, match="pretrain_gpt.train.max_steps"):
         load_config(SMOKE, ["pretrain_gpt.train.max_steps=seven"])
     with pytest.raises(ConfigError, match="key=value"):

@@ -114,3 +114,20 @@ def test_captioner_exports_as_remote_code_that_generates_the_grid(run_tiny, tmp_
     written = hf.generate(pixels)
     assert written == predict(trained, [np.asarray(im) for im, _ in grids])
     assert all(len(rows) == 2 for rows in written)  # even the tiny model writes 2x2 grids
+
+
+def test_a_frozen_encoder_is_in_the_consolidated_weights(run_tiny):
+    """At ZeRO 1 DeepSpeed leaves frozen parameters out of its optimizer partitions, so
+    `zero_to_fp32` alone drops a frozen captioner encoder (`finetune.encoder_lr_scale: 0`,
+    as `configs/digits.yaml` trains); what `pipeline export` reads must still be whole."""
+    from safetensors.torch import load_file
+
+    from pipeline.train.checkpoint import consolidated_state
+
+    summary = run_tiny(["finetune"], "finetune.encoder_lr_scale=0", "finetune.train.max_steps=6")
+    outputs = summary["stages"]["finetune"]["outputs"]
+    final, consolidated = load_file(outputs["weights"]), consolidated_state(outputs["checkpoint"])
+    assert any(name.startswith("encoder.") for name in final)
+    assert set(consolidated) >= set(final)
+    for name, want in final.items():
+        assert torch.equal(consolidated[name], want), name

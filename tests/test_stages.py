@@ -180,6 +180,30 @@ def test_finetune_starts_from_the_pretrained_vit(run_tiny):
     assert float((w1 - w0).norm() / w0.norm()) < 0.5
 
 
+def test_finetune_starts_its_decoder_from_a_text_model_named_by_a_relative_path(run_tiny, tiny_config, tmp_path,
+                                                                            monkeypatch):
+    """`finetune.init_decoder` relative to where `pipeline run` started: the workers, which
+    start elsewhere, read the same file: the decoder trains from the text model's weights."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.models.captioner import MAX_TEXT_LEN, VOCAB
+    from pipeline.models.gpt import GPT
+    from pipeline.train.checkpoint import unique_state
+
+    torch.manual_seed(3)
+    text = unique_state(GPT(len(VOCAB), MAX_TEXT_LEN + 1, tiny_config().finetune.decoder))
+    monkeypatch.chdir(tmp_path)
+    save_file(text, "text.safetensors")
+    # A small learning rate, so that where the weights started still shows after training.
+    summary = run_tiny(["finetune"], "finetune.init_decoder=text.safetensors", "finetune.train.lr=3e-4",
+                       "finetune.train.max_steps=10")
+    cap = load_file(summary["stages"]["finetune"]["outputs"]["weights"])
+    fresh = load_file(run_tiny(["finetune"])["stages"]["finetune"]["outputs"]["weights"])
+    for name in ("tok_emb.weight", "blocks.1.mlp.fc.weight"):
+        moved = float((cap[name] - text[name]).norm() / text[name].norm())
+        assert 0 < moved < 0.5 < float((fresh[name] - text[name]).norm() / text[name].norm()), (name, moved)
+
+
 def test_evaluate(run_tiny):
     summary = run_tiny(["evaluate_gpt", "evaluate"])
     metrics = {**summary["stages"]["evaluate_gpt"]["metrics"], **summary["stages"]["evaluate"]["metrics"]}

@@ -11,30 +11,43 @@ from .patches import to_images, to_patches
 
 
 class ConvStem(nn.Module):
-    """Two 3x3 convolutions over the whole 28x28 image before it is cut into patches,
-    so that each patch token also sees the pixels around its patch (a hybrid ViT's
-    stem): on a few thousand digits the plain linear projection learns slowly."""
+    """A small CNN in front of the patch tokens (a hybrid ViT's stem): two 3x3
+    convolutions at full resolution, a 2x2 max-pool, a third convolution at twice
+    the channels; the pooled map is then cut into as many pieces as the image has
+    patches, one token each. The pooling gives the tokens some invariance to where a
+    stroke sits, which a linear patch projection has to learn from data: on 3,600
+    training digits it took validation accuracy from 96.0% to 97.5% (see the README)."""
 
-    def __init__(self, patch_size: int, channels: int, d_model: int):
+    def __init__(self, patch_size: int, num_patches: int, channels: int, d_model: int):
         super().__init__()
-        self.p, self.c = patch_size, channels
+        self.p, self.g = patch_size, int(round(num_patches**0.5))
+        # Each token's piece of the pooled map, and the zero padding that makes the
+        # pooled map a whole number of pieces (patch 7: 14x14 padded to 4x4 pieces of 4).
+        pooled = self.g * patch_size // 2
+        self.piece = -(-pooled // self.g)
+        self.pad = self.piece * self.g - pooled
         self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.proj = nn.Linear(channels * patch_size * patch_size, d_model)
+        self.conv3 = nn.Conv2d(channels, 2 * channels, 3, padding=1)
+        self.proj = nn.Linear(2 * channels * self.piece**2, d_model)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         B, P, _ = patches.shape
-        p, g = self.p, int(round(P**0.5))
-        features = F.gelu(self.conv2(F.gelu(self.conv1(to_images(patches, g, g, p).unsqueeze(1)))))
-        tokens = to_patches(features, p).permute(0, 2, 1, 3).reshape(B, P, self.c * p * p)  # channels within a patch
+        g, piece, pad = self.g, self.piece, self.pad
+        x = F.gelu(self.conv2(F.gelu(self.conv1(to_images(patches, g, g, self.p).unsqueeze(1)))))
+        x = F.gelu(self.conv3(F.max_pool2d(x, 2)))
+        x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+        tokens = to_patches(x, piece).permute(0, 2, 1, 3).reshape(B, P, -1)  # channels within a piece
         return self.proj(tokens)
 
     def training_flops(self, pixels: int, patches: int, trained: bool) -> float:
         """FLOPs of the stem on one image: forward, and with `trained` backward too (2x
         forward; the first convolution's input, the image, needs no gradient)."""
         conv1, conv2 = (2.0 * pixels * 9 * c.in_channels * c.out_channels for c in (self.conv1, self.conv2))
+        conv3 = 2.0 * (pixels // 4) * 9 * self.conv3.in_channels * self.conv3.out_channels
         proj = 2.0 * patches * self.proj.weight.numel()
-        return (2 * conv1 + 3 * (conv2 + proj)) if trained else conv1 + conv2 + proj
+        rest = conv2 + conv3 + proj
+        return (2 * conv1 + 3 * rest) if trained else conv1 + rest
 
 
 class PatchEmbed(nn.Module):
@@ -48,7 +61,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, num_patches: int, patch_dim: int, d_model: int, stem_channels: int = 0):
         super().__init__()
         patch_size = int(round(patch_dim**0.5))
-        self.proj = ConvStem(patch_size, stem_channels, d_model) if stem_channels else nn.Linear(patch_dim, d_model)
+        self.proj = ConvStem(patch_size, num_patches, stem_channels, d_model) if stem_channels else nn.Linear(patch_dim, d_model)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos_emb = nn.Parameter(torch.randn(1, num_patches + 1, d_model) * 0.02)
 

@@ -184,6 +184,11 @@ def consolidated_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
                 state = get_fp32_state_dict_from_zero_checkpoint(local, tag=TAG)
+                # At ZeRO 1 DeepSpeed keeps frozen parameters (a captioner's frozen
+                # encoder) out of the optimizer and of the consolidation; they never
+                # change, and the model state holds them whole.
+                module = torch.load(model_states[0], map_location="cpu")["module"]
+                state.update({name: t for name, t in module.items() if name not in state})
             else:
                 state = torch.load(model_states[0], map_location="cpu")["module"]
     return {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
