@@ -3,7 +3,8 @@
 It runs the loader's own code (`ShardStream`) with no fields to decode, so the
 keys it prints are the ones training read, and the digests match the
 `batch_digest` metric training logs. Steps are numbered as in the training
-logs: step 1 is the first update.
+logs: step 1 is the first update. Under `data.on_bad_shard: skip` it checks the
+shards as the training stage does and leaves out the same bad ones.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from typing import Any, Optional
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.data import shards
 from pipeline.data.order import BatchLayout, DataOrderError, batch_digest, split_global_batch
 from pipeline.train.data import TrainingData
 
@@ -46,7 +48,8 @@ def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[i
         summary = run_pipeline(config, list(STAGES[stage].deps), workdir)
     outputs = {name: s["outputs"] for name, s in summary["stages"].items()}
     train = dataclasses.replace(train, micro_batch_size=layout.micro_batch, grad_accum=layout.grad_accum)
-    data = TrainingData.open(data_dirs(outputs)[0], train, world)
+    train_dir = data_dirs(outputs)[0]
+    data = TrainingData.open(train_dir, train, world, _skipped_shards(config, train_dir))
 
     ranks = []
     for rank in range(world):
@@ -61,6 +64,16 @@ def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[i
         }
         for i, step in enumerate(steps)
     ]
+
+
+def _skipped_shards(config: RunConfig, directory: str) -> tuple[str, ...]:
+    """The shards training skips under `data.on_bad_shard: skip`: the same check, in this process."""
+    if config.data.on_bad_shard != "skip":
+        return ()
+    bad = {e["name"]: why for e in shards.shard_entries(directory) if (why := shards.shard_problem(e))}
+    for name, why in sorted(bad.items()):
+        print(f"[data] skipping bad training shard {name}: {why}", file=sys.stderr, flush=True)
+    return tuple(sorted(bad))
 
 
 def format_text(batches: list[dict[str, Any]]) -> str:

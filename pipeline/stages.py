@@ -197,7 +197,7 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, 
     model_cfg = section.decoder if kind == "captioner" else section.model
     weights = storage.join(ctx.out_dir, "model.safetensors")
     if ctx.config.data.on_bad_shard == "skip":
-        spec_extra["skip_shards"] = _bad_shards(ctx, train_dir)
+        spec_extra["skip_shards"], spec_extra["skip_val_shards"] = _bad_shards(ctx, train_dir, val_dir)
     spec = TrainSpec(
         kind=kind,
         train_data=train_dir,
@@ -239,21 +239,27 @@ def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, 
     return StageResult(outputs, metrics, params)
 
 
-def _bad_shards(ctx: StageContext, directory: str) -> tuple[str, ...]:
-    """Every training shard read and decoded first (Ray tasks); the bad ones are named
-    on the log and in the stage's MLflow run (`skipped_shards`, a param and a text file)."""
-    entries = shards.shard_entries(directory)
-    problems = _ray_map(shards.shard_problem, [(e,) for e in entries], f"check {ctx.config.name} shards")
-    bad = {e["name"]: why for e, why in zip(entries, problems) if why}
-    for name, why in sorted(bad.items()):
-        print(f"[data] skipping bad shard {name}: {why}", flush=True)
+def _bad_shards(ctx: StageContext, train_dir: str, val_dir: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Every training and validation shard read and decoded first (Ray tasks); the bad
+    ones are named on the log and in the stage's MLflow run (params `skipped_shards`,
+    `skipped_val_shards`, their counts, and `skipped_shards.txt`)."""
+    found = {}
+    for split, directory in (("training", train_dir), ("validation", val_dir)):
+        entries = shards.shard_entries(directory)
+        problems = _ray_map(shards.shard_problem, [(e,) for e in entries], f"check {split} shards")
+        found[split] = {e["name"]: why for e, why in zip(entries, problems) if why}
+        for name, why in sorted(found[split].items()):
+            print(f"[data] skipping bad {split} shard {name}: {why}", flush=True)
+    train_bad, val_bad = (tuple(sorted(found[split])) for split in ("training", "validation"))
     if ctx.mlflow_run_id:
         runs = tracking.client(ctx.tracking_uri)
-        runs.log_param(ctx.mlflow_run_id, "skipped_shards", ",".join(sorted(bad)) or "none")
-        runs.log_metric(ctx.mlflow_run_id, "skipped_shards_count", len(bad))
-        if bad:
-            runs.log_text(ctx.mlflow_run_id, "".join(f"{n}: {w}\n" for n, w in sorted(bad.items())), "skipped_shards.txt")
-    return tuple(sorted(bad))
+        for key, bad in (("skipped_shards", train_bad), ("skipped_val_shards", val_bad)):
+            runs.log_param(ctx.mlflow_run_id, key, ",".join(bad) or "none")
+            runs.log_metric(ctx.mlflow_run_id, f"{key}_count", len(bad))
+        if train_bad or val_bad:
+            lines = [f"{split} {n}: {w}\n" for split, bad in found.items() for n, w in sorted(bad.items())]
+            runs.log_text(ctx.mlflow_run_id, "".join(lines), "skipped_shards.txt")
+    return train_bad, val_bad
 
 
 # Training stage -> (its config section, its training and validation shard directories

@@ -141,8 +141,11 @@ class Validator:
 
     def __init__(self, run: Run):
         spec = run.spec
-        self.batches = head_batches(shard_entries(spec.val_data), run.task.fields, spec.train.eval_samples,
-                                    run.rank, run.world, spec.train.micro_batch_size) if spec.val_data and spec.train.eval_every else []
+        self.batches = []
+        if spec.val_data and spec.train.eval_every:
+            entries = [e for e in shard_entries(spec.val_data) if e["name"] not in spec.skip_val_shards]
+            self.batches = head_batches(entries, run.task.fields, spec.train.eval_samples, run.rank, run.world,
+                                        spec.train.micro_batch_size)
 
     @torch.no_grad()
     def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:

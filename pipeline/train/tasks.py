@@ -53,7 +53,9 @@ class TrainSpec:
     hang_at_step: int = 0
     # The driver creates this file to ask for a checkpoint and a clean stop (preemption).
     stop_file: Optional[str] = None
-    skip_shards: tuple[str, ...] = ()  # training shards found bad and skipped (data.on_bad_shard: skip)
+    # Shards found bad and skipped (data.on_bad_shard: skip), by name within their directory.
+    skip_shards: tuple[str, ...] = ()
+    skip_val_shards: tuple[str, ...] = ()
 
 
 def build_model(kind: str, model: TransformerConfig, args: dict[str, Any], encoder_model: Optional[TransformerConfig] = None) -> torch.nn.Module:
