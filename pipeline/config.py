@@ -304,6 +304,9 @@ class FinetuneConfig:
     # MLPs and final norm start the decoder. Empty: a fresh decoder.
     init_decoder: str = ""
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # each grid cell on its own
+    # Add the pretrained ViT head's logits for the cell under the cursor to the decoder's
+    # digit logits (models.captioner.Captioner.decode).
+    head_logits: bool = False
 
     def validate(self, key: str) -> None:
         if self.encoder_lr_scale < 0:

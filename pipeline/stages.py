@@ -302,7 +302,7 @@ def run_finetune(ctx: StageContext) -> StageResult:
     vit = ctx.inputs["pretrain_vit"]
     encoder = json.loads(storage.read_bytes(vit["model_config"]))
     cfg = ctx.config.finetune
-    args = {**_patch_args(ctx), "stem_channels": encoder["model_args"].get("stem_channels", 0)}
+    args = {**_patch_args(ctx), "stem_channels": encoder["model_args"].get("stem_channels", 0), "head_logits": cfg.head_logits}
     return _train(
         ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), args,
         init_encoder=vit["weights"] if cfg.encoder_init == "pretrained" else None,

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import TransformerConfig
 from pipeline.data.loader import collate
-from pipeline.models.captioner import Captioner, encode_text
+from pipeline.models.captioner import FIRST_CELL, FIRST_DIGIT, Captioner, encode_text
 from pipeline.models.vit import ViT
 from pipeline.predict import ImageError, read_grid_image
 
@@ -19,10 +19,11 @@ from conftest import VENV_BIN
 SHAPES = [(1, 1), (3, 5), (10, 10), (2, 2)]
 
 
-def tiny_captioner(seed: int = 0) -> Captioner:
+def tiny_captioner(seed: int = 0, head_logits: bool = False) -> Captioner:
     torch.manual_seed(seed)
     encoder = ViT(16, 49, 10, TransformerConfig(n_layer=1, n_head=2, d_model=16))
-    return Captioner(encoder, TransformerConfig(n_layer=2, n_head=2, d_model=24), patch_grid=4).eval()
+    return Captioner(encoder, TransformerConfig(n_layer=2, n_head=2, d_model=24), patch_grid=4,
+                     head_logits=head_logits).eval()
 
 
 def _grid(rows: int, cols: int, rng) -> tuple[torch.Tensor, str]:
@@ -31,8 +32,9 @@ def _grid(rows: int, cols: int, rng) -> tuple[torch.Tensor, str]:
     return patches, text
 
 
-def test_a_batch_of_mixed_shapes_gives_each_grid_its_own_logits():
-    model = tiny_captioner()
+@pytest.mark.parametrize("head_logits", [False, True])
+def test_a_batch_of_mixed_shapes_gives_each_grid_its_own_logits(head_logits):
+    model = tiny_captioner(head_logits=head_logits)
     rng = np.random.default_rng(0)
     grids = [_grid(r, c, rng) for r, c in SHAPES]
     ids = [torch.tensor(encode_text(t)) for _, t in grids]
@@ -46,8 +48,9 @@ def test_a_batch_of_mixed_shapes_gives_each_grid_its_own_logits():
         torch.testing.assert_close(together[i, : len(x)], alone[0], atol=2e-5, rtol=1e-4)
 
 
-def test_kv_cache_decodes_what_full_recomputation_decodes():
-    model = tiny_captioner(seed=3)
+@pytest.mark.parametrize("head_logits", [False, True])
+def test_kv_cache_decodes_what_full_recomputation_decodes(head_logits):
+    model = tiny_captioner(seed=3, head_logits=head_logits)
     with torch.no_grad():  # a bias towards cells, so an untrained model writes long texts
         model.lm_head.weight[4:] += 0.05
     rng = np.random.default_rng(1)
@@ -56,6 +59,28 @@ def test_kv_cache_decodes_what_full_recomputation_decodes():
     cached = model.generate(padded, torch.tensor(SHAPES))
     assert cached == model.generate(padded, torch.tensor(SHAPES), use_cache=False)
     assert max(len(t) for t in cached) > 20
+
+
+def test_head_logits_add_the_encoder_head_on_the_cell_being_written_to_the_digits_only():
+    with_head, without = tiny_captioner(seed=5, head_logits=True), tiny_captioner(seed=5)
+    rows, cols = 3, 4
+    patches, text = _grid(rows, cols, np.random.default_rng(2))
+    ids = torch.tensor([encode_text(text)])
+    shapes = torch.tensor([[rows, cols]])
+    with torch.no_grad():
+        added = with_head(patches[None], shapes, ids[:, :-1])[0] - without(patches[None], shapes, ids[:, :-1])[0]
+        cells = with_head.cells(patches[None], shapes)
+        head = with_head.encoder(cells)[0]  # (cells, 10), row order
+    added = added[0]  # position t predicts ids[t + 1]
+    cell = 0
+    for t, next_id in enumerate(ids[0, 1:].tolist()):
+        if next_id >= FIRST_CELL:  # writing a cell: its own head logits on the digits, nothing else
+            torch.testing.assert_close(added[t, FIRST_DIGIT:], head[cell], atol=1e-5, rtol=1e-5)
+            assert added[t, :FIRST_DIGIT].abs().max() < 1e-6
+            cell += 1
+        else:  # a newline or the end: past a row's last cell, where no cell is read
+            assert added[t].abs().max() < 1e-6
+    assert cell == rows * cols
 
 
 def test_cursor_counts_rows_and_cells_since_the_last_newline():

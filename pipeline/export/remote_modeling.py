@@ -31,10 +31,10 @@ class GridCaptionerConfig(PretrainedConfig):
 
     # not `encoder`/`decoder`: transformers reads attributes of those names as sub-configs
     def __init__(self, encoder_shape: dict | None = None, decoder_shape: dict | None = None, cell: int = 28,
-                 patch_size: int = 7, stem_channels: int = 0, **kwargs):
+                 patch_size: int = 7, stem_channels: int = 0, head_logits: bool = False, **kwargs):
         shape = {"n_layer": 2, "n_head": 4, "d_model": 96, "dropout": 0.0}
         self.encoder_shape, self.decoder_shape = encoder_shape or dict(shape), decoder_shape or dict(shape)
-        self.cell, self.patch_size, self.stem_channels = cell, patch_size, stem_channels
+        self.cell, self.patch_size, self.stem_channels, self.head_logits = cell, patch_size, stem_channels, head_logits
         super().__init__(**kwargs)
 
 
@@ -47,7 +47,7 @@ class GridCaptioner(PreTrainedModel):
         super().__init__(config)
         g = config.cell // config.patch_size
         encoder = ViT(g * g, config.patch_size**2, 10, SimpleNamespace(**config.encoder_shape), config.stem_channels)
-        self.captioner = Captioner(encoder, SimpleNamespace(**config.decoder_shape), patch_grid=g)
+        self.captioner = Captioner(encoder, SimpleNamespace(**config.decoder_shape), patch_grid=g, head_logits=config.head_logits)
         self.post_init()
 
     def _init_weights(self, module):

@@ -16,6 +16,8 @@ lookup by the same row and column tags the memory carries.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from .vit import ViT
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = ["<pad>", "<bos>", "<eos>", "\n", "_", *"0123456789"]
 NEWLINE, FIRST_CELL = 3, 4  # ids from FIRST_CELL on are cells: a blank or a digit
+FIRST_DIGIT = VOCAB.index("0")  # digits are the last ten ids, in order
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB) if i > EOS}
 MAX_GRID = 10
 MAX_TEXT_LEN = MAX_GRID * (MAX_GRID + 1)  # 10 rows of 10 cells, newlines, EOS
@@ -59,10 +62,23 @@ def decode_ids(ids: list[int]) -> str:
     return "".join(out)
 
 
+class Memory(NamedTuple):
+    """What the decoder reads of a batch of grids (S memory tokens per grid, padded)."""
+
+    tokens: torch.Tensor  # (B, S, d)
+    mask: torch.Tensor  # (B, S): real tokens
+    places: torch.Tensor  # (B, S): each token's `place`, -1 for padding
+    cell_logits: Optional[torch.Tensor]  # (B, S, 10): the encoder's head on each cell (0 elsewhere), or None
+
+
 class Captioner(nn.Module):
-    def __init__(self, encoder: ViT, cfg: ModelShape, patch_grid: int):
+    def __init__(self, encoder: ViT, cfg: ModelShape, patch_grid: int, head_logits: bool = False):
         super().__init__()
         self.cfg, self.patch_grid = cfg, patch_grid  # patch_grid: patches per cell side
+        # Add the encoder's own classifier logits, for the cell under the cursor, to the
+        # decoder's digit logits: the pretrained head is a better reader of a class token
+        # than a decoder that learns one in a few hundred steps (see `decode`).
+        self.head_logits = head_logits
         self.encoder = encoder
         d_enc = encoder.cfg.d_model
         self.row_emb = nn.Embedding(MAX_GRID, d_enc)
@@ -96,23 +112,27 @@ class Captioner(nn.Module):
             out.append(grid[: rows * cols * g * g].view(rows, g, cols, g, D).permute(0, 2, 1, 3, 4).reshape(rows * cols, g * g, D))
         return torch.cat(out)
 
-    def encode(self, patches: torch.Tensor, shapes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Patches and (B, 2) rows, cols -> memory (B, S, d), its mask (B, S) and the
-        place of each memory token (B, S). A grid's memory: each cell's class token, in
-        row order, then one edge token per row, placed just past the row's last cell (the
-        last row's says "end of grid"). A smaller grid's memory is padded."""
+    def encode(self, patches: torch.Tensor, shapes: torch.Tensor) -> Memory:
+        """Patches and (B, 2) rows, cols -> the memory. A grid's memory: each cell's class
+        token, in row order, then one edge token per row, placed just past the row's last
+        cell (the last row's says "end of grid"). A smaller grid's memory is padded."""
         tokens = self.encoder.encode(self.cells(patches, shapes))[:, 0]  # (cells, d_enc): class tokens
-        per_grid, places = [], []
-        for grid, (rows, cols) in zip(tokens.split((shapes[:, 0] * shapes[:, 1]).tolist()), shapes.tolist()):
+        per_cell = (shapes[:, 0] * shapes[:, 1]).tolist()
+        head = self.encoder.head(tokens).split(per_cell) if self.head_logits else [None] * len(per_cell)
+        per_grid, places, logits = [], [], []
+        for grid, grid_logits, (rows, cols) in zip(tokens.split(per_cell), head, shapes.tolist()):
             r = torch.arange(rows, device=shapes.device)
             c = torch.arange(cols, device=shapes.device)
             cells = grid + self.row_emb(r).repeat_interleave(cols, 0) + self.col_emb(c).repeat(rows, 1)
             edges = self.row_emb(r) + self.edge_emb((r == rows - 1).long())
             per_grid.append(torch.cat([cells, edges]))
             places.append(torch.cat([place(r.repeat_interleave(cols), c.repeat(rows)), place(r, torch.full_like(r, cols))]))
+            if grid_logits is not None:
+                logits.append(F.pad(grid_logits, (0, 0, 0, rows)))  # none for the edge tokens
         memory = torch.nn.utils.rnn.pad_sequence(per_grid, batch_first=True)
         where = torch.nn.utils.rnn.pad_sequence(places, batch_first=True, padding_value=-1)
-        return self.memory_proj(memory), where >= 0, where
+        cell_logits = torch.nn.utils.rnn.pad_sequence(logits, batch_first=True) if logits else None
+        return Memory(self.memory_proj(memory), where >= 0, where, cell_logits)
 
     @staticmethod
     def cursor(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,24 +144,29 @@ class Captioner(nn.Module):
         cells_at_last_newline = torch.cummax(torch.where(newline, cells, torch.zeros_like(cells)), dim=1).values
         return row.clamp(max=MAX_GRID), (cells - cells_at_last_newline).clamp(max=MAX_GRID)
 
-    def decode(self, memory: torch.Tensor, mask: torch.Tensor, places: torch.Tensor, ids: torch.Tensor, start: int = 0,
-               caches: list | None = None) -> torch.Tensor:
+    def decode(self, memory: Memory, ids: torch.Tensor, start: int = 0, caches: list | None = None) -> torch.Tensor:
         """Logits for ids[:, start:]; with `caches` (one per block) only those positions run.
 
         Cross-attention scores get a learned bonus, per block and head, on the memory
-        tokens of the cell under the cursor: where to look is given, what is there is read."""
+        tokens of the cell under the cursor: where to look is given, what is there is read.
+        With `head_logits`, that cell's logits from the encoder's head are added to the
+        digits' (the decoder still decides blank, newline and end, and corrects the head)."""
         row, col = (t[:, start:] for t in self.cursor(ids))
         new = ids[:, start:]
         pos = torch.arange(start, ids.shape[1], device=ids.device)
         x = self.tok_emb(new) + self.pos_emb(pos) + self.cursor_row(row) + self.cursor_col(col)
-        under_cursor = (place(row, col)[:, :, None] == places[:, None, :]).unsqueeze(1).to(x.dtype)  # (B, 1, T, S)
+        under_cursor = (place(row, col)[:, :, None] == memory.places[:, None, :]).to(x.dtype)  # (B, T, S): one-hot or 0
         for i, block in enumerate(self.blocks):
-            bias = under_cursor * self.cell_bias.view(len(self.blocks), -1)[i][None, :, None, None]
-            x = block(x, context=memory, context_mask=mask, cache=None if caches is None else caches[i], context_bias=bias)
-        return self.lm_head(self.ln_f(x))
+            bias = under_cursor.unsqueeze(1) * self.cell_bias.view(len(self.blocks), -1)[i][None, :, None, None]
+            x = block(x, context=memory.tokens, context_mask=memory.mask, cache=None if caches is None else caches[i],
+                      context_bias=bias)
+        logits = self.lm_head(self.ln_f(x))
+        if memory.cell_logits is not None:
+            logits = logits + F.pad(under_cursor @ memory.cell_logits, (FIRST_DIGIT, 0))
+        return logits
 
     def forward(self, patches: torch.Tensor, shapes: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor | None = None):
-        logits = self.decode(*self.encode(patches, shapes), ids)
+        logits = self.decode(self.encode(patches, shapes), ids)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=PAD)
@@ -150,7 +175,7 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, patches: torch.Tensor, shapes: torch.Tensor, use_cache: bool = True) -> list[str]:
         """Greedy decoding of a batch of grids (of any shapes), with a KV cache."""
-        memory, mask, places = self.encode(patches, shapes)
+        memory = self.encode(patches, shapes)
         B = patches.shape[0]
         ids = torch.full((B, 1), BOS, dtype=torch.long, device=patches.device)
         # every cell, a newline after each row but the last, EOS; one more to see a model run on
@@ -159,7 +184,7 @@ class Captioner(nn.Module):
         caches = [{"self": {}, "cross": {}} for _ in self.blocks] if use_cache else None
         for step in range(max_len):
             start = step if use_cache else 0
-            next_id = self.decode(memory, mask, places, ids, start, caches)[:, -1].argmax(-1)
+            next_id = self.decode(memory, ids, start, caches)[:, -1].argmax(-1)
             next_id = torch.where(done, torch.full_like(next_id, PAD), next_id)
             ids = torch.cat([ids, next_id[:, None]], dim=1)
             done |= next_id == EOS

@@ -67,7 +67,7 @@ def build_model(kind: str, model: TransformerConfig, args: dict[str, Any], encod
     if kind == "captioner":
         g = CELL // args["patch_size"]
         encoder = ViT(g * g, args["patch_size"] ** 2, 10, encoder_model, args.get("stem_channels", 0))
-        return Captioner(encoder, model, patch_grid=g)
+        return Captioner(encoder, model, patch_grid=g, head_logits=args.get("head_logits", False))
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -216,8 +216,11 @@ class CaptionerTask(Task):
         what their cells and text cost."""
         m = spec.model
         enc = model.encoder
-        stem, stem_params = enc.stem_flops(trained=spec.encoder_lr_scale > 0)
-        enc_params = flops.matmul_params(enc) - flops.matmul_params(enc.head) - stem_params  # the captioner skips the head
+        trained = spec.encoder_lr_scale > 0
+        stem, stem_params = enc.stem_flops(trained)
+        head_params = flops.matmul_params(enc.head)
+        enc_params = flops.matmul_params(enc) - head_params - stem_params  # the head reads class tokens only
+        per_cell = stem + ((6.0 if trained else 2.0) * head_params if model.head_logits else 0.0)
         memory_params = flops.matmul_params(model.memory_proj) + sum(flops.matmul_params(b.cross_attn.kv) for b in model.blocks)
         decoder_params = flops.matmul_params(model) - flops.matmul_params(enc)
         costs = []
@@ -226,9 +229,9 @@ class CaptionerTask(Task):
             text_len = len(encode_text(sample["txt"])) - 1  # predicted positions
             costs.append(flops.captioner_flops_per_sample(
                 enc_params, enc.cfg.n_layer, enc.cfg.d_model, enc.num_patches + 1, sample["json"]["rows"], cells,
-                spec.encoder_lr_scale > 0,
+                trained,
                 decoder_params - memory_params, memory_params, m.n_layer, m.d_model, text_len,
-            ) + stem * cells)
+            ) + per_cell * cells)
         return sum(costs) / len(costs)
 
 
