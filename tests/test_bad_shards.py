@@ -69,15 +69,15 @@ def test_bad_shards_stop_training_or_are_skipped_by_name(run_tiny, tiny_config, 
     for name in broken:
         assert f"skipping bad training shard {name}" in out
     assert f"skipping bad validation shard {val_names[0]}" in out
-    run = MlflowClient(summary["tracking_uri"]).get_run(record["mlflow_run_id"])
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(record["mlflow_run_id"])
     assert run.data.params["skipped_shards"] == ",".join(sorted(broken))
     assert run.data.metrics["skipped_shards_count"] == 3
     assert run.data.params["skipped_val_shards"] == val_names[0]
     assert 0.0 < run.data.metrics["final_val_accuracy"] <= 1.0  # validated on the good half
 
     # `pipeline batches` reads the batches training read: the digests it logged, and no
-    # key from a skipped shard (keys name the MNIST index; a shard holds 250 in a row).
-    client = MlflowClient(summary["tracking_uri"])
+    # key of the three broken shards (read before they were broken).
     logged = {m.step: m.value for m in client.get_metric_history(record["mlflow_run_id"], "batch_digest")}
     assert sorted(logged) == [3, 6]
     argv = ["batches", str(SMOKE), "--stage", "pretrain_vit", "--steps", "1:7", "--json", "--workdir", workdir]
