@@ -70,7 +70,7 @@ def _skipped_shards(config: RunConfig, directory: str) -> tuple[str, ...]:
     """The shards training skips under `data.on_bad_shard: skip`: the same check, in this process."""
     if config.data.on_bad_shard != "skip":
         return ()
-    bad = {e["name"]: why for e in shards.shard_entries(directory) if (why := shards.shard_problem(e))}
+    bad = shards.bad_shards(directory)
     for name, why in sorted(bad.items()):
         print(f"[data] skipping bad training shard {name}: {why}", file=sys.stderr, flush=True)
     return tuple(sorted(bad))

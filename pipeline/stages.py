@@ -245,9 +245,8 @@ def _bad_shards(ctx: StageContext, train_dir: str, val_dir: str) -> tuple[tuple[
     `skipped_val_shards`, their counts, and `skipped_shards.txt`)."""
     found = {}
     for split, directory in (("training", train_dir), ("validation", val_dir)):
-        entries = shards.shard_entries(directory)
-        problems = _ray_map(shards.shard_problem, [(e,) for e in entries], f"check {split} shards")
-        found[split] = {e["name"]: why for e, why in zip(entries, problems) if why}
+        desc = f"check {split} shards"
+        found[split] = shards.bad_shards(directory, lambda fn, entries: _ray_map(fn, [(e,) for e in entries], desc))
         for name, why in sorted(found[split].items()):
             print(f"[data] skipping bad {split} shard {name}: {why}", flush=True)
     train_bad, val_bad = (tuple(sorted(found[split])) for split in ("training", "validation"))

@@ -12,7 +12,7 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -169,9 +169,11 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
-def shard_entries(directory: str) -> list[dict]:
-    """The manifest's shard entries, each with its full `path` added (no data is read)."""
-    return [{**entry, "path": storage.join(directory, entry["name"])} for entry in read_manifest(directory)["shards"]]
+def shard_entries(directory: str, skip: Collection[str] = ()) -> list[dict]:
+    """The manifest's shard entries, less those named in `skip`, each with its full `path`
+    added (no data is read)."""
+    return [{**entry, "path": storage.join(directory, entry["name"])} for entry in read_manifest(directory)["shards"]
+            if entry["name"] not in skip]
 
 
 def shard_paths(directory: str) -> list[str]:
@@ -287,6 +289,13 @@ def shard_problem(entry: dict) -> str | None:
     except ShardFormatError as e:
         return str(e)
     return None
+
+
+def bad_shards(directory: str, map_each: Callable = map) -> dict[str, str]:
+    """Name -> problem for every shard of a manifest that cannot be trained on;
+    `map_each(shard_problem, entries)` runs the checks (the stages fan them out to Ray)."""
+    entries = shard_entries(directory)
+    return {e["name"]: why for e, why in zip(entries, map_each(shard_problem, entries)) if why}
 
 
 def iter_shards(paths: Iterable[str]) -> Iterator[dict[str, Any]]:

@@ -117,10 +117,10 @@ class Captioner(nn.Module):
         token, in row order, then one edge token per row, placed just past the row's last
         cell (the last row's says "end of grid"). A smaller grid's memory is padded."""
         tokens = self.encoder.encode(self.cells(patches, shapes))[:, 0]  # (cells, d_enc): class tokens
-        per_cell = (shapes[:, 0] * shapes[:, 1]).tolist()
-        head = self.encoder.head(tokens).split(per_cell) if self.head_logits else [None] * len(per_cell)
+        cells_per_grid = (shapes[:, 0] * shapes[:, 1]).tolist()
+        head = self.encoder.head(tokens).split(cells_per_grid) if self.head_logits else [None] * len(cells_per_grid)
         per_grid, places, logits = [], [], []
-        for grid, grid_logits, (rows, cols) in zip(tokens.split(per_cell), head, shapes.tolist()):
+        for grid, grid_logits, (rows, cols) in zip(tokens.split(cells_per_grid), head, shapes.tolist()):
             r = torch.arange(rows, device=shapes.device)
             c = torch.arange(cols, device=shapes.device)
             cells = grid + self.row_emb(r).repeat_interleave(cols, 0) + self.col_emb(c).repeat(rows, 1)

@@ -32,7 +32,7 @@ class TrainingData:
         """The manifest's shards, less those named in `skip` (found bad before training)."""
         manifest = shards.read_manifest(directory)
         manifest = {**manifest, "shards": [s for s in manifest["shards"] if s["name"] not in skip]}
-        entries = [e for e in shards.shard_entries(directory) if e["name"] not in skip]
+        entries = shards.shard_entries(directory, skip)
         if not entries:
             raise shards.ShardFormatError(f"{directory}: every shard is bad, nothing to train on")
         order = GlobalOrder([e["samples"] for e in entries], train.seed, train.shuffle_block)

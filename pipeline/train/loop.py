@@ -143,7 +143,7 @@ class Validator:
         spec = run.spec
         self.batches = []
         if spec.val_data and spec.train.eval_every:
-            entries = [e for e in shard_entries(spec.val_data) if e["name"] not in spec.skip_val_shards]
+            entries = shard_entries(spec.val_data, spec.skip_val_shards)
             self.batches = head_batches(entries, run.task.fields, spec.train.eval_samples, run.rank, run.world,
                                         spec.train.micro_batch_size)
 
