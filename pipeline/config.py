@@ -307,8 +307,15 @@ class FinetuneConfig:
     # Add the pretrained ViT head's logits for the cell under the cursor to the decoder's
     # digit logits (models.captioner.Captioner.decode).
     head_logits: bool = False
+    # At test time (evaluate, predict, export) the head also reads each cell moved this
+    # many pixels left, right, up and down, and its five readings are averaged. 0: once.
+    head_shift: int = 0
 
     def validate(self, key: str) -> None:
+        if not 0 <= self.head_shift <= 3:
+            raise ConfigError(f"{key}.head_shift must be 0..3 pixels, got {self.head_shift}")
+        if self.head_shift and not self.head_logits:
+            raise ConfigError(f"{key}.head_shift needs {key}.head_logits: true (it averages the head's logits)")
         if self.encoder_lr_scale < 0:
             raise ConfigError(f"{key}.encoder_lr_scale must be >= 0, got {self.encoder_lr_scale}")
         if self.init_decoder and "://" not in self.init_decoder and not Path(self.init_decoder).is_file():

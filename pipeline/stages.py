@@ -301,7 +301,8 @@ def run_finetune(ctx: StageContext) -> StageResult:
     vit = ctx.inputs["pretrain_vit"]
     encoder = json.loads(storage.read_bytes(vit["model_config"]))
     cfg = ctx.config.finetune
-    args = {**_patch_args(ctx), "stem_channels": encoder["model_args"].get("stem_channels", 0), "head_logits": cfg.head_logits}
+    args = {**_patch_args(ctx), "stem_channels": encoder["model_args"].get("stem_channels", 0),
+            "head_logits": cfg.head_logits, "head_shift": cfg.head_shift}
     return _train(
         ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), args,
         init_encoder=vit["weights"] if cfg.encoder_init == "pretrained" else None,

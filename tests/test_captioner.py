@@ -11,6 +11,7 @@ import torch
 from pipeline.config import TransformerConfig
 from pipeline.data.loader import collate
 from pipeline.models.captioner import FIRST_CELL, FIRST_DIGIT, Captioner, encode_text
+from pipeline.models.patches import shifted, to_patches
 from pipeline.models.vit import ViT
 from pipeline.predict import ImageError, read_grid_image
 
@@ -19,11 +20,11 @@ from conftest import VENV_BIN
 SHAPES = [(1, 1), (3, 5), (10, 10), (2, 2)]
 
 
-def tiny_captioner(seed: int = 0, head_logits: bool = False) -> Captioner:
+def tiny_captioner(seed: int = 0, head_logits: bool = False, head_shift: int = 0) -> Captioner:
     torch.manual_seed(seed)
     encoder = ViT(16, 49, 10, TransformerConfig(n_layer=1, n_head=2, d_model=16))
     return Captioner(encoder, TransformerConfig(n_layer=2, n_head=2, d_model=24), patch_grid=4,
-                     head_logits=head_logits).eval()
+                     head_logits=head_logits, head_shift=head_shift).eval()
 
 
 def _grid(rows: int, cols: int, rng) -> tuple[torch.Tensor, str]:
@@ -81,6 +82,48 @@ def test_head_logits_add_the_encoder_head_on_the_cell_being_written_to_the_digit
         else:  # a newline or the end: past a row's last cell, where no cell is read
             assert added[t].abs().max() < 1e-6
     assert cell == rows * cols
+
+
+def test_shifted_moves_a_pixel_one_step_each_way_and_repeats_the_edge():
+    image = torch.zeros(1, 5, 6)
+    image[0, 2, 3] = 1.0
+    image[0, :, 0] = 0.5  # the left edge column
+    moved = shifted(image, 1)
+    where = [tuple(torch.nonzero(view[0] == 1.0)[0].tolist()) for view in moved]
+    assert sorted(where) == sorted([(2, 2), (2, 4), (1, 3), (3, 3)])
+    assert all(view.shape == image.shape for view in moved)
+    right = next(v for v, w in zip(moved, where) if w == (2, 4))
+    assert bool((right[0, :, :2] == 0.5).all())  # the edge moved inwards is repeated
+    assert all(bool((v[0, :, -1] == 0.0).all()) for v in moved)  # never wrapped around
+
+
+def test_head_shift_averages_the_head_over_cells_moved_a_pixel_at_test_time_only():
+    """The added digit logits, in eval mode, are the mean of the head on the cell and on
+    the cell moved one pixel each way (built here with np.roll on cells whose border is
+    background, where rolling and shifting agree); in training mode, the head once."""
+    rows, cols = 2, 3
+    rng = np.random.default_rng(4)
+    cells = np.zeros((rows * cols, 28, 28), np.float32)
+    cells[:, 4:24, 4:24] = rng.standard_normal((rows * cols, 20, 20))
+    image = torch.from_numpy(cells.reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3).reshape(rows * 28, cols * 28).copy())
+    patches, shapes = to_patches(image, 7)[None], torch.tensor([[rows, cols]])
+    ids = torch.tensor([encode_text("123\n456")])
+    shifting, once = tiny_captioner(seed=6, head_logits=True, head_shift=1), tiny_captioner(seed=6, head_logits=True)
+    plain = tiny_captioner(seed=6)
+
+    def added(model):
+        with torch.no_grad():
+            return model(patches, shapes, ids[:, :-1])[0][0] - plain(patches, shapes, ids[:, :-1])[0][0]
+
+    moved = [np.roll(cells, step, axis) for axis in (1, 2) for step in (-1, 1)]
+    with torch.no_grad():
+        views = [shifting.encoder(to_patches(torch.from_numpy(v), 7))[0] for v in (cells, *moved)]
+    mean = torch.stack(views).mean(0)
+    at_cells = [t for t, next_id in enumerate(ids[0, 1:].tolist()) if next_id >= FIRST_CELL]
+    torch.testing.assert_close(added(shifting)[at_cells, FIRST_DIGIT:], mean, atol=1e-5, rtol=1e-5)
+    assert (added(shifting) - added(once)).abs().max() > 1e-3  # the views changed something
+    shifting.train(), once.train(), plain.train()
+    torch.testing.assert_close(added(shifting), added(once))
 
 
 def test_cursor_counts_rows_and_cells_since_the_last_newline():

@@ -30,6 +30,8 @@ def test_smoke_config_loads_with_types():
         ({"pretrain_gpt": 3}, "pretrain_gpt"),
         ({"data": {"grids": {"train_count": 0}}}, "data.grids.train_count"),
         ({"pretrain_vit": {"model": {"n_head": 0}}}, "pretrain_vit.model.n_head"),
+        ({"finetune": {"head_shift": 4, "head_logits": True}}, "finetune.head_shift"),
+        ({"finetune": {"head_shift": 1}}, "finetune.head_logits"),
     ],
 )
 def test_bad_config_names_the_key(data, key):

@@ -134,9 +134,11 @@ def test_a_frozen_encoder_is_in_the_consolidated_weights(run_tiny):
         assert torch.equal(consolidated[name], want), name
 
 
-def test_a_captioner_with_head_logits_exports_with_them(tmp_path):
-    """The remote-code folder carries `finetune.head_logits`: the HF model adds the ViT
-    head's logits as ours does (a random model: the path, not the training, is tested)."""
+@pytest.mark.parametrize("head_shift", [0, 1])
+def test_a_captioner_with_head_logits_exports_with_them(tmp_path, head_shift):
+    """The remote-code folder carries `finetune.head_logits` and `head_shift`: the HF model
+    adds the ViT head's logits (averaged over shifted cells) as ours does (a random
+    model: the path, not the training, is tested)."""
     from transformers import AutoModel
 
     from pipeline.export.remote import write_captioner
@@ -144,20 +146,26 @@ def test_a_captioner_with_head_logits_exports_with_them(tmp_path):
     from pipeline.models.patches import to_patches
     from test_captioner import tiny_captioner
 
-    model = tiny_captioner(seed=7, head_logits=True)
+    model = tiny_captioner(seed=7, head_logits=True, head_shift=head_shift)
     with torch.no_grad():
         model.encoder.head.weight.mul_(50.0)  # head logits large enough to dominate the digits
-    saved = {"model_args": {"patch_size": 7, "mean": 0.0, "std": 1.0, "stem_channels": 0, "head_logits": True},
+    saved = {"model_args": {"patch_size": 7, "mean": 0.0, "std": 1.0, "stem_channels": 0, "head_logits": True,
+                            "head_shift": head_shift},
              "encoder_model": dataclasses.asdict(model.encoder.cfg), "model": dataclasses.asdict(model.cfg)}
     write_captioner(model, saved, str(tmp_path))
     hf = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
     image = torch.rand(1, 56, 84)
     ids = torch.tensor([encode_text("123\n456")])
+
+    def logits(variant):
+        variant.load_state_dict(model.state_dict())
+        return variant(to_patches(image[0], 7)[None], torch.tensor([[2, 3]]), ids)[0]
+
     with torch.no_grad():
-        ours, _ = model(to_patches(image[0], 7)[None], torch.tensor([[2, 3]]), ids)
+        ours = logits(model)
         theirs = hf(pixel_values=image[None], decoder_input_ids=ids).logits
-        without = tiny_captioner(seed=7)
-        without.load_state_dict(model.state_dict())
-        plain, _ = without(to_patches(image[0], 7)[None], torch.tensor([[2, 3]]), ids)
+        plain = logits(tiny_captioner(seed=7))
+        unshifted = logits(tiny_captioner(seed=7, head_logits=True))
     assert (ours - theirs).abs().max().item() <= TOLERANCE
     assert (ours - plain).abs().max().item() > 1.0  # the head's path is on, in both
+    assert ((ours - unshifted).abs().max().item() > 1e-3) == bool(head_shift)  # and the views, where asked

@@ -39,6 +39,7 @@ def write_captioner(model, saved: dict, folder: str) -> None:
         "patch_size": args["patch_size"],
         "stem_channels": args.get("stem_channels", 0),
         "head_logits": args.get("head_logits", False),
+        "head_shift": args.get("head_shift", 0),
     }
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import Block, ModelShape, init_weights
+from .patches import shifted, to_images, to_patches
 from .vit import ViT
 
 # The written form of a grid: digits, '_' for a blank cell, '\n' between rows.
@@ -72,13 +73,19 @@ class Memory(NamedTuple):
 
 
 class Captioner(nn.Module):
-    def __init__(self, encoder: ViT, cfg: ModelShape, patch_grid: int, head_logits: bool = False):
+    def __init__(self, encoder: ViT, cfg: ModelShape, patch_grid: int, head_logits: bool = False,
+                 head_shift: int = 0):
         super().__init__()
         self.cfg, self.patch_grid = cfg, patch_grid  # patch_grid: patches per cell side
         # Add the encoder's own classifier logits, for the cell under the cursor, to the
         # decoder's digit logits: the pretrained head is a better reader of a class token
         # than a decoder that learns one in a few hundred steps (see `decode`).
         self.head_logits = head_logits
+        # With head_shift > 0 the head reads each cell five times at test time (eval mode),
+        # as is and moved this many pixels each way, and its logits are averaged (see
+        # `cell_logits`). Training reads each cell once: the views would cost four more
+        # encoder passes per cell and step.
+        self.head_shift = head_shift
         self.encoder = encoder
         d_enc = encoder.cfg.d_model
         self.row_emb = nn.Embedding(MAX_GRID, d_enc)
@@ -116,9 +123,10 @@ class Captioner(nn.Module):
         """Patches and (B, 2) rows, cols -> the memory. A grid's memory: each cell's class
         token, in row order, then one edge token per row, placed just past the row's last
         cell (the last row's says "end of grid"). A smaller grid's memory is padded."""
-        tokens = self.encoder.encode(self.cells(patches, shapes))[:, 0]  # (cells, d_enc): class tokens
+        cells = self.cells(patches, shapes)
+        tokens = self.encoder.encode(cells)[:, 0]  # (cells, d_enc): class tokens
         cells_per_grid = (shapes[:, 0] * shapes[:, 1]).tolist()
-        head = self.encoder.head(tokens).split(cells_per_grid) if self.head_logits else [None] * len(cells_per_grid)
+        head = self.cell_logits(cells, tokens).split(cells_per_grid) if self.head_logits else [None] * len(cells_per_grid)
         per_grid, places, logits = [], [], []
         for grid, grid_logits, (rows, cols) in zip(tokens.split(cells_per_grid), head, shapes.tolist()):
             r = torch.arange(rows, device=shapes.device)
@@ -133,6 +141,18 @@ class Captioner(nn.Module):
         where = torch.nn.utils.rnn.pad_sequence(places, batch_first=True, padding_value=-1)
         cell_logits = torch.nn.utils.rnn.pad_sequence(logits, batch_first=True) if logits else None
         return Memory(self.memory_proj(memory), where >= 0, where, cell_logits)
+
+    def cell_logits(self, cells: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The encoder head's logits for each cell (cells as `cells` returns them, their
+        class tokens). With `head_shift`, in eval mode, the mean over the cell and its four
+        shifted copies: a digit the head misreads where it sits is often read right a
+        pixel away, and the views' votes outweigh it."""
+        logits = self.encoder.head(tokens)
+        if not self.head_shift or self.training:
+            return logits
+        g, p = self.patch_grid, int(round(cells.shape[-1] ** 0.5))
+        views = [to_patches(view, p) for view in shifted(to_images(cells, g, g, p), self.head_shift)]
+        return torch.stack([logits, *(self.encoder.head(self.encoder.encode(v)[:, 0]) for v in views)]).mean(0)
 
     @staticmethod
     def cursor(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,7 +67,8 @@ def build_model(kind: str, model: TransformerConfig, args: dict[str, Any], encod
     if kind == "captioner":
         g = CELL // args["patch_size"]
         encoder = ViT(g * g, args["patch_size"] ** 2, 10, encoder_model, args.get("stem_channels", 0))
-        return Captioner(encoder, model, patch_grid=g, head_logits=args.get("head_logits", False))
+        return Captioner(encoder, model, patch_grid=g, head_logits=args.get("head_logits", False),
+                         head_shift=args.get("head_shift", 0))
     raise ValueError(f"unknown model kind {kind!r}")
 
 
