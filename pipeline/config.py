@@ -327,9 +327,10 @@ class EvaluateConfig:
     batch_size: int = 64
     max_val_sequences: int = 2000
     use_gpu: bool = False  # evaluation runs as a Ray task; this asks it for a GPU
+    num_cpus: int = 1  # and this many CPUs, as many torch threads
 
     def validate(self, key: str) -> None:
-        _require_positive(self, key, "batch_size", "max_val_sequences")
+        _require_positive(self, key, "batch_size", "max_val_sequences", "num_cpus")
 
 
 # --------------------------------------------------------------------------- run

@@ -44,6 +44,7 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 def _load(trained: dict[str, Any], cfg: EvaluateConfig) -> tuple[torch.nn.Module, torch.device]:
     """A training stage's final model, on the device evaluation runs on."""
     device = torch.device("cuda") if cfg.use_gpu else torch.device("cpu")
+    torch.set_num_threads(cfg.num_cpus)  # Ray starts a worker at one thread, whatever the task asked
     return load_trained(trained["model_config"], trained["weights"]).to(device), device
 
 

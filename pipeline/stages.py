@@ -11,6 +11,7 @@ import json
 from typing import Any, Callable, Iterable
 
 from pipeline import storage, tracking
+from pipeline.config import ConfigError
 from pipeline.dag import Stage, StageContext, StageResult
 from pipeline.data import shards, sources
 from pipeline.data.shards import ShardInfo
@@ -315,13 +316,23 @@ def run_finetune(ctx: StageContext) -> StageResult:
 # --------------------------------------------------------------------------- evaluate
 
 
+def _evaluation_cpus(cfg) -> int:
+    """`evaluate.num_cpus`, refused at once if the cluster has fewer (Ray would wait forever)."""
+    import ray
+
+    total = int(ray.cluster_resources().get("CPU", 0))
+    if cfg.num_cpus > total:
+        raise ConfigError(f"evaluate.num_cpus is {cfg.num_cpus} but the Ray cluster has {total} CPUs")
+    return cfg.num_cpus
+
+
 def run_evaluate_gpt(ctx: StageContext) -> StageResult:
     import ray
 
     from pipeline import evaluate
 
     cfg = ctx.config.evaluate
-    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_gpt)
+    task = ray.remote(num_cpus=_evaluation_cpus(cfg), num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_gpt)
     metrics = ray.get(task.remote(ctx.inputs["pretrain_gpt"], ctx.inputs["tokenize"]["tokens_val"], cfg))
     metrics_path = storage.join(ctx.out_dir, "metrics.json")
     storage.write_json_atomic(metrics_path, metrics)
@@ -335,7 +346,7 @@ def run_evaluate(ctx: StageContext) -> StageResult:
 
     cfg = ctx.config.evaluate
     grid_sets = [g.name for g in ctx.config.data.grid_sets()]
-    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_images)
+    task = ray.remote(num_cpus=_evaluation_cpus(cfg), num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_images)
     metrics, examples = ray.get(task.remote(ctx.inputs, cfg, grid_sets, ctx.out_dir))
     outputs = {"metrics": storage.join(ctx.out_dir, "metrics.json"),
                "captioner_examples": storage.join(ctx.out_dir, "captioner_examples.json")}

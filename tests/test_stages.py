@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline import storage
+from pipeline.config import ConfigError
 from pipeline.data import shards, sources
 
 
@@ -219,6 +220,11 @@ def test_evaluate(run_tiny):
         assert storage.read_bytes(pictures[name])[:8] == b"\x89PNG\r\n\x1a\n", name
     examples = storage.read_json(summary["stages"]["evaluate"]["outputs"]["captioner_examples"])
     assert len(examples) == 16 and all(set(e) == {"key", "target", "predicted"} for e in examples)
+    # Two CPUs (two torch threads): the same numbers; more than the cluster has: refused.
+    both = run_tiny(["evaluate_gpt"], "evaluate.num_cpus=2")["stages"]["evaluate_gpt"]["metrics"]
+    assert both["gpt_val_loss"] == pytest.approx(metrics["gpt_val_loss"], rel=1e-5)
+    with pytest.raises(ConfigError, match="evaluate.num_cpus is 3 but the Ray cluster has 2 CPUs"):
+        run_tiny(["evaluate_gpt"], "evaluate.num_cpus=3")
 
 
 def test_failed_stage_leaves_no_output(run_tiny, tiny_workdir):
