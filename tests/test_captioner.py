@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import TransformerConfig
 from pipeline.data.loader import collate
-from pipeline.models.captioner import FIRST_CELL, FIRST_DIGIT, Captioner, encode_text
+from pipeline.models.captioner import FIRST_CELL, FIRST_DIGIT, SURE, Captioner, encode_text
 from pipeline.models.patches import shifted, to_patches
 from pipeline.models.vit import ViT
 from pipeline.predict import ImageError, read_grid_image
@@ -100,7 +100,8 @@ def test_shifted_moves_a_pixel_one_step_each_way_and_repeats_the_edge():
 def test_head_shift_averages_the_head_over_cells_moved_a_pixel_at_test_time_only():
     """The added digit logits, in eval mode, are the mean of the head on the cell and on
     the cell moved one pixel each way (built here with np.roll on cells whose border is
-    background, where rolling and shifting agree); in training mode, the head once."""
+    background, where rolling and shifting agree); in training mode, or where the head
+    is sure, the head once. (A random head is sure of nothing.)"""
     rows, cols = 2, 3
     rng = np.random.default_rng(4)
     cells = np.zeros((rows * cols, 28, 28), np.float32)
@@ -123,6 +124,12 @@ def test_head_shift_averages_the_head_over_cells_moved_a_pixel_at_test_time_only
     torch.testing.assert_close(added(shifting)[at_cells, FIRST_DIGIT:], mean, atol=1e-5, rtol=1e-5)
     assert (added(shifting) - added(once)).abs().max() > 1e-3  # the views changed something
     shifting.train(), once.train(), plain.train()
+    torch.testing.assert_close(added(shifting), added(once))
+    shifting.eval(), once.eval(), plain.eval()
+    with torch.no_grad():  # a head sure of every cell: nothing is read again
+        for model in (shifting, once):
+            model.encoder.head.weight.mul_(1e4)
+    assert bool((shifting.encoder(to_patches(torch.from_numpy(cells), 7))[0].softmax(-1).amax(-1) > SURE).all())
     torch.testing.assert_close(added(shifting), added(once))
 
 

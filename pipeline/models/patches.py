@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def to_images(patches: torch.Tensor, rows: int, cols: int, p: int) -> torch.Tensor:
@@ -23,6 +24,6 @@ def shifted(images: torch.Tensor, shift: int) -> list[torch.Tensor]:
     """(..., H, W) images moved `shift` pixels right, left, down and up (four copies),
     the edge row or column repeated into the space left behind."""
     s = shift
-    padded = torch.nn.functional.pad(images.unsqueeze(-3), (s, s, s, s), mode="replicate").squeeze(-3)
+    padded = F.pad(images.unsqueeze(-3), (s, s, s, s), mode="replicate").squeeze(-3)
     H, W = images.shape[-2:]
     return [padded[..., s + dy : s + dy + H, s + dx : s + dx + W] for dx, dy in ((-s, 0), (s, 0), (0, -s), (0, s))]
