@@ -77,11 +77,19 @@ def test_smoke_run_is_tracked_in_mlflow(smoke):
     # Validation loss on the training run's own axes, every eval_every steps: what the scaling fits read.
     for stage, steps in (("pretrain_gpt", [50, 100, 150]), ("pretrain_vit", [250, 500, 750, 1000]), ("finetune", [100, 200, 300])):
         run = next(r for r in children if r.data.tags["stage"] == stage)
-        val = client.get_metric_history(run.info.run_id, "val_loss")
-        assert sorted(m.step for m in val) == steps, stage
+        val = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)
+        assert [m.step for m in val] == steps, stage
         flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "flops")}
         assert all(flops[m.step] > 0 for m in val)
-        assert sorted(val, key=lambda m: m.step)[-1].value < sorted(val, key=lambda m: m.step)[0].value, stage
+        if stage == "finetune":
+            # From a pretrained encoder the fine-tune's loss has fallen by its first evaluation
+            # and then wanders by a few hundredths (it rose 0.15 -> 0.18 on one machine, fell on
+            # another). The bar instead: a decoder blind to the image cannot go below the text's
+            # own entropy, 4 cells of H(10% blank, 9 in 10 a uniform digit) = 2.40 nats over 6
+            # predicted tokens, 1.6 nats per token.
+            assert val[-1].value < 0.5, val
+        else:
+            assert val[-1].value < val[0].value, stage
     assert gpt.data.params["config.train.zero_stage"] == "3"
     evaluate = next(r for r in children if r.data.tags["stage"] == "evaluate")
     assert evaluate.data.metrics["vit_test_accuracy"] == summary["stages"]["evaluate"]["metrics"]["vit_test_accuracy"]
