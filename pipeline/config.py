@@ -282,6 +282,10 @@ class PretrainViTConfig:
     # last convolution has twice as many). 0: the linear patch projection of a stock
     # ViT. The captioner's encoder inherits it.
     stem_channels: int = 0
+    # What the head reads of an image, and the captioner of each cell: the class token
+    # ("cls", as a stock ViT) or the mean of the patch tokens ("mean"). The captioner's
+    # encoder inherits it.
+    pool: Literal["cls", "mean"] = "cls"
 
     def validate(self, key: str) -> None:
         if not 0 <= self.max_shift < 14:

@@ -291,7 +291,7 @@ def _patch_args(ctx: StageContext) -> dict[str, Any]:
 
 def run_pretrain_vit(ctx: StageContext) -> StageResult:
     cfg = ctx.config.pretrain_vit
-    args = {**_patch_args(ctx), "stem_channels": cfg.stem_channels}
+    args = {**_patch_args(ctx), "stem_channels": cfg.stem_channels, "pool": cfg.pool}
     return _train(ctx, "vit", cfg, *TRAINING_DATA["pretrain_vit"][1](ctx.inputs), args, max_shift=cfg.max_shift,
                   augment=cfg.augment)
 
@@ -303,7 +303,7 @@ def run_finetune(ctx: StageContext) -> StageResult:
     encoder = json.loads(storage.read_bytes(vit["model_config"]))
     cfg = ctx.config.finetune
     args = {**_patch_args(ctx), "stem_channels": encoder["model_args"].get("stem_channels", 0),
-            "head_logits": cfg.head_logits, "head_shift": cfg.head_shift}
+            "pool": encoder["model_args"].get("pool", "cls"), "head_logits": cfg.head_logits, "head_shift": cfg.head_shift}
     return _train(
         ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), args,
         init_encoder=vit["weights"] if cfg.encoder_init == "pretrained" else None,

@@ -20,9 +20,9 @@ from conftest import VENV_BIN
 SHAPES = [(1, 1), (3, 5), (10, 10), (2, 2)]
 
 
-def tiny_captioner(seed: int = 0, head_logits: bool = False, head_shift: int = 0) -> Captioner:
+def tiny_captioner(seed: int = 0, head_logits: bool = False, head_shift: int = 0, pool: str = "cls") -> Captioner:
     torch.manual_seed(seed)
-    encoder = ViT(16, 49, 10, TransformerConfig(n_layer=1, n_head=2, d_model=16))
+    encoder = ViT(16, 49, 10, TransformerConfig(n_layer=1, n_head=2, d_model=16), pool=pool)
     return Captioner(encoder, TransformerConfig(n_layer=2, n_head=2, d_model=24), patch_grid=4,
                      head_logits=head_logits, head_shift=head_shift).eval()
 
@@ -31,6 +31,22 @@ def _grid(rows: int, cols: int, rng) -> tuple[torch.Tensor, str]:
     patches = torch.from_numpy(rng.standard_normal((rows * cols * 16, 49)).astype(np.float32))
     text = "\n".join("".join(str(d) for d in rng.integers(0, 10, cols)) for _ in range(rows))
     return patches, text
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_the_captioner_reads_each_cell_as_its_vit_head_does(pool):
+    """The cell logits the captioner adds are the ViT's own logits for the cell, with the
+    head reading what it was trained on (`pretrain_vit.pool`), and the pools differ."""
+    model = tiny_captioner(head_logits=True, pool=pool)
+    patches, _ = _grid(2, 3, np.random.default_rng(0))
+    shapes = torch.tensor([[2, 3]])
+    with torch.no_grad():
+        memory = model.encode(patches[None], shapes)
+        own, _ = model.encoder(model.cells(patches[None], shapes))
+        model.encoder.pool = "mean" if pool == "cls" else "cls"
+        other, _ = model.encoder(model.cells(patches[None], shapes))
+    torch.testing.assert_close(memory.cell_logits[0, :6], own)
+    assert (own - other).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("head_logits", [False, True])

@@ -32,6 +32,7 @@ def test_smoke_config_loads_with_types():
         ({"pretrain_vit": {"model": {"n_head": 0}}}, "pretrain_vit.model.n_head"),
         ({"finetune": {"head_shift": 4, "head_logits": True}}, "finetune.head_shift"),
         ({"finetune": {"head_shift": 1}}, "finetune.head_logits"),
+        ({"pretrain_vit": {"pool": "max"}}, "pretrain_vit.pool"),
     ],
 )
 def test_bad_config_names_the_key(data, key):

@@ -88,6 +88,19 @@ def test_vit_exports_as_stock_vit_classifier(run_tiny, tmp_path):
     assert (theirs.argmax(-1) == labels).float().mean() > 0.5  # the trained classifier, in HF's hands
 
 
+@pytest.mark.parametrize("args, key", [({"stem_channels": 8}, "stem_channels"), ({"pool": "mean"}, "pool: mean")])
+def test_a_vit_the_stock_classifier_cannot_hold_is_refused_by_name(args, key):
+    from pipeline.config import TransformerConfig
+    from pipeline.export import ExportError
+    from pipeline.export.stock import vit
+    from pipeline.models.vit import ViT
+
+    model = ViT(16, 49, 10, TransformerConfig(n_layer=1, n_head=2, d_model=16), args.get("stem_channels", 0),
+                args.get("pool", "cls"))
+    with pytest.raises(ExportError, match=key):
+        vit(model, {"patch_size": 7, "mean": 0.0, "std": 1.0, **args})
+
+
 def test_captioner_exports_as_remote_code_that_generates_the_grid(run_tiny, tmp_path):
     from transformers import AutoImageProcessor, AutoModel
 
@@ -134,11 +147,11 @@ def test_a_frozen_encoder_is_in_the_consolidated_weights(run_tiny):
         assert torch.equal(consolidated[name], want), name
 
 
-@pytest.mark.parametrize("head_shift", [0, 1])
-def test_a_captioner_with_head_logits_exports_with_them(tmp_path, head_shift):
-    """The remote-code folder carries `finetune.head_logits` and `head_shift`: the HF model
-    adds the ViT head's logits (averaged over shifted cells) as ours does (a random
-    model: the path, not the training, is tested)."""
+@pytest.mark.parametrize("head_shift, pool", [(0, "cls"), (1, "cls"), (1, "mean")])
+def test_a_captioner_with_head_logits_exports_with_them(tmp_path, head_shift, pool):
+    """The remote-code folder carries `finetune.head_logits`, `head_shift` and the ViT's
+    `pool`: the HF model adds the ViT head's logits (averaged over shifted cells) as ours
+    does (a random model: the path, not the training, is tested)."""
     from transformers import AutoModel
 
     from pipeline.export.remote import write_captioner
@@ -146,11 +159,11 @@ def test_a_captioner_with_head_logits_exports_with_them(tmp_path, head_shift):
     from pipeline.models.patches import to_patches
     from test_captioner import tiny_captioner
 
-    model = tiny_captioner(seed=7, head_logits=True, head_shift=head_shift)
+    model = tiny_captioner(seed=7, head_logits=True, head_shift=head_shift, pool=pool)
     with torch.no_grad():
         model.encoder.head.weight.mul_(50.0)  # head logits large enough to dominate the digits
-    saved = {"model_args": {"patch_size": 7, "mean": 0.0, "std": 1.0, "stem_channels": 0, "head_logits": True,
-                            "head_shift": head_shift},
+    saved = {"model_args": {"patch_size": 7, "mean": 0.0, "std": 1.0, "stem_channels": 0, "pool": pool,
+                            "head_logits": True, "head_shift": head_shift},
              "encoder_model": dataclasses.asdict(model.encoder.cfg), "model": dataclasses.asdict(model.cfg)}
     write_captioner(model, saved, str(tmp_path))
     hf = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
@@ -164,8 +177,8 @@ def test_a_captioner_with_head_logits_exports_with_them(tmp_path, head_shift):
     with torch.no_grad():
         ours = logits(model)
         theirs = hf(pixel_values=image[None], decoder_input_ids=ids).logits
-        plain = logits(tiny_captioner(seed=7))
-        unshifted = logits(tiny_captioner(seed=7, head_logits=True))
+        plain = logits(tiny_captioner(seed=7, pool=pool))
+        unshifted = logits(tiny_captioner(seed=7, head_logits=True, pool=pool))
     assert (ours - theirs).abs().max().item() <= TOLERANCE
     assert (ours - plain).abs().max().item() > 1.0  # the head's path is on, in both
     assert ((ours - unshifted).abs().max().item() > 1e-3) == bool(head_shift)  # and the views, where asked

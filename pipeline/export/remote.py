@@ -38,6 +38,7 @@ def write_captioner(model, saved: dict, folder: str) -> None:
         "cell": CELL,
         "patch_size": args["patch_size"],
         "stem_channels": args.get("stem_channels", 0),
+        "pool": args.get("pool", "cls"),
         "head_logits": args.get("head_logits", False),
         "head_shift": args.get("head_shift", 0),
     }

@@ -31,10 +31,11 @@ class GridCaptionerConfig(PretrainedConfig):
 
     # not `encoder`/`decoder`: transformers reads attributes of those names as sub-configs
     def __init__(self, encoder_shape: dict | None = None, decoder_shape: dict | None = None, cell: int = 28,
-                 patch_size: int = 7, stem_channels: int = 0, head_logits: bool = False, head_shift: int = 0, **kwargs):
+                 patch_size: int = 7, stem_channels: int = 0, pool: str = "cls", head_logits: bool = False,
+                 head_shift: int = 0, **kwargs):
         shape = {"n_layer": 2, "n_head": 4, "d_model": 96, "dropout": 0.0}
         self.encoder_shape, self.decoder_shape = encoder_shape or dict(shape), decoder_shape or dict(shape)
-        self.cell, self.patch_size, self.stem_channels = cell, patch_size, stem_channels
+        self.cell, self.patch_size, self.stem_channels, self.pool = cell, patch_size, stem_channels, pool
         self.head_logits, self.head_shift = head_logits, head_shift
         super().__init__(**kwargs)
 
@@ -47,7 +48,8 @@ class GridCaptioner(PreTrainedModel):
     def __init__(self, config: GridCaptionerConfig):
         super().__init__(config)
         g = config.cell // config.patch_size
-        encoder = ViT(g * g, config.patch_size**2, 10, SimpleNamespace(**config.encoder_shape), config.stem_channels)
+        encoder = ViT(g * g, config.patch_size**2, 10, SimpleNamespace(**config.encoder_shape), config.stem_channels,
+                      config.pool)
         self.captioner = Captioner(encoder, SimpleNamespace(**config.decoder_shape), patch_grid=g,
                                     head_logits=config.head_logits, head_shift=config.head_shift)
         self.post_init()

@@ -87,6 +87,10 @@ def vit(model, args: dict) -> "transformers.ViTForImageClassification":  # noqa:
     if args.get("stem_channels", 0):
         raise ExportError("a ViT with a conv stem (pretrain_vit.stem_channels > 0) has no stock "
                           "ViTForImageClassification form; train it with stem_channels 0 to export it")
+    if args.get("pool", "cls") != "cls":
+        raise ExportError("a ViT whose head reads the mean of its patch tokens (pretrain_vit.pool: mean) has no "
+                          "stock ViTForImageClassification form (its head reads the class token); train it with "
+                          "pool: cls to export it")
     cfg, p = model.cfg, args["patch_size"]
     config = ViTConfig(
         hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,

@@ -4,7 +4,8 @@ with cross-attention writes them out, row by row.
 Grid images are made of 28x28 cells, so an image's size says how many rows and
 columns it has. The encoder tiles the image into its cells, runs the ViT on every
 cell (the resolution it was pretrained at, no position interpolation needed) and
-tags each cell's class token with a learned row and column embedding: the memory.
+tags what the ViT's head reads of each cell (its class token, or the mean of its
+patch tokens: `ViT.pooled`) with a learned row and column embedding: the memory.
 After each row's cells comes an edge token (end of row, or of the grid). A batch
 may mix shapes: the memory is padded and masked.
 
@@ -82,7 +83,7 @@ class Captioner(nn.Module):
         super().__init__()
         self.cfg, self.patch_grid = cfg, patch_grid  # patch_grid: patches per cell side
         # Add the encoder's own classifier logits, for the cell under the cursor, to the
-        # decoder's digit logits: the pretrained head is a better reader of a class token
+        # decoder's digit logits: the pretrained head is a better reader of a cell's vector
         # than a decoder that learns one in a few hundred steps (see `decode`).
         self.head_logits = head_logits
         # With head_shift > 0 the head reads each cell five times at test time (eval mode),
@@ -124,11 +125,11 @@ class Captioner(nn.Module):
         return torch.cat(out)
 
     def encode(self, patches: torch.Tensor, shapes: torch.Tensor) -> Memory:
-        """Patches and (B, 2) rows, cols -> the memory. A grid's memory: each cell's class
-        token, in row order, then one edge token per row, placed just past the row's last
+        """Patches and (B, 2) rows, cols -> the memory. A grid's memory: what the ViT's
+        head reads of each cell (`ViT.pooled`), in row order, then one edge token per row, placed just past the row's last
         cell (the last row's says "end of grid"). A smaller grid's memory is padded."""
         cells = self.cells(patches, shapes)
-        tokens = self.encoder.encode(cells)[:, 0]  # (cells, d_enc): class tokens
+        tokens = self.encoder.pooled(cells)  # (cells, d_enc)
         cells_per_grid = (shapes[:, 0] * shapes[:, 1]).tolist()
         head = self.cell_logits(cells, tokens).split(cells_per_grid) if self.head_logits else [None] * len(cells_per_grid)
         per_grid, places, logits = [], [], []
@@ -147,8 +148,8 @@ class Captioner(nn.Module):
         return Memory(self.memory_proj(memory), where >= 0, where, cell_logits)
 
     def cell_logits(self, cells: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The encoder head's logits for each cell (cells as `cells` returns them, their
-        class tokens). With `head_shift`, in eval mode, for the cells the head is unsure
+        """The encoder head's logits for each cell (cells as `cells` returns them, and
+        what the head reads of them). With `head_shift`, in eval mode, for the cells the head is unsure
         of (below SURE): the mean over the cell and its four shifted copies. A digit the
         head misreads where it sits is often read right a pixel away, and the views'
         votes outweigh it."""
@@ -160,7 +161,7 @@ class Captioner(nn.Module):
             return logits
         g, p = self.patch_grid, int(round(cells.shape[-1] ** 0.5))
         views = [to_patches(view, p) for view in shifted(to_images(cells[unsure], g, g, p), self.head_shift)]
-        mean = torch.stack([logits[unsure], *(self.encoder.head(self.encoder.encode(v)[:, 0]) for v in views)]).mean(0)
+        mean = torch.stack([logits[unsure], *(self.encoder.head(self.encoder.pooled(v)) for v in views)]).mean(0)
         return logits.index_copy(0, unsure, mean)
 
     @staticmethod

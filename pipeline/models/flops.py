@@ -28,7 +28,7 @@ def gpt_flops_per_sequence(n_params: int, n_layer: int, seq_len: int, d_model: i
 
 
 def vit_flops_per_image(n_params: int, head_params: int, n_layer: int, num_patches: int, d_model: int) -> float:
-    """Every token through the encoder; the classifier head reads the class token only."""
+    """Every token through the encoder; the classifier head reads one vector per image."""
     seq = num_patches + 1  # class token
     return flops_per_token(n_params - head_params, n_layer, seq, d_model) * seq + 6.0 * head_params
 
@@ -47,6 +47,6 @@ def captioner_flops_per_sample(
     encoder = flops_per_token(encoder_params, encoder_layers, cell_tokens, encoder_d) * cell_tokens * cells
     if not encoder_trained:
         encoder /= 3
-    memory = cells + rows  # each cell's class token, and an edge token per row
+    memory = cells + rows  # a vector per cell, and an edge token per row
     decoder = flops_per_token(decoder_token_params, decoder_layers, text_len + memory, decoder_d) * text_len
     return encoder + decoder + 6.0 * memory_params * memory

@@ -1,4 +1,5 @@
-"""ViT: patch embedding, class token, learned positions, a pre-LN encoder."""
+"""ViT: patch embedding, class token, learned positions, a pre-LN encoder, and a
+head on the class token or on the mean of the patch tokens."""
 
 from __future__ import annotations
 
@@ -72,9 +73,13 @@ class PatchEmbed(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, num_patches: int, patch_dim: int, num_classes: int, cfg: ModelShape, stem_channels: int = 0):
+    def __init__(self, num_patches: int, patch_dim: int, num_classes: int, cfg: ModelShape, stem_channels: int = 0,
+                 pool: str = "cls"):
         super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         self.num_patches, self.patch_dim, self.num_classes, self.cfg = num_patches, patch_dim, num_classes, cfg
+        self.pool = pool
         self.embed = PatchEmbed(num_patches, patch_dim, cfg.d_model, stem_channels)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.dropout, causal=False) for _ in range(cfg.n_layer))
@@ -89,8 +94,13 @@ class ViT(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
+    def pooled(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, num_patches, patch_dim) -> (B, d_model): what the head reads of each image."""
+        tokens = self.encode(patches)
+        return tokens[:, 1:].mean(1) if self.pool == "mean" else tokens[:, 0]
+
     def forward(self, patches: torch.Tensor, labels: torch.Tensor | None = None):
-        logits = self.head(self.encode(patches)[:, 0])
+        logits = self.head(self.pooled(patches))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return logits, loss
 

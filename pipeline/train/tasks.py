@@ -63,10 +63,12 @@ def build_model(kind: str, model: TransformerConfig, args: dict[str, Any], encod
     if kind == "gpt":
         return GPT(args["vocab_size"], args["seq_len"], model)
     if kind == "vit":
-        return ViT(args["num_patches"], args["patch_dim"], args["num_classes"], model, args.get("stem_channels", 0))
+        return ViT(args["num_patches"], args["patch_dim"], args["num_classes"], model, args.get("stem_channels", 0),
+                   args.get("pool", "cls"))
     if kind == "captioner":
         g = CELL // args["patch_size"]
-        encoder = ViT(g * g, args["patch_size"] ** 2, 10, encoder_model, args.get("stem_channels", 0))
+        encoder = ViT(g * g, args["patch_size"] ** 2, 10, encoder_model, args.get("stem_channels", 0),
+                      args.get("pool", "cls"))
         return Captioner(encoder, model, patch_grid=g, head_logits=args.get("head_logits", False),
                          head_shift=args.get("head_shift", 0))
     raise ValueError(f"unknown model kind {kind!r}")
