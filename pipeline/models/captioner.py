@@ -126,8 +126,9 @@ class Captioner(nn.Module):
 
     def encode(self, patches: torch.Tensor, shapes: torch.Tensor) -> Memory:
         """Patches and (B, 2) rows, cols -> the memory. A grid's memory: what the ViT's
-        head reads of each cell (`ViT.pooled`), in row order, then one edge token per row, placed just past the row's last
-        cell (the last row's says "end of grid"). A smaller grid's memory is padded."""
+        head reads of each cell (`ViT.pooled`), in row order, then one edge token per
+        row, placed just past the row's last cell (the last row's says "end of grid").
+        A smaller grid's memory is padded."""
         cells = self.cells(patches, shapes)
         tokens = self.encoder.pooled(cells)  # (cells, d_enc)
         cells_per_grid = (shapes[:, 0] * shapes[:, 1]).tolist()
@@ -149,8 +150,8 @@ class Captioner(nn.Module):
 
     def cell_logits(self, cells: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The encoder head's logits for each cell (cells as `cells` returns them, and
-        what the head reads of them). With `head_shift`, in eval mode, for the cells the head is unsure
-        of (below SURE): the mean over the cell and its four shifted copies. A digit the
+        what the head reads of them). With `head_shift`, in eval mode, for the cells the
+        head is unsure of (below SURE): the mean over the cell and its four shifted copies. A digit the
         head misreads where it sits is often read right a pixel away, and the views'
         votes outweigh it."""
         logits = self.encoder.head(tokens)

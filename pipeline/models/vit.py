@@ -95,7 +95,9 @@ class ViT(nn.Module):
         return self.ln_f(x)
 
     def pooled(self, patches: torch.Tensor) -> torch.Tensor:
-        """(B, num_patches, patch_dim) -> (B, d_model): what the head reads of each image."""
+        """(B, num_patches, patch_dim) -> (B, d_model): what the head reads of each image.
+        With pool "mean" the class token still runs through the encoder (the patches
+        attend to it), so both pools share one set of weights and positions."""
         tokens = self.encode(patches)
         return tokens[:, 1:].mean(1) if self.pool == "mean" else tokens[:, 0]
 
