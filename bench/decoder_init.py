@@ -44,7 +44,7 @@ def run_digits(workdir: Path, name: str, overrides: list[str]) -> dict:
 
 def grid_texts(shard_dir: str) -> torch.Tensor:
     """(N, MAX_TEXT_LEN + 1) token ids of every grid's text, BOS ... EOS, padded."""
-    ids = [encode_text(s["txt"]) for s in shards.iter_shards(shards.shard_paths(shard_dir))]
+    ids = [encode_text(s["txt"]) for s in shards.iter_verified(shard_dir)]
     out = torch.full((len(ids), MAX_TEXT_LEN + 1), PAD, dtype=torch.long)
     for i, seq in enumerate(ids):
         out[i, : len(seq)] = torch.tensor(seq)

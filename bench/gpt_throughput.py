@@ -78,11 +78,12 @@ def main() -> None:
 
     import ray
 
-    from pipeline.config import RayConfig, TrainConfig, TransformerConfig
+    from pipeline.config import PretrainGPTConfig, RayConfig, TrainConfig, TransformerConfig
+    from pipeline.kinds.gpt import GPTModelConfig
     from pipeline.runner import ensure_ray
     from pipeline.train.engine import load_zero_config
     from pipeline.train.launch import fit
-    from pipeline.train.tasks import TrainSpec
+    from pipeline.train.spec import TrainSpec
 
     peak = args.peak_flops or (989e12 if args.gpu else 180e9)
     model_cfg = TransformerConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model)
@@ -100,9 +101,9 @@ def main() -> None:
             micro_batch_size=args.micro_batch, max_steps=args.steps, warmup_steps=1, lr=1e-4, min_lr=1e-5,
             log_every=args.steps // 2, peak_flops_per_worker=peak,
         )
-        spec = TrainSpec(kind="gpt", train_data=tokens, model=model_cfg, train=train,
-                         deepspeed=load_zero_config(args.zero), weights_out=os.path.join(tmp, "w.safetensors"),
-                         model_args={"vocab_size": args.vocab, "seq_len": args.seq_len})
+        spec = TrainSpec(kind="gpt", model=GPTModelConfig(args.vocab, args.seq_len, model_cfg),
+                         section=PretrainGPTConfig(model=model_cfg, train=train), train_data=tokens,
+                         deepspeed=load_zero_config(args.zero), weights_out=os.path.join(tmp, "w.safetensors"))
         # With its dashboard, as the pipeline starts it: Ray Train's placement-group cleaner
         # polls the state API there, and warns on every poll without one.
         ensure_ray(RayConfig(num_cpus=None if args.gpu else args.workers))

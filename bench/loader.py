@@ -59,13 +59,14 @@ def _train_config(micro: int, workers: int, cache_mb: int = 0):
 
 def loader_rate(directory: str, kind: str, micro: int, workers: int, cache_mb: int, seconds: float = 8.0) -> float:
     """Samples/s one rank's loader delivers (rank 0 of 2), with the smoke's augmentation."""
+    from pipeline.kinds import KINDS
+    from pipeline.train.augment import KeyedShift
     from pipeline.train.data import TrainingData
-    from pipeline.train.tasks import TASKS, KeyedShift
 
     train = _train_config(micro, workers, cache_mb)
     data = TrainingData.open(directory, train, world_size=2)
     shift = KeyedShift(0, 7, 1, -0.42) if kind == "vit" else None
-    batches = iter(data.loader(0, 0, train.max_steps, TASKS[kind].fields, shift, train))
+    batches = iter(data.loader(0, 0, train.max_steps, KINDS[kind].fields, shift, train))
     next(batches)  # worker start-up is paid once per run, not per batch
     if cache_mb:  # measure the steady state: every shard decoded once already
         for _ in range(data.order.epoch_size // data.layout.global_batch + 1):
@@ -110,8 +111,8 @@ def _epoch_worker(directory: str, workers: int) -> None:
 
     from pipeline.config import TransformerConfig
     from pipeline.models.vit import ViT
+    from pipeline.kinds import KINDS
     from pipeline.train.data import TrainingData
-    from pipeline.train.tasks import TASKS
 
     torch.set_num_threads(1)
     train = _train_config(64, workers)
@@ -119,10 +120,10 @@ def _epoch_worker(directory: str, workers: int) -> None:
     steps = data.order.epoch_size // data.layout.global_batch
     model = ViT(16, 49, 10, TransformerConfig(n_layer=3, n_head=4, d_model=96))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    task = TASKS["vit"]
-    for batch in data.loader(0, 0, steps, task.fields, None, train):
+    vit = KINDS["vit"]
+    for batch in data.loader(0, 0, steps, vit.fields, None, train):
         opt.zero_grad()
-        task.forward(model, batch, torch.device("cpu"), torch.float32)[1].backward()
+        vit.forward(model, batch, torch.device("cpu"), torch.float32)[1].backward()
         opt.step()
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -30,13 +30,14 @@ def parse_steps(text: str) -> range:
 
 
 def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[int], workdir: Optional[str]) -> list[dict[str, Any]]:
+    from pipeline.kinds import by_stage
     from pipeline.runner import run_pipeline
-    from pipeline.stages import STAGES, TRAINING_DATA
 
-    if stage not in TRAINING_DATA:
-        raise ConfigError(f"--stage must be one of {', '.join(TRAINING_DATA)}, got {stage!r}")
-    section, data_dirs = TRAINING_DATA[stage]
-    train = section(config).train
+    trained = by_stage()
+    if stage not in trained:
+        raise ConfigError(f"--stage must be one of {', '.join(trained)}, got {stage!r}")
+    kind = trained[stage]
+    train = kind.section(config).train
     world = world_size or train.num_workers
     global_batch = BatchLayout(train.micro_batch_size, train.grad_accum, train.num_workers).global_batch
     try:
@@ -45,10 +46,10 @@ def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[i
         raise ConfigError(f"--world-size {world}: {e}") from None
 
     with contextlib.redirect_stdout(sys.stderr):  # stage progress must not mix with the answer
-        summary = run_pipeline(config, list(STAGES[stage].deps), workdir)
+        summary = run_pipeline(config, list(kind.deps), workdir)
     outputs = {name: s["outputs"] for name, s in summary["stages"].items()}
     train = dataclasses.replace(train, micro_batch_size=layout.micro_batch, grad_accum=layout.grad_accum)
-    train_dir = data_dirs(outputs)[0]
+    train_dir, _ = kind.shards(outputs)
     data = TrainingData.open(train_dir, train, world, _skipped_shards(config, train_dir))
 
     ranks = []

@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline.geometry import CELL, PatchLayout
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or holds a bad value."""
@@ -169,10 +171,13 @@ class PatchifyConfig:
     std: float = 0.3081
 
     def validate(self, key: str) -> None:
-        if self.patch_size <= 0 or 28 % self.patch_size:
-            raise ConfigError(f"{key}.patch_size must divide the 28-pixel cell, got {self.patch_size}")
+        if self.patch_size <= 0 or CELL % self.patch_size:
+            raise ConfigError(f"{key}.patch_size must divide the {CELL}-pixel cell, got {self.patch_size}")
         if self.std <= 0:
             raise ConfigError(f"{key}.std must be positive, got {self.std}")
+
+    def layout(self) -> PatchLayout:
+        return PatchLayout(self.patch_size, self.mean, self.std)
 
 
 # --------------------------------------------------------------------------- training
@@ -510,6 +515,16 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     return data
+
+
+def dataclass_from_dict(cls: type, data: Any, what: str) -> Any:
+    """Any config dataclass from a mapping, built and validated as a run config is;
+    errors name keys under `what`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a mapping, got {type(data).__name__}")
+    obj = _build(cls, data, what)
+    _validate(obj, what)
+    return obj
 
 
 def load_dataclass(cls: type, path: str | Path, what: str) -> Any:

@@ -23,7 +23,7 @@ from pipeline.config import RunConfig
 
 DONE = "stage.json"
 # Bump when a stage's outputs change meaning, so old caches are not reused.
-FORMAT_VERSION = 2  # 2: outputs relative to the workdir
+FORMAT_VERSION = 3  # 2: outputs relative to the workdir; 3: typed, versioned model_config.json
 
 
 @dataclass

@@ -14,14 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import pictures, storage
 from pipeline.config import EvaluateConfig
 from pipeline.data.loader import head_batches
 from pipeline.data.shards import read_manifest, shard_entries
-from pipeline import storage
-from pipeline.data.sources import BLANK, CELL, grid_output
+from pipeline.data.sources import grid_output
+from pipeline.geometry import CELL
+from pipeline.kinds import load_trained
 from pipeline.models.captioner import FIRST_CELL, encode_text
 from pipeline.preprocess.patchify import patchify
-from pipeline.train.checkpoint import load_trained
+from pipeline.scoring import accuracy_by, by_shape, score_grids
 
 EXAMPLES = 16  # test grids written out for a person to read, mistakes first
 PICTURES = ("samples.png", "confusion.png", "accuracy_by_shape.png", "attention.png")
@@ -41,16 +43,17 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _load(trained: dict[str, Any], cfg: EvaluateConfig) -> tuple[torch.nn.Module, torch.device]:
-    """A training stage's final model, on the device evaluation runs on."""
+def _load(trained: dict[str, Any], cfg: EvaluateConfig) -> tuple[torch.nn.Module, Any, torch.device]:
+    """A training stage's final model and its model config, on the device evaluation runs on."""
     device = torch.device("cuda") if cfg.use_gpu else torch.device("cpu")
     torch.set_num_threads(cfg.num_cpus)  # Ray starts a worker at one thread, whatever the task asked
-    return load_trained(trained["model_config"], trained["weights"]).to(device), device
+    _, model_config, model = load_trained(trained["model_config"], trained["weights"])
+    return model.to(device), model_config, device
 
 
 @torch.no_grad()
 def evaluate_gpt(trained: dict[str, Any], tokens_val: str, cfg: EvaluateConfig) -> dict[str, float]:
-    model, device = _load(trained, cfg)
+    model, _, device = _load(trained, cfg)
     batches = [b["npy"].long().to(device) for b in _batches(tokens_val, {"npy": np.asarray}, cfg.batch_size, cfg.max_val_sequences)]
     total, count = 0.0, 0
     for batch in batches:
@@ -68,7 +71,7 @@ def evaluate_gpt(trained: dict[str, Any], tokens_val: str, cfg: EvaluateConfig) 
 
 @torch.no_grad()
 def evaluate_vit(trained: dict[str, Any], patches: str, cfg: EvaluateConfig, split: str = "test") -> dict[str, float]:
-    model, device = _load(trained, cfg)
+    model, _, device = _load(trained, cfg)
     correct = count = 0
     for batch in _batches(patches, {"npy": lambda a: a.astype(np.float32), "cls": int}, cfg.batch_size):
         logits, _ = model(batch["npy"].to(device))
@@ -82,52 +85,6 @@ def _metric_prefix(grid_set: str, split: str) -> str:
     split are spelled out: `captioner_val_`, `captioner_2x2_`, `captioner_2x2_val_`."""
     parts = ["captioner"] + ([grid_set] if grid_set != "grids" else []) + ([split] if split != "test" else [])
     return "_".join(parts) + "_"
-
-
-MISSING = "·"  # a cell the prediction does not have
-
-
-def aligned_cells(predicted: str, target: str) -> list[tuple[str, str]]:
-    """(true, written) for every cell of the target, read at its row and column; a
-    cell the prediction lacks is MISSING."""
-    pred_rows = predicted.split("\n")
-    return [(ch, pred_rows[r][c] if r < len(pred_rows) and c < len(pred_rows[r]) else MISSING)
-            for r, row in enumerate(target.split("\n")) for c, ch in enumerate(row)]
-
-
-def score_grids(predicted: list[str], target: list[str], prefix: str = "captioner_") -> dict[str, float]:
-    """Per-digit accuracy over the target's digit cells, per-cell accuracy (blanks too),
-    blank accuracy, exact match of the whole written grid, and the shape-error rate (a
-    wrong number of rows or a row of the wrong length). A missing or extra cell counts wrong."""
-    cells = [pair for pred, true in zip(predicted, target) for pair in aligned_cells(pred, true)]
-    digits = [got == want for want, got in cells if want != BLANK]
-    blanks = [got == want for want, got in cells if want == BLANK]
-    shape = lambda text: [len(row) for row in text.split("\n")]  # noqa: E731
-    scores = {
-        f"{prefix}per_digit_accuracy": sum(digits) / max(1, len(digits)),
-        f"{prefix}per_cell_accuracy": (sum(digits) + sum(blanks)) / max(1, len(cells)),
-        f"{prefix}exact_match": sum(p == t for p, t in zip(predicted, target)) / max(1, len(target)),
-        f"{prefix}shape_error_rate": sum(shape(p) != shape(t) for p, t in zip(predicted, target)) / max(1, len(target)),
-    }
-    if blanks:
-        scores[f"{prefix}blank_accuracy"] = sum(blanks) / len(blanks)
-    return scores
-
-
-def accuracy_by(predicted: list[str], target: list[str], group) -> dict[str, float]:
-    """Per-cell accuracy of each group of grids; `group` names a grid's group from its
-    target rows, e.g. "3x5" by shape."""
-    counts: dict[str, list[int]] = {}
-    for pred, true in zip(predicted, target):
-        tally = counts.setdefault(group(true.split("\n")), [0, 0])
-        cells = aligned_cells(pred, true)
-        tally[0] += sum(got == want for want, got in cells)
-        tally[1] += len(cells)
-    return {name: right / n for name, (right, n) in sorted(counts.items())}
-
-
-def by_shape(rows: list[str]) -> str:
-    return f"{len(rows)}x{len(rows[0])}"
 
 
 @torch.no_grad()
@@ -164,18 +121,8 @@ def cross_attention(model, patches: torch.Tensor, shapes: torch.Tensor, written:
     """The last decoder block's cross-attention (heads averaged) over the grid's cells while
     it writes each cell of `written`, laid over the image's patches: (cells written,
     rows*g, cols*g)."""
-    block = model.blocks[-1].cross_attn
-    seen = {}
-    hook = block.register_forward_hook(lambda mod, args, kwargs, out: seen.update(x=args[0], **kwargs), with_kwargs=True)
-    try:
-        ids = torch.tensor([encode_text(written)], device=patches.device)
-        model(patches, shapes, ids[:, :-1])
-    finally:
-        hook.remove()
-    q = block.heads(block.q(seen["x"]))
-    k, _ = block.keys_values(seen["context"])
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + seen["bias"]  # the cell-under-cursor bonus
-    w = torch.softmax(scores, dim=-1).mean(1)[0]  # (T, memory)
+    ids = torch.tensor([encode_text(written)], device=patches.device)
+    w = model.cross_attention(patches, shapes, ids[:, :-1])[-1, 0].mean(0)  # (T, memory)
     writes_cell = ids[0, 1:] >= FIRST_CELL  # query t writes ids[t + 1]
     rows, cols = (int(v) for v in shapes[0])
     g = model.patch_grid
@@ -192,11 +139,10 @@ def _grid_images(directory: str, keys: list[str]) -> list[np.ndarray]:
     return [found[k] for k in keys]
 
 
-def captioner_pictures(inputs: dict[str, dict[str, Any]], model, device, read: dict[str, Any]) -> dict[str, bytes]:
+def captioner_pictures(inputs: dict[str, dict[str, Any]], model, layout, device, read: dict[str, Any]) -> dict[str, bytes]:
     """The test grids' pictures: samples (mistakes first), the confusion of cells, accuracy
-    by shape (ragged grids), and one grid's cross-attention."""
-    from pipeline import pictures
-
+    by shape (ragged grids), and one grid's cross-attention. `layout`: the captioner's
+    patch layout (`geometry.PatchLayout`)."""
     raw = inputs["shard"]["grids_test"]
     shown = read["order"][:8]
     keys = [read["keys"][i] for i in shown]
@@ -213,11 +159,10 @@ def captioner_pictures(inputs: dict[str, dict[str, Any]], model, device, read: d
     pick = next((i for i, (r, c) in enumerate(shapes) if 2 <= r <= 4 and 2 <= c <= 4
                  and read["predicted"][i] == read["targets"][i]), 0)
     (image,) = _grid_images(raw, [read["keys"][pick]])
-    args = storage.read_json(inputs["finetune"]["model_config"])["model_args"]
-    patches = torch.from_numpy(patchify(image, args["patch_size"], args["mean"], args["std"]))[None].to(device)
+    patches = torch.from_numpy(patchify(image, layout.patch_size, layout.mean, layout.std))[None].to(device)
     shape = torch.tensor([[image.shape[0] // CELL, image.shape[1] // CELL]], device=device)
     weights = cross_attention(model, patches, shape, read["predicted"][pick])
-    out["attention.png"] = pictures.attention_png(image, read["predicted"][pick], weights, args["patch_size"])
+    out["attention.png"] = pictures.attention_png(image, read["predicted"][pick], weights, layout.patch_size)
     return out
 
 
@@ -231,7 +176,7 @@ def evaluate_images(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig, grid
         **evaluate_vit(inputs["pretrain_vit"], patches["mnist_val"], cfg, "val"),
         **evaluate_vit(inputs["pretrain_vit"], patches["mnist_test"], cfg),
     }
-    captioner, device = _load(inputs["finetune"], cfg)
+    captioner, captioner_config, device = _load(inputs["finetune"], cfg)
     main = None
     for grid_set in grid_sets:
         for split in ("val", "test"):
@@ -240,7 +185,8 @@ def evaluate_images(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig, grid
             metrics.update(scores)
             if grid_set == "grids" and split == "test":
                 main = read
-    for name, data in captioner_pictures(inputs, captioner, device, main).items():
+    pictures_of_test = captioner_pictures(inputs, captioner, captioner_config.encoder.patches, device, main)
+    for name, data in pictures_of_test.items():
         storage.write_bytes_atomic(storage.join(out_dir, name), data)
     examples = [{"key": main["keys"][i], "target": main["targets"][i], "predicted": main["predicted"][i]}
                 for i in main["order"][:EXAMPLES]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.evaluate import MISSING, aligned_cells
+from pipeline.scoring import MISSING, aligned_cells
 from pipeline.plotting import png, pyplot
 
 CELL_LABELS = [*"0123456789", "_"]  # a confusion matrix's classes: digits, then blank

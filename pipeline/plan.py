@@ -72,8 +72,8 @@ def activation_bytes(n_layer: int, seq_len: int, micro_batch: int, d_model: int,
 def plan(config: RunConfig, nodes: int, gpus_per_node: int, mfu: float, gpu_memory_gib: float) -> Plan:
     import torch
 
-    from pipeline.models.gpt import GPT
-    from pipeline.train.tasks import param_counts
+    from pipeline.kinds.base import param_counts
+    from pipeline.kinds.gpt import KIND, GPTModelConfig
 
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
@@ -81,7 +81,7 @@ def plan(config: RunConfig, nodes: int, gpus_per_node: int, mfu: float, gpu_memo
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     model, train, tok = config.pretrain_gpt.model, config.pretrain_gpt.train, config.tokenize
     with torch.device("meta"):  # shapes only: a 7B model costs nothing here
-        counts = param_counts(GPT(tok.vocab_size, tok.seq_len, model))
+        counts = param_counts(KIND.build(GPTModelConfig(tok.vocab_size, tok.seq_len, model)))
     total, non_embedding = counts["params_total"], counts["params_non_embedding"]
     world = nodes * gpus_per_node
     state = model_state_bytes(total, train.zero_stage, train.precision, world, train.offload_optimizer)

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
-from pipeline.data.sources import CELL
+from pipeline.geometry import CELL, PatchLayout
 from pipeline.models.captioner import MAX_GRID
 from pipeline.train.checkpoint import CheckpointError, find_trained
+
 
 class ImageError(ValueError):
     """An image that does not follow the grid convention."""
@@ -53,22 +54,20 @@ def read_grid_image(path: str) -> np.ndarray:
 @dataclass
 class Trained:
     model: Any
-    patch_size: int
-    mean: float
-    std: float
+    layout: PatchLayout  # how its encoder cuts and normalises a cell
 
 
 def load_captioner(directory: str) -> Trained:
-    from pipeline.train.checkpoint import load_trained
+    from pipeline.kinds import KINDS, load_trained, read_model_config
 
     if not storage.exists(directory):
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     config_path, weights_path = find_trained(directory)
-    saved = storage.read_json(config_path)
-    if saved.get("kind") != "captioner":
-        raise CheckpointError(f"{directory}: holds a {saved.get('kind')} model, not the captioner (the fine-tune stage's)")
-    args = saved["model_args"]
-    return Trained(load_trained(config_path, weights_path), args["patch_size"], args["mean"], args["std"])
+    kind, _ = read_model_config(config_path)
+    if kind is not KINDS["captioner"]:
+        raise CheckpointError(f"{directory}: holds a {kind.name} model, not the captioner (the fine-tune stage's)")
+    _, cfg, model = load_trained(config_path, weights_path)
+    return Trained(model, cfg.encoder.patches)
 
 
 def predict(trained: Trained, images: list[np.ndarray], batch_size: int = 64) -> list[list[str]]:
@@ -80,7 +79,8 @@ def predict(trained: Trained, images: list[np.ndarray], batch_size: int = 64) ->
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        patches = [torch.from_numpy(patchify(im, trained.patch_size, trained.mean, trained.std)) for im in batch]
+        layout = trained.layout
+        patches = [torch.from_numpy(patchify(im, layout.patch_size, layout.mean, layout.std)) for im in batch]
         padded = torch.nn.utils.rnn.pad_sequence(patches, batch_first=True)
         shapes = torch.tensor([[im.shape[0] // CELL, im.shape[1] // CELL] for im in batch])
         out += [text.split("\n") for text in trained.model.generate(padded, shapes)]

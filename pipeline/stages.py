@@ -7,6 +7,7 @@ module wires inputs to outputs and fans per-shard work out as Ray tasks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Callable, Iterable
 
@@ -15,6 +16,10 @@ from pipeline.config import ConfigError
 from pipeline.dag import Stage, StageContext, StageResult
 from pipeline.data import shards, sources
 from pipeline.data.shards import ShardInfo
+from pipeline.kinds import KINDS, ModelKind, write_model_config
+from pipeline.kinds.base import param_counts
+from pipeline.train.checkpoint import MODEL_CONFIG, WEIGHTS
+from pipeline.train.spec import TrainSpec
 
 # --------------------------------------------------------------------------- Ray fan-out
 
@@ -186,57 +191,47 @@ def run_patchify(ctx: StageContext) -> StageResult:
 # --------------------------------------------------------------------------- training
 
 
-def _train(ctx: StageContext, kind: str, section, train_dir: str, val_dir: str, model_args: dict[str, Any],
-           **spec_extra) -> StageResult:
+def run_training(ctx: StageContext, kind: ModelKind) -> StageResult:
+    """Train the stage's model kind under Ray Train (see `train.launch.fit`)."""
     import torch
 
-    from pipeline.train.checkpoint import check_fit, read_weights
     from pipeline.train.engine import load_zero_config
     from pipeline.train.launch import fit
-    from pipeline.train.tasks import TrainSpec, build_model, param_counts, units_per_sample
 
-    model_cfg = section.decoder if kind == "captioner" else section.model
-    weights = storage.join(ctx.out_dir, "model.safetensors")
-    if ctx.config.data.on_bad_shard == "skip":
-        spec_extra["skip_shards"], spec_extra["skip_val_shards"] = _bad_shards(ctx, train_dir, val_dir)
+    config, section = ctx.config, kind.section(ctx.config)
+    train_dir, val_dir = kind.shards(ctx.inputs)
+    skip = _bad_shards(ctx, train_dir, val_dir) if config.data.on_bad_shard == "skip" else ((), ())
     spec = TrainSpec(
-        kind=kind,
+        kind=kind.name,
+        model=kind.model_config(config, ctx.inputs),
+        section=section,
         train_data=train_dir,
         val_data=val_dir,
-        model=model_cfg,
-        train=section.train,
         deepspeed=load_zero_config(section.train.zero_stage),
-        weights_out=weights,
-        model_args=model_args,
+        weights_out=storage.join(ctx.out_dir, WEIGHTS),
+        start=kind.starting_weights(config, ctx.inputs),
         tracking_uri=ctx.tracking_uri,
         mlflow_run_id=ctx.mlflow_run_id,
-        **spec_extra,
+        skip_shards=skip[0],
+        skip_val_shards=skip[1],
     )
     with torch.device("meta"):  # shapes only: the driver never holds the weights
-        model = build_model(kind, model_cfg, model_args, spec.encoder_model)
-    counts = param_counts(model)
-    if spec.init_decoder:  # refused here, before any worker starts
-        check_fit(model, read_weights(spec.init_decoder), spec.init_decoder, subset=True)
-    model_config = {
-        "kind": kind,
-        "model": dataclasses.asdict(model_cfg),
-        "model_args": model_args,
-        "encoder_model": dataclasses.asdict(spec.encoder_model) if spec.encoder_model else None,
-    }
-    model_config_path = storage.join(ctx.out_dir, "model_config.json")
-    storage.write_json_atomic(model_config_path, model_config)
+        model = kind.build(spec.model)
+    kind.initialise(model, spec.start, check_only=True)  # a misfit is refused before any worker starts
+    model_config_path = storage.join(ctx.out_dir, MODEL_CONFIG)
+    write_model_config(model_config_path, kind, spec.model)
 
     result = fit(spec, ctx.out_dir)
-    params = {**counts, "world_size": section.train.num_workers, "zero_stage": section.train.zero_stage}
+    params = {**param_counts(model), "world_size": section.train.num_workers, "zero_stage": section.train.zero_stage}
     reported = result["metrics"]
     metrics = {f"final_{k}": float(reported[k]) for k in ("loss", "val_loss", "val_accuracy") if k in reported}
-    outputs = {"checkpoint": result["checkpoint"], "weights": weights, "model_config": model_config_path}
+    outputs = {"checkpoint": result["checkpoint"], "weights": spec.weights_out, "model_config": model_config_path,
+               **kind.finish(ctx.out_dir, ctx.inputs)}
     if ctx.mlflow_run_id:
         outputs["loss_plot"] = storage.join(ctx.out_dir, "loss.png")
-        unit, _ = units_per_sample(spec)
-        tracking.plot_loss(ctx.tracking_uri, ctx.mlflow_run_id, unit, outputs["loss_plot"])
-        if ctx.config.tracking.log_weights:
-            tracking.log_files(ctx.tracking_uri, ctx.mlflow_run_id, [weights, model_config_path])
+        tracking.plot_loss(ctx.tracking_uri, ctx.mlflow_run_id, kind.unit, outputs["loss_plot"])
+        if config.tracking.log_weights:
+            tracking.log_files(ctx.tracking_uri, ctx.mlflow_run_id, [spec.weights_out, model_config_path])
     return StageResult(outputs, metrics, params)
 
 
@@ -260,57 +255,6 @@ def _bad_shards(ctx: StageContext, train_dir: str, val_dir: str) -> tuple[tuple[
             lines = [f"{split} {n}: {w}\n" for split, bad in found.items() for n, w in sorted(bad.items())]
             runs.log_text(ctx.mlflow_run_id, "".join(lines), "skipped_shards.txt")
     return train_bad, val_bad
-
-
-# Training stage -> (its config section, its training and validation shard directories
-# among its inputs' outputs). `pipeline batches` reads the same table.
-TRAINING_DATA: dict[str, tuple[Callable, Callable]] = {
-    "pretrain_gpt": (lambda c: c.pretrain_gpt, lambda i: (i["tokenize"]["tokens_train"], i["tokenize"]["tokens_val"])),
-    "pretrain_vit": (lambda c: c.pretrain_vit, lambda i: (i["patchify"]["mnist_train"], i["patchify"]["mnist_val"])),
-    "finetune": (lambda c: c.finetune, lambda i: (i["patchify"]["grids_train"], i["patchify"]["grids_val"])),
-}
-
-
-def run_pretrain_gpt(ctx: StageContext) -> StageResult:
-    tok = ctx.inputs["tokenize"]
-    manifest = shards.read_manifest(tok["tokens_train"])
-    args = {"vocab_size": int(manifest["vocab_size"]), "seq_len": int(manifest["seq_len"])}
-    result = _train(ctx, "gpt", ctx.config.pretrain_gpt, *TRAINING_DATA["pretrain_gpt"][1](ctx.inputs), args)
-    # The model is useless without its tokenizer: the stage directory holds both (`pipeline export`).
-    result.outputs["tokenizer"] = storage.join(ctx.out_dir, "tokenizer.json")
-    storage.write_bytes_atomic(result.outputs["tokenizer"], storage.read_bytes(tok["tokenizer"]))
-    return result
-
-
-def _patch_args(ctx: StageContext) -> dict[str, Any]:
-    p = ctx.config.patchify
-    g = sources.CELL // p.patch_size
-    return {"patch_size": p.patch_size, "num_patches": g * g, "patch_dim": p.patch_size ** 2,
-            "num_classes": 10, "background": -p.mean / p.std, "mean": p.mean, "std": p.std}
-
-
-def run_pretrain_vit(ctx: StageContext) -> StageResult:
-    cfg = ctx.config.pretrain_vit
-    args = {**_patch_args(ctx), "stem_channels": cfg.stem_channels, "pool": cfg.pool}
-    return _train(ctx, "vit", cfg, *TRAINING_DATA["pretrain_vit"][1](ctx.inputs), args, max_shift=cfg.max_shift,
-                  augment=cfg.augment)
-
-
-def run_finetune(ctx: StageContext) -> StageResult:
-    from pipeline.config import TransformerConfig
-
-    vit = ctx.inputs["pretrain_vit"]
-    encoder = json.loads(storage.read_bytes(vit["model_config"]))
-    cfg = ctx.config.finetune
-    args = {**_patch_args(ctx), "stem_channels": encoder["model_args"].get("stem_channels", 0),
-            "pool": encoder["model_args"].get("pool", "cls"), "head_logits": cfg.head_logits, "head_shift": cfg.head_shift}
-    return _train(
-        ctx, "captioner", cfg, *TRAINING_DATA["finetune"][1](ctx.inputs), args,
-        init_encoder=vit["weights"] if cfg.encoder_init == "pretrained" else None,
-        init_decoder=storage.absolute(cfg.init_decoder) if cfg.init_decoder else None,  # workers start elsewhere
-        encoder_model=TransformerConfig(**encoder["model"]),
-        encoder_lr_scale=cfg.encoder_lr_scale, augment=cfg.augment,
-    )
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -368,9 +312,8 @@ STAGES: dict[str, Stage] = {
         Stage("shard", (), lambda c: dataclasses.replace(c.data, on_bad_shard="error"), run_shard),
         Stage("tokenize", ("shard",), lambda c: c.tokenize, run_tokenize),
         Stage("patchify", ("shard",), lambda c: c.patchify, run_patchify),
-        Stage("pretrain_gpt", ("tokenize",), lambda c: c.pretrain_gpt, run_pretrain_gpt, resumable=True),
-        Stage("pretrain_vit", ("patchify",), lambda c: c.pretrain_vit, run_pretrain_vit, resumable=True),
-        Stage("finetune", ("patchify", "pretrain_vit"), lambda c: c.finetune, run_finetune, resumable=True),
+        *(Stage(kind.stage, kind.deps, kind.section, functools.partial(run_training, kind=kind), resumable=True)
+          for kind in KINDS.values()),
         Stage("evaluate_gpt", ("tokenize", "pretrain_gpt"), lambda c: c.evaluate, run_evaluate_gpt),
         # the grid sets' names decide which metrics there are
         Stage("evaluate", ("shard", "patchify", "pretrain_vit", "finetune"),

@@ -74,3 +74,18 @@ def run_tiny(ray_cluster, tiny_config, tiny_workdir):
         return run_pipeline(tiny_config(*extra), targets, tiny_workdir)
 
     return run
+
+
+def small_vit_spec(train_data: str, train, weights_out: str, **extra):
+    """A TrainSpec of a small ViT (2 layers of 64) on `train_data` with one-pixel shifts,
+    for tests that drive `train.launch.fit` directly."""
+    from pipeline.config import PretrainViTConfig, TransformerConfig
+    from pipeline.geometry import PatchLayout
+    from pipeline.kinds.vit import ViTModelConfig
+    from pipeline.train.engine import load_zero_config
+    from pipeline.train.spec import TrainSpec
+
+    shape = TransformerConfig(n_layer=2, n_head=4, d_model=64)
+    return TrainSpec(kind="vit", model=ViTModelConfig(PatchLayout(), shape), train_data=train_data,
+                     section=PretrainViTConfig(model=shape, train=train, max_shift=1),
+                     deepspeed=load_zero_config(train.zero_stage), weights_out=weights_out, **extra)

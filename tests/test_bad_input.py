@@ -12,8 +12,8 @@ from conftest import REPO, SMOKE
 from pipeline.cli import main
 
 DIGITS = REPO / "configs" / "digits.yaml"
-TINY_GPT = ('{"kind": "gpt", "model": {"n_layer": 1, "n_head": 1, "d_model": 8, "dropout": 0.0}, '
-            '"model_args": {"vocab_size": 16, "seq_len": 4}, "encoder_model": null}')
+TINY_GPT = ('{"format": 1, "kind": "gpt", "config": {"vocab_size": 16, "seq_len": 4, '
+            '"shape": {"n_layer": 1, "n_head": 1, "d_model": 8, "dropout": 0.0}}}')
 CASES = [
     # (name, extra files {name: text}, argv with {tmp} for the test's directory, what the line must say)
     ("unknown key in the file", {"c.yaml": "pretrain_gpt:\n  model: {n_layers: 2}\n"}, ["run", "{tmp}/c.yaml"], "pretrain_gpt.model.n_layers"),

@@ -259,3 +259,27 @@ def test_a_text_only_gpt_starts_the_decoder_and_a_misfit_is_named(tmp_path):
         load_weights(tiny_captioner(), path, subset=True)
     with pytest.raises(ValueError, match="missing"):  # a whole model must be whole
         load_weights(tiny_captioner(), str(tmp_path / "text.safetensors"))
+
+
+def test_the_captioner_returns_its_cross_attention_masked_and_biased_as_it_decodes():
+    """Weights the model itself computed: they reproduce its logits, padding of a smaller
+    grid in the batch gets none, and the cursor's bonus puts a cell's weight on that cell."""
+    model = tiny_captioner(seed=3)
+    rng = np.random.default_rng(0)
+    (big, big_text), (small, small_text) = _grid(2, 3, rng), _grid(1, 2, rng)
+    patches = torch.nn.utils.rnn.pad_sequence([big, small], batch_first=True)
+    shapes = torch.tensor([[2, 3], [1, 2]])
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(encode_text(t)) for t in (big_text, small_text)], batch_first=True)
+    with torch.no_grad():
+        weights = model.cross_attention(patches, shapes, ids)
+        memory = model.encode(patches, shapes)
+        plain = model.decode(memory, ids)
+        kept: list = []
+        assert torch.allclose(model.decode(memory, ids, cross_weights=kept), plain, atol=1e-5)
+    assert weights.shape == (2, 2, 2, ids.shape[1], memory.tokens.shape[1])  # blocks, grids, heads, T, S
+    assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-5)
+    real = 1 * 2 + 1  # the small grid's cells and its one edge token; the rest of the memory is padding
+    assert weights[:, 1, :, :, real:].abs().max() == 0 and weights[:, 0].min() > 0
+    # The first position of the big grid writes cell (0, 0): memory token 0 has the bonus.
+    first = weights[:, 0, :, 0]  # blocks, heads, S
+    assert (first.argmax(-1) == 0).all()

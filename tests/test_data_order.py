@@ -58,7 +58,7 @@ def test_every_sample_once_per_epoch_and_same_batches_at_any_world_size(class_so
         layout = split_global_batch(GLOBAL_BATCH, world, MICRO)
         for step, ranks in per_step.items():
             for rank, keys in enumerate(ranks):
-                for position, key in zip(layout.step_positions(step, rank), keys):
+                for position, key in zip(np.concatenate([layout.micro_positions(rank, step * layout.grad_accum + m) for m in range(layout.grad_accum)]), keys):
                     stream[position] = key
         for epoch in range(2):
             seen = Counter(stream[epoch * total : (epoch + 1) * total])
@@ -127,14 +127,14 @@ def test_a_truncated_shard_is_an_error_not_a_shorter_epoch(class_sorted_shards, 
 def test_token_ids_stay_uint16_until_the_device(tmp_path):
     import torch
 
-    from pipeline.train.tasks import TASKS
+    from pipeline.kinds import KINDS
 
     d = str(tmp_path / "tokens")
     seqs = [np.arange(i, i + 9, dtype=np.uint16) * 7000 for i in range(16)]  # ids above int16's range
     info = shards.write_shard(f"{d}/t-000.tar", ({"__key__": f"t{i:02d}", "npy": s} for i, s in enumerate(seqs)))
     shards.write_manifest(d, [info], {}, "test")
     entries = shards.shard_entries(d)
-    stream = ShardStream(entries, GlobalOrder([16], 0, 16), BatchLayout(4, 1, 1), 0, 0, 4, TASKS["gpt"].fields)
+    stream = ShardStream(entries, GlobalOrder([16], 0, 16), BatchLayout(4, 1, 1), 0, 0, 4, KINDS["gpt"].fields)
     batch = next(iter(make_loader(stream, 1, 2, pin_memory=False)))
     assert batch["npy"].dtype == torch.uint16
     by_key = {f"t{i:02d}": s for i, s in enumerate(seqs)}
@@ -145,7 +145,7 @@ def test_token_ids_stay_uint16_until_the_device(tmp_path):
 def test_augmentation_is_keyed_by_seed_epoch_and_sample_key():
     import torch
 
-    from pipeline.train.tasks import KeyedShift
+    from pipeline.train.augment import KeyedShift
 
     shift = KeyedShift(seed=0, patch_size=7, max_shift=1, background=-1.0)
     keys = [f"mnist-{i:05d}" for i in range(300)]

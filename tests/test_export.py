@@ -4,16 +4,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import storage
 from pipeline.data import shards
-from pipeline.train.checkpoint import load_trained
+from pipeline.geometry import PatchLayout
+from pipeline.kinds import load_trained, read_model_config
+from pipeline.kinds.captioner import CaptionerModelConfig
+from pipeline.kinds.vit import ViTModelConfig
 from conftest import VENV_BIN
 
 TOLERANCE = 1e-4  # max abs logit difference, fp32
@@ -27,14 +28,14 @@ def _export(checkpoint: str, out) -> str:
 
 
 def _ours(stage: dict):
-    return load_trained(stage["outputs"]["model_config"], stage["outputs"]["weights"])
+    return load_trained(stage["outputs"]["model_config"], stage["outputs"]["weights"])[2]
 
 
 def _grid_images(summary, split_dir: str, count: int):
     """(PIL image, written text) of the first `count` samples of a grid or digit split."""
     from PIL import Image
 
-    samples = list(shards.iter_shards(shards.shard_paths(summary["stages"]["shard"]["outputs"][split_dir])))[:count]
+    samples = list(shards.iter_verified(summary["stages"]["shard"]["outputs"][split_dir]))[:count]
     return [(Image.fromarray(s["png"]), s.get("txt", s.get("cls"))) for s in samples]
 
 
@@ -77,8 +78,8 @@ def test_vit_exports_as_stock_vit_classifier(run_tiny, tmp_path):
     digits = _grid_images(summary, "mnist_test", 64)
     pixels = processor([im for im, _ in digits], return_tensors="pt").pixel_values
     assert pixels.shape == (64, 1, 28, 28)
-    args = storage.read_json(stage["outputs"]["model_config"])["model_args"]
-    patches = torch.from_numpy(np.stack([patchify(np.asarray(im), args["patch_size"], args["mean"], args["std"])
+    layout = read_model_config(stage["outputs"]["model_config"])[1].patches
+    patches = torch.from_numpy(np.stack([patchify(np.asarray(im), layout.patch_size, layout.mean, layout.std)
                                          for im, _ in digits]))
     with torch.no_grad():
         ours, _ = _ours(stage)(patches)
@@ -93,12 +94,11 @@ def test_a_vit_the_stock_classifier_cannot_hold_is_refused_by_name(args, key):
     from pipeline.config import TransformerConfig
     from pipeline.export import ExportError
     from pipeline.export.stock import vit
-    from pipeline.models.vit import ViT
+    from pipeline.kinds import KINDS
 
-    model = ViT(16, 49, 10, TransformerConfig(n_layer=1, n_head=2, d_model=16), args.get("stem_channels", 0),
-                args.get("pool", "cls"))
+    cfg = ViTModelConfig(PatchLayout(7, 0.0, 1.0), TransformerConfig(n_layer=1, n_head=2, d_model=16), **args)
     with pytest.raises(ExportError, match=key):
-        vit(model, {"patch_size": 7, "mean": 0.0, "std": 1.0, **args})
+        vit(KINDS["vit"].build(cfg), cfg)
 
 
 def test_captioner_exports_as_remote_code_that_generates_the_grid(run_tiny, tmp_path):
@@ -118,7 +118,7 @@ def test_captioner_exports_as_remote_code_that_generates_the_grid(run_tiny, tmp_
     pixels = processor([im for im, _ in grids], return_tensors="pt").pixel_values
     ids = torch.tensor([encode_text(text) for _, text in grids])
     trained = load_captioner(stage["outputs"]["checkpoint"])
-    patches = torch.stack([torch.from_numpy(patchify(np.asarray(im), trained.patch_size, trained.mean, trained.std))
+    patches = torch.stack([torch.from_numpy(patchify(np.asarray(im), trained.layout.patch_size, trained.layout.mean, trained.layout.std))
                            for im, _ in grids])
     with torch.no_grad():
         ours, _ = trained.model(patches, torch.tensor([[2, 2]] * len(grids)), ids)
@@ -162,10 +162,8 @@ def test_a_captioner_with_head_logits_exports_with_them(tmp_path, head_shift, po
     model = tiny_captioner(seed=7, head_logits=True, head_shift=head_shift, pool=pool)
     with torch.no_grad():
         model.encoder.head.weight.mul_(50.0)  # head logits large enough to dominate the digits
-    saved = {"model_args": {"patch_size": 7, "mean": 0.0, "std": 1.0, "stem_channels": 0, "pool": pool,
-                            "head_logits": True, "head_shift": head_shift},
-             "encoder_model": dataclasses.asdict(model.encoder.cfg), "model": dataclasses.asdict(model.cfg)}
-    write_captioner(model, saved, str(tmp_path))
+    encoder = ViTModelConfig(PatchLayout(7, 0.0, 1.0), model.encoder.cfg, pool=pool)
+    write_captioner(model, CaptionerModelConfig(encoder, model.cfg, head_logits=True, head_shift=head_shift), str(tmp_path))
     hf = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
     image = torch.rand(1, 56, 84)
     ids = torch.tensor([encode_text("123\n456")])

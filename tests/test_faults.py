@@ -15,13 +15,10 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, SMOKE, TINY_OVERRIDES, VENV_BIN
+from conftest import REPO, SMOKE, TINY_OVERRIDES, VENV_BIN, small_vit_spec
 from test_resume import _assert_same_weights
 
-from pipeline.config import TransformerConfig
-from pipeline.train.engine import load_zero_config
 from pipeline.train.launch import fit
-from pipeline.train.tasks import TrainSpec
 
 
 def _alive_train_workers() -> list[int]:
@@ -39,13 +36,8 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_ends_exactly(run_tiny
                                 log_every=4, checkpoint_every=6, loader_workers=1)
 
     def spec(name, train, hang_at_step=0):
-        return TrainSpec(
-            kind="vit", train_data=summary["stages"]["patchify"]["outputs"]["mnist_train"],
-            model=TransformerConfig(n_layer=2, n_head=4, d_model=64), train=train,
-            deepspeed=load_zero_config(train.zero_stage), weights_out=str(tmp_path / f"{name}.safetensors"),
-            model_args={"patch_size": 7, "num_patches": 16, "patch_dim": 49, "num_classes": 10, "background": -0.42},
-            max_shift=1, hang_at_step=hang_at_step,
-        )
+        return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"], train,
+                              str(tmp_path / f"{name}.safetensors"), hang_at_step=hang_at_step)
 
     fit(spec("full", train), str(tmp_path / "full"))
 

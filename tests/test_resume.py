@@ -1,5 +1,6 @@
 """A run resumed from a mid-way checkpoint ends with exactly the weights of an
-uninterrupted one: model, optimizer, scheduler, RNG and data position restored."""
+uninterrupted one: model, optimizer, scheduler and data position restored (the
+shifts come from each sample's key and epoch, so they need no saved RNG)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import TransformerConfig
-from pipeline.data import shards
-from pipeline.train.engine import load_zero_config
+from conftest import small_vit_spec
+
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import ResumeMismatchError
 from pipeline.train.launch import fit
-from pipeline.train.tasks import TrainSpec
 
 
 @pytest.mark.parametrize("zero_stage", [3, *(pytest.param(s, marks=pytest.mark.slow) for s in (0, 1, 2))])
@@ -27,18 +26,8 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
     )
 
     def spec(name, resume_from=None, fail_at_step=0):
-        return TrainSpec(
-            kind="vit",
-            train_data=summary["stages"]["patchify"]["outputs"]["mnist_train"],
-            model=TransformerConfig(n_layer=2, n_head=4, d_model=64),
-            train=train,
-            deepspeed=load_zero_config(zero_stage),
-            weights_out=str(tmp_path / f"{name}.safetensors"),
-            model_args={"patch_size": 7, "num_patches": 16, "patch_dim": 49, "num_classes": 10, "background": -0.42},
-            max_shift=1,  # shifts come from the per-rank generator: its state must be restored too
-            resume_from=resume_from,
-            fail_at_step=fail_at_step,
-        )
+        return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"], train,
+                              str(tmp_path / f"{name}.safetensors"), resume_from=resume_from, fail_at_step=fail_at_step)
 
     full = fit(spec("full"), str(tmp_path / "full"))
     assert sorted(full["checkpoints_by_step"]) == [6, 12]
@@ -79,17 +68,8 @@ def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path):
                                log_every=1, checkpoint_every=6, loader_workers=1, micro_batch_size=32)
 
     def spec(name, train, resume_from=None):
-        return TrainSpec(
-            kind="vit",
-            train_data=summary["stages"]["patchify"]["outputs"]["mnist_train"],
-            model=TransformerConfig(n_layer=2, n_head=4, d_model=64),
-            train=train,
-            deepspeed=load_zero_config(train.zero_stage),
-            weights_out=str(tmp_path / f"{name}.safetensors"),
-            model_args={"patch_size": 7, "num_patches": 16, "patch_dim": 49, "num_classes": 10, "background": -0.42},
-            max_shift=1,
-            resume_from=resume_from,
-        )
+        return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"], train,
+                              str(tmp_path / f"{name}.safetensors"), resume_from=resume_from)
 
     full = fit(spec("full", base), str(tmp_path / "full"))
     one_worker = dataclasses.replace(base, num_workers=1, grad_accum=2)

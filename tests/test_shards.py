@@ -111,7 +111,7 @@ def test_object_arrays_in_npy_are_refused(tmp_path):
 
 def test_missing_manifest_and_garbage_shard(tmp_path):
     with pytest.raises(ShardFormatError, match="no manifest.json"):
-        shards.shard_paths(str(tmp_path))
+        shards.shard_entries(str(tmp_path))
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ShardFormatError, match="not a readable tar"):

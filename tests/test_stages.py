@@ -42,7 +42,7 @@ def test_shard(run_tiny):
     for name in ("mnist_train", "mnist_val", "mnist_test", "grids_train", "grids_val", "grids_test", "text_train", "text_val"):
         list(shards.iter_verified(out[name]))  # sha256 and sizes match the manifest
 
-    keys = {split: {s["__key__"] for s in shards.iter_shards(shards.shard_paths(out[f"mnist_{split}"]))}
+    keys = {split: {s["__key__"] for s in shards.iter_verified(out[f"mnist_{split}"])}
             for split in ("train", "val", "test")}
     assert {k: len(v) for k, v in keys.items()} == {"train": 3600, "val": 400, "test": 1000}
     assert not (keys["train"] & keys["val"]) | (keys["train"] & keys["test"]) | (keys["val"] & keys["test"])
@@ -51,7 +51,7 @@ def test_shard(run_tiny):
 
     images, labels = sources.load_mnist()
     for split, count in (("train", 256), ("val", 200), ("test", 64)):
-        grids = list(shards.iter_shards(shards.shard_paths(out[f"grids_{split}"])))
+        grids = list(shards.iter_verified(out[f"grids_{split}"]))
         assert len(grids) == count
         for g in grids:
             idx = np.array([[int(key.split("-")[1]) for key in row] for row in g["json"]["digit_keys"]])
@@ -67,7 +67,7 @@ def test_shard(run_tiny):
                     else:
                         assert int(ch) == labels[idx[r, c]] and np.array_equal(cell, images[idx[r, c]])
 
-    texts = [s["txt"] for s in shards.iter_shards(shards.shard_paths(out["text_val"]))]
+    texts = [s["txt"] for s in shards.iter_verified(out["text_val"])]
     assert texts and all(isinstance(t, str) and t for t in texts)
 
 
@@ -95,10 +95,10 @@ def test_tokenize(run_tiny):
     out = summary["stages"]["tokenize"]["outputs"]
     tokenizer = Tokenizer.from_file(out["tokenizer"])
     assert tokenizer.get_vocab_size() == 1024
-    seqs = [s["npy"] for s in shards.iter_shards(shards.shard_paths(out["tokens_val"]))]
+    seqs = [s["npy"] for s in shards.iter_verified(out["tokens_val"])]
     assert seqs and all(s.shape == (65,) for s in seqs)
     # The first packed sequence decodes back to the start of the first validation document.
-    first_doc = next(shards.iter_shards(shards.shard_paths(summary["stages"]["shard"]["outputs"]["text_val"])))["txt"]
+    first_doc = next(shards.iter_verified(summary["stages"]["shard"]["outputs"]["text_val"]))["txt"]
     decoded = tokenizer.decode(seqs[0].tolist())
     assert first_doc.startswith(decoded[:100]) and len(decoded) > 100
 
@@ -108,8 +108,8 @@ def test_patchify(run_tiny):
     raw = summary["stages"]["shard"]["outputs"]
     out = summary["stages"]["patchify"]["outputs"]
     for name, grid in (("mnist_test", 4), ("grids_test", 8)):
-        originals = list(shards.iter_shards(shards.shard_paths(raw[name])))
-        patched = list(shards.iter_shards(shards.shard_paths(out[name])))
+        originals = list(shards.iter_verified(raw[name]))
+        patched = list(shards.iter_verified(out[name]))
         assert [s["__key__"] for s in originals] == [s["__key__"] for s in patched]
         for o, p in zip(originals[:20], patched[:20]):
             assert p["npy"].shape == (grid * grid, 49)
@@ -149,8 +149,7 @@ def test_pretrain_gpt_zero3(run_tiny):
     from pipeline.train.checkpoint import load_trained
 
     model = load_trained(stage["outputs"]["model_config"], stage["outputs"]["weights"])
-    seqs = torch.from_numpy(np.stack([s["npy"].astype(np.int64) for s in shards.iter_shards(
-        shards.shard_paths(summary["stages"]["tokenize"]["outputs"]["tokens_train"]))][:64]))
+    seqs = torch.from_numpy(np.stack([s["npy"].astype(np.int64) for s in shards.iter_verified(summary["stages"]["tokenize"]["outputs"]["tokens_train"])][:64]))
     with torch.no_grad():
         _, loss = model(seqs[:, :-1], seqs[:, 1:])
     assert abs(float(loss) - losses[-1][1]) < 0.5

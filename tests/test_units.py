@@ -45,22 +45,26 @@ def test_logged_flops_are_what_torch_counts(kind, encoder_lr_scale, stem):
     of the smoke models (a frozen captioner encoder runs forward only)."""
     import torch
 
+    from pipeline.geometry import PatchLayout
+    from pipeline.kinds import KINDS
+    from pipeline.kinds.captioner import CaptionerModelConfig
+    from pipeline.kinds.gpt import GPTModelConfig
+    from pipeline.kinds.vit import ViTModelConfig
     from pipeline.models.captioner import encode_text
-    from pipeline.train.tasks import TASKS, TrainSpec, build_model, param_groups
+    from pipeline.train.spec import TrainSpec
 
-    cfg = load_config(SMOKE)
+    cfg = load_config(SMOKE, [f"finetune.encoder_lr_scale={encoder_lr_scale or 0.0}"])
     batch = 4
-    patch_args = {"patch_size": 7, "num_patches": 16, "patch_dim": 49, "num_classes": 10, "background": 0.0,
-                  "stem_channels": stem}
-    section = {"gpt": cfg.pretrain_gpt, "vit": cfg.pretrain_vit, "captioner": cfg.finetune}[kind]
-    model_cfg = cfg.finetune.decoder if kind == "captioner" else section.model
-    args = {"vocab_size": 4096, "seq_len": 128} if kind == "gpt" else patch_args
-    encoder = cfg.pretrain_vit.model if kind == "captioner" else None
-    spec = TrainSpec(kind=kind, train_data="", model=model_cfg, train=section.train, deepspeed={}, weights_out="",
-                     model_args=args, encoder_model=encoder, encoder_lr_scale=encoder_lr_scale or 0.0)
+    vit = ViTModelConfig(PatchLayout(7, 0.0, 1.0), cfg.pretrain_vit.model, stem_channels=stem)
+    model_cfg, section = {
+        "gpt": (GPTModelConfig(4096, 128, cfg.pretrain_gpt.model), cfg.pretrain_gpt),
+        "vit": (vit, cfg.pretrain_vit),
+        "captioner": (CaptionerModelConfig(vit, cfg.finetune.decoder), cfg.finetune),
+    }[kind]
+    spec = TrainSpec(kind=kind, model=model_cfg, section=section, train_data="", deepspeed={}, weights_out="")
     torch.manual_seed(0)
-    model = build_model(kind, model_cfg, args, encoder)
-    param_groups(spec, model)  # freezes a captioner encoder whose learning-rate scale is 0
+    model = KINDS[kind].build(model_cfg)
+    KINDS[kind].param_groups(spec, model)  # freezes a captioner encoder whose learning-rate scale is 0
     first = iter([None])
     if kind == "gpt":
         seq = torch.randint(0, 4096, (batch, 129))
@@ -76,7 +80,7 @@ def test_logged_flops_are_what_torch_counts(kind, encoder_lr_scale, stem):
         shapes = torch.tensor([[rows, cols]] * batch)
         step = lambda: model(patches, shapes, ids[:, :-1], ids[:, 1:])[1].backward()  # noqa: E731
     measured = _measured_step_flops(model, step)
-    logged = batch * TASKS[kind].flops_per_sample(spec, model, first)
+    logged = batch * KINDS[kind].flops_per_sample(spec, model, first)
     assert logged == pytest.approx(measured, rel=0.01)
 
 

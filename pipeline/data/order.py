@@ -102,9 +102,6 @@ class BatchLayout:
         t = np.arange(micro * self.micro_batch, (micro + 1) * self.micro_batch)
         return step * self.global_batch + rank + self.world_size * t
 
-    def step_positions(self, step: int, rank: int) -> np.ndarray:
-        return np.concatenate([self.micro_positions(rank, step * self.grad_accum + m) for m in range(self.grad_accum)])
-
 
 def split_global_batch(global_batch: int, world_size: int, micro_batch: int) -> BatchLayout:
     """The layout that gives `world_size` ranks the same global batch: grad accumulation

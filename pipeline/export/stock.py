@@ -79,23 +79,24 @@ def _tokenizer(path: str):
     return Tokenizer.from_str(storage.read_bytes(path).decode("utf-8"))
 
 
-def vit(model, args: dict) -> "transformers.ViTForImageClassification":  # noqa: F821
+def vit(model, cfg) -> "transformers.ViTForImageClassification":  # noqa: F821
+    """`cfg`: the ViT's model config (pipeline.kinds.vit.ViTModelConfig)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     from pipeline.export import ExportError
 
-    if args.get("stem_channels", 0):
+    if cfg.stem_channels:
         raise ExportError("a ViT with a conv stem (pretrain_vit.stem_channels > 0) has no stock "
                           "ViTForImageClassification form; train it with stem_channels 0 to export it")
-    if args.get("pool", "cls") != "cls":
+    if cfg.pool != "cls":
         raise ExportError("a ViT whose head reads the mean of its patch tokens (pretrain_vit.pool: mean) has no "
                           "stock ViTForImageClassification form (its head reads the class token); train it with "
                           "pool: cls to export it")
-    cfg, p = model.cfg, args["patch_size"]
+    shape, p = model.cfg, cfg.patches.patch_size
     config = ViTConfig(
-        hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        intermediate_size=4 * cfg.d_model, hidden_act="gelu", layer_norm_eps=LAYER_NORM_EPS, qkv_bias=True,
-        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        hidden_size=shape.d_model, num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
+        intermediate_size=4 * shape.d_model, hidden_act="gelu", layer_norm_eps=LAYER_NORM_EPS, qkv_bias=True,
+        hidden_dropout_prob=shape.dropout, attention_probs_dropout_prob=shape.dropout,
         image_size=int(round(model.num_patches ** 0.5)) * p, patch_size=p, num_channels=1,
         num_labels=model.num_classes, id2label={i: str(i) for i in range(model.num_classes)},
         label2id={str(i): i for i in range(model.num_classes)},
@@ -105,12 +106,12 @@ def vit(model, args: dict) -> "transformers.ViTForImageClassification":  # noqa:
         "vit.embeddings.cls_token": embed.cls_token,
         "vit.embeddings.position_embeddings": embed.pos_emb,
         # a patch's pixels in raster order = a (1, p, p) convolution kernel
-        "vit.embeddings.patch_embeddings.projection.weight": embed.proj.weight.view(cfg.d_model, 1, p, p),
+        "vit.embeddings.patch_embeddings.projection.weight": embed.proj.weight.view(shape.d_model, 1, p, p),
         "vit.embeddings.patch_embeddings.projection.bias": embed.proj.bias,
         **_norm("vit.layernorm", model.ln_f), **_linear("classifier", model.head),
     }
     for i, block in enumerate(model.blocks):
-        h, attn, d = f"vit.layers.{i}", block.attn, cfg.d_model
+        h, attn, d = f"vit.layers.{i}", block.attn, shape.d_model
         k, v = attn.kv.weight.split(d), attn.kv.bias.split(d)
         state |= _linear(f"{h}.attention.q_proj", attn.q) | _linear(f"{h}.attention.o_proj", attn.proj)
         state |= {f"{h}.attention.k_proj.weight": k[0], f"{h}.attention.k_proj.bias": v[0],
@@ -120,14 +121,15 @@ def vit(model, args: dict) -> "transformers.ViTForImageClassification":  # noqa:
     return _load_strict(ViTForImageClassification(config), state)
 
 
-def image_processor(args: dict):
-    """Pixels 0-255 to what the model reads: scaled to 0-1, normalised, never resized."""
+def image_processor(layout):
+    """Pixels 0-255 to what the model reads (a `geometry.PatchLayout`'s normalisation):
+    scaled to 0-1, normalised, never resized."""
     from transformers import ViTImageProcessorPil  # the Pillow one: the torch one wants torchvision
 
     return ViTImageProcessorPil(do_resize=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                             image_mean=[args["mean"]], image_std=[args["std"]])
+                             image_mean=[layout.mean], image_std=[layout.std])
 
 
-def write_vit(model, args: dict, folder: str) -> None:
-    vit(model, args).save_pretrained(folder)
-    image_processor(args).save_pretrained(folder)
+def write_vit(model, cfg, folder: str) -> None:
+    vit(model, cfg).save_pretrained(folder)
+    image_processor(cfg.patches).save_pretrained(folder)

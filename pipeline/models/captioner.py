@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .layers import Block, ModelShape, init_weights
 from .patches import shifted, to_images, to_patches
-from .vit import ViT
+from .vit import ViT, build_vit
 
 # The written form of a grid: digits, '_' for a blank cell, '\n' between rows.
 PAD, BOS, EOS = 0, 1, 2
@@ -175,8 +175,10 @@ class Captioner(nn.Module):
         cells_at_last_newline = torch.cummax(torch.where(newline, cells, torch.zeros_like(cells)), dim=1).values
         return row.clamp(max=MAX_GRID), (cells - cells_at_last_newline).clamp(max=MAX_GRID)
 
-    def decode(self, memory: Memory, ids: torch.Tensor, start: int = 0, caches: list | None = None) -> torch.Tensor:
-        """Logits for ids[:, start:]; with `caches` (one per block) only those positions run.
+    def decode(self, memory: Memory, ids: torch.Tensor, start: int = 0, caches: list | None = None,
+               cross_weights: list | None = None) -> torch.Tensor:
+        """Logits for ids[:, start:]; with `caches` (one per block) only those positions run;
+        with `cross_weights` (a list), each block's cross-attention weights are appended to it.
 
         Cross-attention scores get a learned bonus, per block and head, on the memory
         tokens of the cell under the cursor: where to look is given, what is there is read.
@@ -190,7 +192,7 @@ class Captioner(nn.Module):
         for i, block in enumerate(self.blocks):
             bias = under_cursor.unsqueeze(1) * self.cell_bias.view(len(self.blocks), -1)[i][None, :, None, None]
             x = block(x, context=memory.tokens, context_mask=memory.mask, cache=None if caches is None else caches[i],
-                      context_bias=bias)
+                      context_bias=bias, cross_weights=cross_weights)
         logits = self.lm_head(self.ln_f(x))
         if memory.cell_logits is not None:
             logits = logits + F.pad(under_cursor @ memory.cell_logits, (FIRST_DIGIT, 0))
@@ -202,6 +204,16 @@ class Captioner(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=PAD)
         return logits, loss
+
+    @torch.no_grad()
+    def cross_attention(self, patches: torch.Tensor, shapes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Where the decoder looks while it reads `ids` (B, T): every block's
+        cross-attention weights over the memory, (blocks, B, heads, T, S), masked and
+        biased as decoding masks and biases them (padding gets none; the cell under the
+        cursor gets its bonus). Memory token s < rows*cols is cell s in row order."""
+        weights: list[torch.Tensor] = []
+        self.decode(self.encode(patches, shapes), ids, cross_weights=weights)
+        return torch.stack(weights)
 
     @torch.no_grad()
     def generate(self, patches: torch.Tensor, shapes: torch.Tensor, use_cache: bool = True) -> list[str]:
@@ -226,3 +238,11 @@ class Captioner(nn.Module):
     def embedding_params(self) -> int:
         tables = (self.pos_emb, self.row_emb, self.col_emb, self.edge_emb, self.cursor_row, self.cursor_col)
         return sum(t.weight.numel() for t in tables) + self.encoder.embedding_params()
+
+
+def build_captioner(cell: int, patch_size: int, encoder_shape: ModelShape, decoder_shape: ModelShape,
+                    stem_channels: int = 0, pool: str = "cls", head_logits: bool = False, head_shift: int = 0) -> Captioner:
+    """The captioner of `cell`-pixel cells: its ViT encoder (10 classes: digits) and decoder.
+    The pipeline and an exported folder's own code both build it here."""
+    encoder = build_vit(cell, patch_size, 10, encoder_shape, stem_channels, pool)
+    return Captioner(encoder, decoder_shape, patch_grid=cell // patch_size, head_logits=head_logits, head_shift=head_shift)

@@ -22,9 +22,10 @@ class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None.
 
     `mask` (B, S) marks the context positions that may be attended to (padding is
-    False); `bias` (B, heads, T, S) is added to the attention scores. `cache`, a dict owned by the caller, makes decoding incremental: self-
-    attention appends this call's keys and values to it; cross-attention computes the
-    context's keys and values once and reuses them.
+    False); `bias` (B, heads, T, S) is added to the attention scores. `cache`, a dict
+    owned by the caller, makes decoding incremental: self-attention appends this call's
+    keys and values to it; cross-attention computes the context's keys and values once
+    and reuses them.
     """
 
     def __init__(self, d_model: int, n_head: int, dropout: float):
@@ -44,7 +45,9 @@ class Attention(nn.Module):
         return self.heads(k), self.heads(v)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False,
-                mask: torch.Tensor | None = None, cache: dict | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: dict | None = None, bias: torch.Tensor | None = None,
+                weights: list | None = None) -> torch.Tensor:
+        """With `weights` (a list), the attention weights (B, heads, T, S) are appended to it."""
         B, T, C = x.shape
         q = self.heads(self.q(x))
         if context is not None and cache is not None and "k" in cache:
@@ -62,9 +65,25 @@ class Attention(nn.Module):
         is_causal = causal and attn_mask is None and (cache is None or k.shape[2] == T)
         if causal and not is_causal and T > 1:
             attn_mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if weights is not None:
+            y = self._attend_with_weights(q, k, v, attn_mask, is_causal, weights)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+    @staticmethod
+    def _attend_with_weights(q, k, v, attn_mask, is_causal: bool, weights: list) -> torch.Tensor:
+        """What scaled_dot_product_attention computes (without dropout), keeping the weights."""
+        scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        if is_causal:
+            attn_mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        w = torch.softmax(scores, dim=-1)
+        weights.append(w)
+        return w @ v
 
 
 class MLP(nn.Module):
@@ -92,12 +111,15 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: dict | None = None, context_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`cache`: {"self": {}, "cross": {}} for incremental decoding (see Attention)."""
+                cache: dict | None = None, context_bias: torch.Tensor | None = None,
+                cross_weights: list | None = None) -> torch.Tensor:
+        """`cache`: {"self": {}, "cross": {}} for incremental decoding (see Attention);
+        `cross_weights`: a list the cross-attention weights are appended to."""
         x = x + self.attn(self.ln_1(x), causal=self.causal, cache=None if cache is None else cache["self"])
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.ln_cross(x), context=context, mask=context_mask,
-                                    cache=None if cache is None else cache["cross"], bias=context_bias)
+                                    cache=None if cache is None else cache["cross"], bias=context_bias,
+                                    weights=cross_weights)
         return x + self.mlp(self.ln_2(x))
 
 

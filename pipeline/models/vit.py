@@ -117,3 +117,12 @@ class ViT(nn.Module):
         if not isinstance(stem, ConvStem):
             return 0.0, 0
         return stem.training_flops(self.num_patches * self.patch_dim, self.num_patches, trained), stem.proj.weight.numel()
+
+
+def build_vit(cell: int, patch_size: int, num_classes: int, shape: ModelShape, stem_channels: int = 0,
+              pool: str = "cls") -> ViT:
+    """A ViT of square `cell`-pixel images cut into `patch_size` patches."""
+    if cell % patch_size:
+        raise ValueError(f"patch size {patch_size} does not divide the {cell}-pixel image")
+    per_side = cell // patch_size
+    return ViT(per_side * per_side, patch_size**2, num_classes, shape, stem_channels, pool)

@@ -1,10 +1,12 @@
-"""Random affine distortion of every 28x28 cell of a batch: rotation, scale, shear
-and shift, as handwriting varies. A single digit is one cell; a grid's cells are
-each distorted on their own, inside their own 28x28 square.
+"""The two training augmentations of images as patches: a random shift by whole
+pixels (`KeyedShift`, single digits), and a random affine distortion of every
+28x28 cell (`KeyedAffine`): rotation, scale, shear and shift, as handwriting
+varies. A single digit is one cell; a grid's cells are each distorted on their
+own, inside their own 28x28 square.
 
-A cell's distortion is drawn from a generator keyed by (seed, epoch, sample key)
-alone, so it is the same whichever rank or loader worker reads the sample, and a
-resumed run redraws exactly what the uninterrupted run drew.
+What a sample gets is drawn from (seed, epoch, sample key) alone, so it is the
+same whichever rank or loader worker reads the sample, and a resumed run redraws
+exactly what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -17,19 +19,47 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import AugmentConfig
+from pipeline.data.order import key_hash
+from pipeline.geometry import CELL
 from pipeline.models.patches import to_images, to_patches
 
-CELL = 28
+
+class KeyedShift:
+    """Shift each 28x28 image of a batch (as patches) by up to `max_shift` pixels either
+    way, filling with background."""
+
+    def __init__(self, seed: int, patch_size: int, max_shift: int, background: float):
+        self.seed, self.p, self.m, self.background = seed, patch_size, max_shift, background
+
+    def offsets(self, keys: list[str], epochs: np.ndarray) -> np.ndarray:
+        span = 2 * self.m + 1
+        h = np.array([key_hash(f"{self.seed}:{e}:{k}") for k, e in zip(keys, epochs)], dtype=np.uint64)
+        return np.stack([h % span, (h // span) % span], axis=1).astype(np.int64)  # (dx, dy) per sample
+
+    def __call__(self, batch: dict[str, Any], epochs: np.ndarray) -> dict[str, Any]:
+        patches = batch["npy"]
+        p, m = self.p, self.m
+        g = int(round(patches.shape[1] ** 0.5))
+        size = g * p
+        images = to_images(patches, g, g, p)
+        padded = torch.nn.functional.pad(images, (m,) * 4, value=self.background)
+        shifted = torch.empty_like(images)
+        offsets = torch.from_numpy(self.offsets(batch["__key__"], epochs))
+        for dx in range(2 * m + 1):
+            for dy in range(2 * m + 1):
+                rows = ((offsets[:, 0] == dx) & (offsets[:, 1] == dy)).nonzero().flatten()
+                shifted[rows] = padded[rows, dy : dy + size, dx : dx + size]
+        return {**batch, "npy": to_patches(shifted, p).contiguous()}
 
 
 class KeyedAffine:
+    """Distort every cell of a batch of single digits or grids (as patches)."""
+
     def __init__(self, cfg: AugmentConfig, seed: int, patch_size: int, background: float):
         self.cfg, self.seed, self.p, self.background = cfg, seed, patch_size, background
 
     def draws(self, key: str, epoch: int, cells: int) -> np.ndarray:
         """(cells, 5) uniform draws in [-1, 1): rotation, shear, scale, dx, dy."""
-        from pipeline.data.order import key_hash
-
         rng = np.random.default_rng(key_hash(f"{self.seed}:{epoch}:{key}"))
         return rng.uniform(-1.0, 1.0, size=(cells, 5))
 

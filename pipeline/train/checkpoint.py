@@ -151,22 +151,6 @@ def load_weights(module: torch.nn.Module, path: str, subset: bool = False) -> No
     module.load_state_dict(state, strict=False)  # tied aliases are absent by design
 
 
-def build_saved(saved: dict) -> torch.nn.Module:
-    """An untrained model of the shape a stage's model_config.json describes."""
-    from pipeline.config import TransformerConfig
-    from pipeline.train.tasks import build_model
-
-    encoder = TransformerConfig(**saved["encoder_model"]) if saved.get("encoder_model") else None
-    return build_model(saved["kind"], TransformerConfig(**saved["model"]), saved["model_args"], encoder)
-
-
-def load_trained(model_config_path: str, weights_path: str) -> torch.nn.Module:
-    """Rebuild a trained model from its saved config and safetensors weights, in eval mode."""
-    model = build_saved(storage.read_json(model_config_path))
-    load_weights(model, weights_path)
-    return model.eval()
-
-
 def consolidated_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     """The full fp32 weights in a DeepSpeed checkpoint this pipeline wrote, whatever its
     ZeRO stage and world size: ZeRO 1-3 rebuilt from every rank's optimizer partition

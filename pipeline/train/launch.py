@@ -17,7 +17,7 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import preemption
 from pipeline.train.data import TrainingData
 from pipeline.train.loop import train_worker
-from pipeline.train.tasks import TrainSpec
+from pipeline.train.spec import TrainSpec
 
 
 # Ray Train's print patch sends a worker's print both to its stdout and, through the

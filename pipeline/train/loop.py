@@ -26,7 +26,8 @@ from pipeline.data.shards import iter_shard, shard_entries
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import TrainingData
 from pipeline.train.engine import deepspeed_config, initialize
-from pipeline.train.tasks import IGNORE, TASKS, Task, TrainSpec, build_model, param_groups
+from pipeline.kinds import IGNORE, KINDS, ModelKind
+from pipeline.train.spec import TrainSpec
 
 
 def _sum_across_ranks(values: list[float], device) -> list[float]:
@@ -41,7 +42,7 @@ class Run:
     """What the callbacks may look at."""
 
     spec: TrainSpec
-    task: Task
+    kind: ModelKind
     engine: Any
     scheduler: Any
     data: TrainingData
@@ -58,8 +59,7 @@ class Run:
     def progress(self, step: int) -> dict[str, float]:
         """The x axes every logged value shares: data seen and compute spent."""
         samples = step * self.data.layout.global_batch
-        unit, each = self.task.unit, self.task.units_per_sample(self.spec)
-        return {unit: samples * each, "flops": samples * self.sample_flops}
+        return {self.kind.unit: samples * self.kind.units_per_sample(self.spec.model), "flops": samples * self.sample_flops}
 
 
 class InjectedFault(RuntimeError):
@@ -114,7 +114,7 @@ class MetricsLogger:
         loss_sum, digest_sum = _sum_across_ranks([float(self.window_loss), float(digest)], run.device)
         elapsed = time.perf_counter() - self.window_start
         samples_per_s = self.window_steps * run.data.layout.global_batch / elapsed
-        unit, each = run.task.unit, run.task.units_per_sample(run.spec)
+        unit, each = run.kind.unit, run.kind.units_per_sample(run.spec.model)
         metrics = {
             "loss": loss_sum / self.window_steps / run.world,
             "lr": run.scheduler.get_last_lr()[0],
@@ -144,7 +144,7 @@ class Validator:
         self.batches = []
         if spec.val_data and spec.train.eval_every:
             entries = shard_entries(spec.val_data, spec.skip_val_shards)
-            self.batches = head_batches(entries, run.task.fields, spec.train.eval_samples, run.rank, run.world,
+            self.batches = head_batches(entries, run.kind.fields, spec.train.eval_samples, run.rank, run.world,
                                         spec.train.micro_batch_size)
 
     @torch.no_grad()
@@ -155,7 +155,7 @@ class Validator:
         run.engine.eval()
         loss_sum = correct = counted = 0.0
         for batch in self.batches:
-            logits, batch_loss, targets = run.task.forward(run.engine, batch, run.device, run.dtype)
+            logits, batch_loss, targets = run.kind.forward(run.engine, batch, run.device, run.dtype)
             keep = targets != IGNORE
             n = float(keep.sum())
             loss_sum += float(batch_loss) * n
@@ -224,17 +224,15 @@ def train_worker(loop_config: dict) -> None:
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
 
+    kind = KINDS[spec.kind]
     torch.manual_seed(train.seed)  # identical initial weights on every rank
-    model = build_model(spec.kind, spec.model, spec.model_args, spec.encoder_model)
-    if spec.init_encoder:
-        ckpt.load_weights(model.encoder, spec.init_encoder)
-    if spec.init_decoder:
-        ckpt.load_weights(model, spec.init_decoder, subset=True)
-    task = TASKS[spec.kind]
+    model = kind.build(spec.model)
+    kind.initialise(model, spec.start)
     data = TrainingData.open(spec.train_data, train, world, spec.skip_shards)
-    sample_flops = task.flops_per_sample(spec, model, iter_shard(data.entries[0]["path"]))
+    sample_flops = kind.flops_per_sample(spec, model, iter_shard(data.entries[0]["path"]))
 
-    engine, _, scheduler = initialize(model, param_groups(spec, model), train, deepspeed_config(spec.deepspeed, train, world))
+    groups = kind.param_groups(spec, model)
+    engine, _, scheduler = initialize(model, groups, train, deepspeed_config(spec.deepspeed, train, world))
     resumed_at = _resume(engine, data, spec)
     step = resumed_at or 0
     tracker = None
@@ -242,16 +240,16 @@ def train_worker(loop_config: dict) -> None:
         from pipeline.tracking import RunLogger
 
         tracker = RunLogger(spec.tracking_uri, spec.mlflow_run_id)
-    run = Run(spec, task, engine, scheduler, data, rank, world, device, dtype, sample_flops, resumed_at is not None, tracker)
+    run = Run(spec, kind, engine, scheduler, data, rank, world, device, dtype, sample_flops, resumed_at is not None, tracker)
     callbacks = [FaultDrill(), MetricsLogger(run), Validator(run), StopWatcher(), Checkpointer()]
 
-    batches = iter(data.loader(rank, step, train.max_steps, task.fields, task.transform(spec), train))
+    batches = iter(data.loader(rank, step, train.max_steps, kind.fields, kind.transform(spec), train))
     engine.train()
     while step < train.max_steps and not run.stop_requested:
         loss_sum, digest = torch.zeros((), device=device), 0
         for _ in range(train.grad_accum):
             batch = next(batches)
-            _, loss, _ = task.forward(engine, batch, device, dtype)
+            _, loss, _ = kind.forward(engine, batch, device, dtype)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
