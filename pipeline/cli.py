@@ -208,7 +208,7 @@ def _main(argv: list[str]) -> int:
 
         return ui_command(resolve_uri(args.tracking_uri, args.workdir), args.host, args.port)
     if args.command == "export":
-        from pipeline.export import export_command
+        from pipeline.export.command import export_command
 
         print(export_command(args.checkpoint, args.format, args.out))
         return 0

@@ -72,6 +72,7 @@ def activation_bytes(n_layer: int, seq_len: int, micro_batch: int, d_model: int,
 def plan(config: RunConfig, nodes: int, gpus_per_node: int, mfu: float, gpu_memory_gib: float) -> Plan:
     import torch
 
+    from pipeline.keys import Param
     from pipeline.kinds.base import param_counts
     from pipeline.kinds.gpt import KIND, GPTModelConfig
 
@@ -82,7 +83,7 @@ def plan(config: RunConfig, nodes: int, gpus_per_node: int, mfu: float, gpu_memo
     model, train, tok = config.pretrain_gpt.model, config.pretrain_gpt.train, config.tokenize
     with torch.device("meta"):  # shapes only: a 7B model costs nothing here
         counts = param_counts(KIND.build(GPTModelConfig(tok.vocab_size, tok.seq_len, model)))
-    total, non_embedding = counts["params_total"], counts["params_non_embedding"]
+    total, non_embedding = counts[Param.PARAMS_TOTAL], counts[Param.PARAMS_NON_EMBEDDING]
     world = nodes * gpus_per_node
     state = model_state_bytes(total, train.zero_stage, train.precision, world, train.offload_optimizer)
     activations = activation_bytes(model.n_layer, tok.seq_len, train.micro_batch_size, model.d_model, tok.vocab_size,

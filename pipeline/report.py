@@ -12,6 +12,7 @@ import tempfile
 from typing import Any, Optional
 
 from pipeline import tracking
+from pipeline.keys import PIPELINE, Artifact, Metric, Tag
 
 
 class ReportError(ValueError):
@@ -66,9 +67,9 @@ def _pipeline_run(runs, run_id: str):
         run = runs.get_run(run_id)
     except MlflowException:
         raise ReportError(f"no run {run_id} in the tracking store") from None
-    if run.data.tags.get("kind") != "pipeline":
-        parent = run.data.tags.get("mlflow.parentRunId")
-        hint = f" (it is stage {run.data.tags.get('stage')!r} of pipeline run {parent})" if parent else ""
+    if run.data.tags.get(Tag.KIND) != PIPELINE:
+        parent = run.data.tags.get(Tag.PARENT)
+        hint = f" (it is stage {run.data.tags.get(Tag.STAGE)!r} of pipeline run {parent})" if parent else ""
         raise ReportError(f"run {run_id} is not a pipeline run{hint}")
     return run
 
@@ -83,26 +84,26 @@ def stages_of(runs, parent) -> dict[str, dict[str, Any]]:
     stages = {}
     for child in children:
         tags, metrics = child.data.tags, dict(child.data.metrics)
-        producer = tags.get("produced_by_run")
+        producer = tags.get(Tag.PRODUCED_BY)
         if producer:
             try:
                 metrics = dict(runs.get_run(producer).data.metrics)
             except MlflowException:
                 pass  # a producer this store does not hold: no numbers to show
-        seconds = metrics.pop("stage_seconds", None)
+        seconds = metrics.pop(Metric.STAGE_SECONDS, None)
         if producer:
             seconds = None  # that was the producer's time, not this run's
         metrics = {k: v for k, v in metrics.items() if not k.startswith("system/")}
-        stages[tags.get("stage", child.info.run_name)] = {
-            "status": tags.get("status", child.info.status.lower()), "seconds": seconds,
+        stages[tags.get(Tag.STAGE, child.info.run_name)] = {
+            "status": tags.get(Tag.STATUS, child.info.status.lower()), "seconds": seconds,
             "metrics": metrics, "run_id": child.info.run_id, "produced_by": producer,
         }
     return stages
 
 
 # Per stage, the metrics a run's table shows (all of them are in --json and --compare).
-HEADLINE = ("final_loss", "final_val_loss", "final_val_accuracy", "gpt_val_loss", "vit_test_accuracy",
-            "captioner_per_digit_accuracy", "captioner_exact_match", "captioner_2x2_per_digit_accuracy",
+HEADLINE = (Metric.final(Metric.LOSS), Metric.final(Metric.VAL_LOSS), Metric.final(Metric.VAL_ACCURACY),
+            "gpt_val_loss", "vit_test_accuracy", "captioner_per_digit_accuracy", "captioner_exact_match", "captioner_2x2_per_digit_accuracy",
             "captioner_2x2_exact_match")
 
 
@@ -134,7 +135,7 @@ def compare(uri: str, run_a: str, run_b: str) -> str:
     configs = []
     for run in (a, b):
         try:
-            with tempfile.TemporaryDirectory() as tmp, open(runs.download_artifacts(run.info.run_id, "config.yaml", tmp)) as f:
+            with tempfile.TemporaryDirectory() as tmp, open(runs.download_artifacts(run.info.run_id, Artifact.CONFIG, tmp)) as f:
                 configs.append(tracking.flatten(yaml.safe_load(f)))
         except (MlflowException, OSError):  # a run from before configs were saved, or a store out of reach
             configs.append({})

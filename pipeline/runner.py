@@ -8,6 +8,7 @@ from typing import Any, Optional
 from pipeline import storage, tracking
 from pipeline.config import ConfigError, RayConfig, RunConfig
 from pipeline.dag import StageContext, closure, fingerprint, read_done, run_stage, section_dict
+from pipeline.keys import PIPELINE, Artifact, Metric, Tag
 from pipeline.stages import STAGES
 
 PIPELINE_ORDER = list(STAGES)
@@ -77,12 +78,12 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
     summary: dict[str, Any] = {"workdir": workdir, "tracking_uri": uri, "stages": {}}
     fingerprints: dict[str, str] = {}
     outputs: dict[str, dict[str, Any]] = {}
-    sweep = {"sweep": config.tracking.sweep} if config.tracking.sweep else {}
+    sweep = {Tag.SWEEP: config.tracking.sweep} if config.tracking.sweep else {}
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.name,
-                          tags={"git_commit": commit, "kind": "pipeline", **sweep}) as parent:
+                          tags={Tag.GIT_COMMIT: commit, Tag.KIND: PIPELINE, **sweep}) as parent:
         mlflow.log_params(tracking.params_for_mlflow({"targets": ",".join(names)}))
         resolved = tracking.config_yaml(config)
-        mlflow.log_text(resolved, "config.yaml")
+        mlflow.log_text(resolved, Artifact.CONFIG)
         summary["mlflow_run_id"] = parent.info.run_id
         if config.tracking.system_metrics_every:
             from mlflow.system_metrics import set_system_metrics_sampling_interval
@@ -95,16 +96,16 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
             out_dir = storage.join(workdir, name, fp)
             cached = read_done(out_dir)
             with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
-                                  tags={"stage": name, "fingerprint": fp, "git_commit": commit, **sweep},
+                                  tags={Tag.STAGE: name, Tag.FINGERPRINT: fp, Tag.GIT_COMMIT: commit, **sweep},
                                   log_system_metrics=cached is None and config.tracking.system_metrics_every > 0) as run:
                 if cached is None:
                     ensure_ray(config.ray)
                     print(f"[{name}] running -> {out_dir}", flush=True)
                     mlflow.log_params(tracking.params_for_mlflow({"config": section_dict(stage, config)}))
-                    mlflow.log_text(resolved, "config.yaml")
+                    mlflow.log_text(resolved, Artifact.CONFIG)
                 ctx = StageContext(config, out_dir, {d: outputs[d] for d in stage.deps}, fp, uri, run.info.run_id)
                 record = run_stage(stage, ctx)
-                mlflow.set_tag("status", record["status"])
+                mlflow.set_tag(Tag.STATUS, record["status"])
                 if record["status"] == "cached" and record.get("mlflow_run_id"):
                     tracking.link_to_producer(uri, run.info.run_id, record["mlflow_run_id"])
                 if record["status"] == "ran":
@@ -112,7 +113,7 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
                         mlflow.log_params(tracking.params_for_mlflow(record["params"]))
                     if record["metrics"]:
                         mlflow.log_metrics(record["metrics"])
-                    mlflow.log_metric("stage_seconds", record["seconds"])
+                    mlflow.log_metric(Metric.STAGE_SECONDS, record["seconds"])
             outputs[name] = record["outputs"]
             summary["stages"][name] = {k: record.get(k) for k in ("status", "seconds", "outputs", "metrics", "params", "mlflow_run_id")}
             print(f"[{name}] {record['status']} in {record['seconds']:.1f}s", flush=True)

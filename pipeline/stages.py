@@ -16,7 +16,8 @@ from pipeline.config import ConfigError
 from pipeline.dag import Stage, StageContext, StageResult
 from pipeline.data import shards, sources
 from pipeline.data.shards import ShardInfo
-from pipeline.kinds import KINDS, ModelKind, write_model_config
+from pipeline.keys import Artifact, Metric, Param
+from pipeline.kinds import KINDS, ModelKind
 from pipeline.kinds.base import param_counts
 from pipeline.train.checkpoint import MODEL_CONFIG, WEIGHTS
 from pipeline.train.spec import TrainSpec
@@ -219,16 +220,17 @@ def run_training(ctx: StageContext, kind: ModelKind) -> StageResult:
         model = kind.build(spec.model)
     kind.initialise(model, spec.start, check_only=True)  # a misfit is refused before any worker starts
     model_config_path = storage.join(ctx.out_dir, MODEL_CONFIG)
-    write_model_config(model_config_path, kind, spec.model)
+    kind.write_config(model_config_path, spec.model)
 
     result = fit(spec, ctx.out_dir)
-    params = {**param_counts(model), "world_size": section.train.num_workers, "zero_stage": section.train.zero_stage}
+    params = {**param_counts(model), Param.WORLD_SIZE: section.train.num_workers, Param.ZERO_STAGE: section.train.zero_stage}
     reported = result["metrics"]
-    metrics = {f"final_{k}": float(reported[k]) for k in ("loss", "val_loss", "val_accuracy") if k in reported}
+    metrics = {Metric.final(k): float(reported[k]) for k in (Metric.LOSS, Metric.VAL_LOSS, Metric.VAL_ACCURACY)
+               if k in reported}
     outputs = {"checkpoint": result["checkpoint"], "weights": spec.weights_out, "model_config": model_config_path,
                **kind.finish(ctx.out_dir, ctx.inputs)}
     if ctx.mlflow_run_id:
-        outputs["loss_plot"] = storage.join(ctx.out_dir, "loss.png")
+        outputs["loss_plot"] = storage.join(ctx.out_dir, Artifact.LOSS_PLOT)
         tracking.plot_loss(ctx.tracking_uri, ctx.mlflow_run_id, kind.unit, outputs["loss_plot"])
         if config.tracking.log_weights:
             tracking.log_files(ctx.tracking_uri, ctx.mlflow_run_id, [spec.weights_out, model_config_path])
@@ -248,12 +250,12 @@ def _bad_shards(ctx: StageContext, train_dir: str, val_dir: str) -> tuple[tuple[
     train_bad, val_bad = (tuple(sorted(found[split])) for split in ("training", "validation"))
     if ctx.mlflow_run_id:
         runs = tracking.client(ctx.tracking_uri)
-        for key, bad in (("skipped_shards", train_bad), ("skipped_val_shards", val_bad)):
+        for key, bad in ((Param.SKIPPED_SHARDS, train_bad), (Param.SKIPPED_VAL_SHARDS, val_bad)):
             runs.log_param(ctx.mlflow_run_id, key, ",".join(bad) or "none")
             runs.log_metric(ctx.mlflow_run_id, f"{key}_count", len(bad))
         if train_bad or val_bad:
             lines = [f"{split} {n}: {w}\n" for split, bad in found.items() for n, w in sorted(bad.items())]
-            runs.log_text(ctx.mlflow_run_id, "".join(lines), "skipped_shards.txt")
+            runs.log_text(ctx.mlflow_run_id, "".join(lines), Artifact.SKIPPED_SHARDS)
     return train_bad, val_bad
 
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.keys import Metric, Tag
 
 _MAX_PARAM_LEN = 6000
 
@@ -181,7 +182,7 @@ def link_to_producer(uri: str, run_id: str, producer_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
     runs = client(uri)
-    runs.set_tag(run_id, "produced_by_run", producer_id)
+    runs.set_tag(run_id, Tag.PRODUCED_BY, producer_id)
     try:
         producer = runs.get_run(producer_id)
     except MlflowException:  # a store that no longer holds it (another tracking URI, deleted)
@@ -189,7 +190,7 @@ def link_to_producer(uri: str, run_id: str, producer_id: str) -> None:
     else:
         link = f"#/experiments/{producer.info.experiment_id}/runs/{producer_id}"
         note = f"Cached: its outputs were made by [{producer.info.run_name} {producer_id[:8]}]({link}); metrics, plots and weights are there."
-    runs.set_tag(run_id, "mlflow.note.content", note)
+    runs.set_tag(run_id, Tag.NOTE, note)
 
 
 class RunLogger:
@@ -213,13 +214,13 @@ def plot_loss(uri: str, run_id: str, unit: str, path: str) -> None:
 
     plt = pyplot()
     runs = client(uri)
-    history = {k: {m.step: m.value for m in runs.get_metric_history(run_id, k)} for k in ("loss", unit, "flops")}
-    steps = sorted(history["loss"])
+    history = {k: {m.step: m.value for m in runs.get_metric_history(run_id, k)} for k in (Metric.LOSS, unit, Metric.FLOPS)}
+    steps = sorted(history[Metric.LOSS])
     if not steps:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for ax, key, label in ((axes[0], unit, unit), (axes[1], "flops", "training FLOPs (6N + 12·L·T·d per token)")):
-        ax.plot([history[key][s] for s in steps], [history["loss"][s] for s in steps], marker=".")
+    for ax, key, label in ((axes[0], unit, unit), (axes[1], Metric.FLOPS, "training FLOPs (6N + 12·L·T·d per token)")):
+        ax.plot([history[key][s] for s in steps], [history[Metric.LOSS][s] for s in steps], marker=".")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("training loss")

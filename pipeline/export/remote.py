@@ -12,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+from importlib import resources
 
 from safetensors.torch import save_file
 
 from pipeline.export.stock import image_processor
 from pipeline.geometry import CELL
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models")
-MODEL_FILES = ("layers.py", "patches.py", "vit.py", "captioner.py")
+MODEL_FILES = ("layers.py", "patches.py", "vit.py", "captioner.py")  # of pipeline.models
 MODELING = "modeling_thousandwords.py"
 PREFIX = "captioner."  # the wrapper's attribute holding our model
 
@@ -28,8 +27,8 @@ PREFIX = "captioner."  # the wrapper's attribute holding our model
 def write_captioner(model, cfg, folder: str) -> None:
     """`cfg`: the captioner's model config (pipeline.kinds.captioner.CaptionerModelConfig)."""
     for name in MODEL_FILES:
-        shutil.copyfile(os.path.join(MODELS_DIR, name), os.path.join(folder, name))
-    shutil.copyfile(os.path.join(os.path.dirname(__file__), "remote_modeling.py"), os.path.join(folder, MODELING))
+        _copy_source("pipeline.models", name, os.path.join(folder, name))
+    _copy_source("pipeline.export", "remote_modeling.py", os.path.join(folder, MODELING))
     encoder = cfg.encoder
     config = {
         "model_type": "thousandwords_grid_captioner",
@@ -50,3 +49,8 @@ def write_captioner(model, cfg, folder: str) -> None:
     state = {PREFIX + k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     image_processor(encoder.patches).save_pretrained(folder)
+
+
+def _copy_source(package: str, name: str, target: str) -> None:
+    with open(target, "wb") as f:
+        f.write((resources.files(package) / name).read_bytes())

@@ -1,29 +1,21 @@
 """The model kinds, and the typed `model_config.json` saved beside each trained model.
 
-A fifth kind is one module beside these (a `ModelKind` and its model config) and
+A fourth kind is one module beside these (a `ModelKind` and its model config) and
 one line in KINDS; the training stage, its loop, export and `pipeline batches`
 find it here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from pipeline import storage
 from pipeline.kinds import captioner, gpt, vit
-from pipeline.kinds.base import IGNORE, ModelKind
+from pipeline.kinds.base import IGNORE, ModelConfigError, ModelKind, read_saved
 
-__all__ = ["IGNORE", "KINDS", "ModelKind", "build_saved", "by_stage", "kind_of", "load_trained", "read_model_config",
-           "write_model_config"]
+__all__ = ["IGNORE", "KINDS", "ModelConfigError", "ModelKind", "build_saved", "by_stage", "kind_of", "load_trained",
+           "read_model_config"]
 
 KINDS: dict[str, ModelKind] = {k.name: k for k in (gpt.KIND, vit.KIND, captioner.KIND)}
-
-MODEL_CONFIG_FORMAT = 1  # bump when a model config's fields change meaning
-
-
-class ModelConfigError(ValueError):
-    """A model_config.json this version cannot read."""
 
 
 def by_stage() -> dict[str, ModelKind]:
@@ -37,24 +29,10 @@ def kind_of(name: str) -> ModelKind:
     return KINDS[name]
 
 
-def write_model_config(path: str, kind: ModelKind, cfg: Any) -> None:
-    storage.write_json_atomic(path, {"format": MODEL_CONFIG_FORMAT, "kind": kind.name, "config": dataclasses.asdict(cfg)})
-
-
 def read_model_config(path: str) -> tuple[ModelKind, Any]:
-    """The kind and its typed model config, as `write_model_config` saved them."""
-    from pipeline.config import ConfigError, dataclass_from_dict
-
-    saved = storage.read_json(path)
-    if not isinstance(saved, dict) or saved.get("format") != MODEL_CONFIG_FORMAT:
-        found = saved.get("format") if isinstance(saved, dict) else None
-        raise ModelConfigError(f"{path}: model config format {found!r}, this version reads {MODEL_CONFIG_FORMAT} "
-                               "(written by another version: train the stage again)")
-    kind = kind_of(saved.get("kind"))
-    try:
-        return kind, dataclass_from_dict(kind.config_type, saved.get("config"), "config")
-    except ConfigError as e:
-        raise ModelConfigError(f"{path}: {e}") from None
+    """The kind and its typed model config, as `ModelKind.write_config` saved them."""
+    kind = kind_of(read_saved(path)[0])
+    return kind, kind.read_config(path)
 
 
 def build_saved(path: str):

@@ -11,17 +11,36 @@ evaluation, prediction and export ask the kind; none of them branches on its nam
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
+
+from pipeline import storage
+from pipeline.keys import Param
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
     from pipeline.train.spec import TrainSpec
 
 IGNORE = -100  # a target that counts for neither loss nor accuracy
+MODEL_CONFIG_FORMAT = 1  # of model_config.json; bump when a model config's fields change meaning
 
 Inputs = dict[str, dict[str, Any]]  # upstream stage name -> its outputs
+
+
+class ModelConfigError(ValueError):
+    """A model_config.json this version cannot read."""
+
+
+def read_saved(path: str) -> tuple[str, Any]:
+    """(kind name, config mapping) of a model_config.json, its format checked."""
+    saved = storage.read_json(path)
+    found = saved.get("format") if isinstance(saved, dict) else None
+    if found != MODEL_CONFIG_FORMAT:
+        raise ModelConfigError(f"{path}: model config format {found!r}, this version reads {MODEL_CONFIG_FORMAT} "
+                               "(written by another version: train the stage again)")
+    return saved.get("kind"), saved.get("config")
 
 
 class ModelKind:
@@ -54,6 +73,23 @@ class ModelKind:
         """Extra outputs of the training stage, written beside the weights."""
         return {}
 
+    # ------------------------------------------------------------- the saved config
+
+    def write_config(self, path: str, cfg: Any) -> None:
+        storage.write_json_atomic(path, {"format": MODEL_CONFIG_FORMAT, "kind": self.name, "config": asdict(cfg)})
+
+    def read_config(self, path: str) -> Any:
+        """This kind's typed model config from a model_config.json; another kind's is refused."""
+        from pipeline.config import ConfigError, dataclass_from_dict
+
+        name, data = read_saved(path)
+        if name != self.name:
+            raise ModelConfigError(f"{path}: holds a {name} model config, not a {self.name}")
+        try:
+            return dataclass_from_dict(self.config_type, data, "config")
+        except ConfigError as e:
+            raise ModelConfigError(f"{path}: {e}") from None
+
     # ------------------------------------------------------------- the model
 
     def build(self, cfg: Any) -> torch.nn.Module:
@@ -68,7 +104,11 @@ class ModelKind:
     # ------------------------------------------------------------- the training task
 
     def units_per_sample(self, cfg: Any) -> float:
-        """How many of `unit` one sample holds."""
+        """How many of `unit` one sample holds, by the model config."""
+        return 1.0
+
+    def planned_units_per_sample(self, config: "RunConfig") -> float:
+        """The same, by a run config alone, before any stage ran (sweeps plan budgets)."""
         return 1.0
 
     def transform(self, spec: "TrainSpec") -> Optional[Callable]:
@@ -120,4 +160,4 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     from pipeline.models.layers import count_params
 
     total = count_params(model)
-    return {"params_total": total, "params_non_embedding": total - model.embedding_params()}
+    return {Param.PARAMS_TOTAL: total, Param.PARAMS_NON_EMBEDDING: total - model.embedding_params()}

@@ -13,6 +13,7 @@ from pipeline import storage
 from pipeline.config import TransformerConfig
 from pipeline.geometry import CELL
 from pipeline.kinds.base import IGNORE, ModelKind
+from pipeline.kinds.vit import KIND as VIT
 from pipeline.kinds.vit import ViTModelConfig, as_float32
 from pipeline.models import flops
 from pipeline.models.captioner import MAX_TEXT_LEN, PAD, build_captioner, encode_text
@@ -47,9 +48,7 @@ class CaptionerKind(ModelKind):
         return config.finetune
 
     def model_config(self, config, inputs):
-        from pipeline.kinds import read_model_config
-
-        _, encoder = read_model_config(inputs["pretrain_vit"]["model_config"])
+        encoder = VIT.read_config(inputs["pretrain_vit"]["model_config"])
         cfg = config.finetune
         return CaptionerModelConfig(encoder, cfg.decoder, cfg.head_logits, cfg.head_shift)
 

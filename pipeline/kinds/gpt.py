@@ -49,6 +49,9 @@ class GPTKind(ModelKind):
     def units_per_sample(self, cfg: GPTModelConfig) -> float:
         return float(cfg.seq_len)
 
+    def planned_units_per_sample(self, config) -> float:
+        return float(config.tokenize.seq_len)
+
     def forward(self, model, batch, device, dtype):
         seq = batch["npy"].to(device, non_blocking=True).long()
         logits, loss = model(seq[:, :-1], seq[:, 1:])

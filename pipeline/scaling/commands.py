@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline import storage
+from pipeline.keys import SCALING_FIT, Tag
 from pipeline.scaling import laws
 from pipeline.scaling.chinchilla import NAMES, ChinchillaFit, FitError, fit
 from pipeline.scaling.runs import TrainingRun, read_runs
@@ -146,7 +147,7 @@ def _log_fit(experiment: str, tracking_uri: Optional[str], sweep: Optional[str],
 
     client = tracking.client(tracking_uri or mlflow.get_tracking_uri())
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    tags = {"stage": "scaling_fit", **({"sweep": sweep} if sweep else {})}
+    tags = {Tag.STAGE: SCALING_FIT, **({Tag.SWEEP: sweep} if sweep else {})}
     run = client.create_run(experiment_id, run_name=f"scaling-fit{'-' + sweep if sweep else ''}", tags=tags)
     metrics = {f"{law}_{k}": v for law in ("chinchilla", "compute_optimal", "kaplan", "saturating")
                for k, v in out.get(law, {}).items() if isinstance(v, float)}

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.keys import RAN, Metric, Param, Tag
 from pipeline.scaling.chinchilla import FitError
 
 
@@ -27,33 +28,31 @@ class TrainingRun:
     curve: tuple[np.ndarray, np.ndarray]  # (flops, val_loss) at every evaluation
 
 
-# What a training stage counts as its data: the x axis of its runs and the unit of a sweep's budgets.
-UNITS = {"pretrain_gpt": "tokens", "pretrain_vit": "images"}
-
-
 def read_runs(experiment: str, tracking_uri: Optional[str] = None, stage: str = "pretrain_gpt",
               sweep: Optional[str] = None) -> list[TrainingRun]:
     from mlflow.tracking import MlflowClient
+
+    from pipeline.kinds import by_stage
 
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise FitError(f"no MLflow experiment named {experiment!r} at {client.tracking_uri}")
-    query = f"tags.stage = '{stage}' and tags.status = 'ran' and attributes.status = 'FINISHED'"
+    query = f"tags.{Tag.STAGE} = '{stage}' and tags.{Tag.STATUS} = '{RAN}' and attributes.status = 'FINISHED'"
     if sweep:
-        query += f" and tags.sweep = '{sweep}'"
-    unit = UNITS[stage]
+        query += f" and tags.{Tag.SWEEP} = '{sweep}'"
+    unit = by_stage()[stage].unit
     runs = []
     for run in client.search_runs([found.experiment_id], query, max_results=10000):
         metrics = run.data.metrics
-        if not {"val_loss", unit, "flops"} <= set(metrics) or "params_non_embedding" not in run.data.params:
+        if not {Metric.VAL_LOSS, unit, Metric.FLOPS} <= set(metrics) or Param.PARAMS_NON_EMBEDDING not in run.data.params:
             continue  # a run without validation (eval_every 0) cannot be fitted
-        val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
-        flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "flops")}
+        val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, Metric.VAL_LOSS)}
+        flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, Metric.FLOPS)}
         steps = sorted(set(val) & set(flops))
         runs.append(TrainingRun(
-            run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id),
-            int(run.data.params["params_non_embedding"]), metrics[unit], metrics["flops"], metrics["val_loss"],
+            run.info.run_id, run.data.tags.get(Tag.RUN_NAME, run.info.run_id),
+            int(run.data.params[Param.PARAMS_NON_EMBEDDING]), metrics[unit], metrics[Metric.FLOPS], metrics[Metric.VAL_LOSS],
             (np.array([flops[s] for s in steps]), np.array([val[s] for s in steps])),
         ))
     if not runs:

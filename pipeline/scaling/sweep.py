@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from pipeline.config import ConfigError, RunConfig, TransformerConfig, _validate, load_config, load_dataclass
-from pipeline.scaling.runs import UNITS
+from pipeline.keys import Metric, Param
+from pipeline.kinds import KINDS, by_stage
 
 
 @dataclass
@@ -56,10 +57,10 @@ class SweepConfig:
     def validate(self, key: str) -> None:
         if len(self.sizes) < 2:
             raise ConfigError(f"{key}sizes must list at least 2 model sizes, got {len(self.sizes)}")
-        unit = UNITS[self.stage]
-        [other] = set(UNITS.values()) - {unit}
-        if getattr(self, other):
-            raise ConfigError(f"{key}{other} is not a budget of a {self.stage} sweep: list {unit}")
+        unit = by_stage()[self.stage].unit
+        for other in {kind.unit for kind in KINDS.values()} - {unit}:
+            if getattr(self, other):
+                raise ConfigError(f"{key}{other} is not a budget of a {self.stage} sweep: list {unit}")
         if len(self.budgets) < 1 or any(t < 1 for t in self.budgets):
             raise ConfigError(f"{key}{unit} must list positive budgets, got {self.budgets}")
         if self.evaluations < 1:
@@ -74,7 +75,7 @@ class SweepConfig:
 
     @property
     def budgets(self) -> list[int]:
-        return getattr(self, UNITS[self.stage])
+        return getattr(self, by_stage()[self.stage].unit)
 
 
 def load_sweep(path: str) -> SweepConfig:
@@ -83,9 +84,9 @@ def load_sweep(path: str) -> SweepConfig:
 
 def samples_per_step(config: RunConfig, stage: str) -> int:
     """Tokens (GPT) or images (ViT) one optimizer step consumes."""
-    train = getattr(config, stage).train
-    images = train.micro_batch_size * train.grad_accum * train.num_workers
-    return images * config.tokenize.seq_len if stage == "pretrain_gpt" else images
+    kind = by_stage()[stage]
+    train = kind.section(config).train
+    return int(train.micro_batch_size * train.grad_accum * train.num_workers * kind.planned_units_per_sample(config))
 
 
 def point_config(base: RunConfig, sweep: SweepConfig, size: TransformerConfig, budget: int) -> RunConfig:
@@ -151,9 +152,9 @@ def run_holdout(path: str, workdir: Optional[str] = None, bootstrap: int = 200) 
     config = point_config(base, sweep, sweep.holdout.size, sweep.holdout.budget)
     summary = run_pipeline(config, [sweep.stage], workdir or base.workdir)
     record = summary["stages"][sweep.stage]
-    params = float(record["params"]["params_non_embedding"])
+    params = float(record["params"][Param.PARAMS_NON_EMBEDDING])
     tokens = float(config.pretrain_gpt.train.max_steps * samples_per_step(config, sweep.stage))
-    actual = float(record["metrics"]["final_val_loss"])
+    actual = float(record["metrics"][Metric.final(Metric.VAL_LOSS)])
     predicted = json.loads(predict_command(None, sweep.experiment, summary["tracking_uri"], sweep.name,
                                            params, tokens, bootstrap, as_json=True))
     error = predicted["loss"] / actual - 1
@@ -163,12 +164,12 @@ def run_holdout(path: str, workdir: Optional[str] = None, bootstrap: int = 200) 
 
 
 def format_sweep(points: list[RunConfig], records: list[dict[str, Any]], stage: str) -> str:
-    unit = UNITS[stage]
+    unit = by_stage()[stage].unit
     lines = [f"{'layers':>6} {'d_model':>7} {'params':>10} {unit:>10} {'status':>7} {'val loss':>9}"]
     for config, record in zip(points, records):
         model = getattr(config, stage).model
         tokens = getattr(config, stage).train.max_steps * samples_per_step(config, stage)
-        params = int(record.get("params", {}).get("params_non_embedding", 0))
+        params = int(record.get("params", {}).get(Param.PARAMS_NON_EMBEDDING, 0))
         lines.append(f"{model.n_layer:>6} {model.d_model:>7} {params:>10,} {tokens:>10,} {record['status']:>7} "
-                     f"{record['metrics'].get('final_val_loss', float('nan')):>9.4f}")
+                     f"{record['metrics'].get(Metric.final(Metric.VAL_LOSS), float('nan')):>9.4f}")
     return "\n".join(lines)

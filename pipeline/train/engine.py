@@ -5,17 +5,19 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
 
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+# Shipped inside the package (an installed pipeline trains without a checkout).
+ZERO_CONFIGS = resources.files("pipeline.train") / "zero_configs"
 
 
-def load_zero_config(stage: int, directory: Path = DEEPSPEED_CONFIGS) -> dict[str, Any]:
+def load_zero_config(stage: int, directory=ZERO_CONFIGS) -> dict[str, Any]:
+    """The ZeRO JSON of `stage` (`zero_configs/zero{stage}.json`), checked to say that stage."""
     path = directory / f"zero{stage}.json"
     if not path.is_file():
         raise ConfigError(f"train.zero_stage={stage}: no DeepSpeed config at {path}")

@@ -26,6 +26,7 @@ from pipeline.data.shards import iter_shard, shard_entries
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import TrainingData
 from pipeline.train.engine import deepspeed_config, initialize
+from pipeline.keys import Metric
 from pipeline.kinds import IGNORE, KINDS, ModelKind
 from pipeline.train.spec import TrainSpec
 
@@ -59,7 +60,7 @@ class Run:
     def progress(self, step: int) -> dict[str, float]:
         """The x axes every logged value shares: data seen and compute spent."""
         samples = step * self.data.layout.global_batch
-        return {self.kind.unit: samples * self.kind.units_per_sample(self.spec.model), "flops": samples * self.sample_flops}
+        return {self.kind.unit: samples * self.kind.units_per_sample(self.spec.model), Metric.FLOPS: samples * self.sample_flops}
 
 
 class InjectedFault(RuntimeError):
@@ -116,20 +117,21 @@ class MetricsLogger:
         samples_per_s = self.window_steps * run.data.layout.global_batch / elapsed
         unit, each = run.kind.unit, run.kind.units_per_sample(run.spec.model)
         metrics = {
-            "loss": loss_sum / self.window_steps / run.world,
-            "lr": run.scheduler.get_last_lr()[0],
+            Metric.LOSS: loss_sum / self.window_steps / run.world,
+            Metric.LR: run.scheduler.get_last_lr()[0],
             **run.progress(step),
-            f"{unit}_per_s": samples_per_s * each,
-            "mfu": samples_per_s * run.sample_flops / (train.peak_flops_per_worker * run.world),
-            "epoch": run.data.epoch_at(step),
-            "batch_digest": float(int(digest_sum) % (1 << DIGEST_BITS)),
+            Metric.per_second(unit): samples_per_s * each,
+            Metric.MFU: samples_per_s * run.sample_flops / (train.peak_flops_per_worker * run.world),
+            Metric.EPOCH: run.data.epoch_at(step),
+            Metric.BATCH_DIGEST: float(int(digest_sum) % (1 << DIGEST_BITS)),
         }
         run.metrics.update(metrics)
         if run.tracker:
             run.tracker.log_metrics(metrics, step)
         if run.rank == 0:
-            print(f"[{run.spec.kind}] step {step}/{train.max_steps} loss {metrics['loss']:.4f} "
-                  f"lr {metrics['lr']:.3g} {metrics[f'{unit}_per_s']:.0f} {unit}/s mfu {metrics['mfu']:.1%}", flush=True)
+            print(f"[{run.spec.kind}] step {step}/{train.max_steps} loss {metrics[Metric.LOSS]:.4f} "
+                  f"lr {metrics[Metric.LR]:.3g} {metrics[Metric.per_second(unit)]:.0f} {unit}/s "
+                  f"mfu {metrics[Metric.MFU]:.1%}", flush=True)
         self.window_loss = torch.zeros((), device=run.device)
         self.window_steps, self.window_start = 0, time.perf_counter()
 
@@ -163,13 +165,13 @@ class Validator:
             counted += n
         run.engine.train()
         loss_sum, correct, counted = _sum_across_ranks([loss_sum, correct, counted], run.device)
-        metrics = {"val_loss": loss_sum / counted, "val_accuracy": correct / counted}
+        metrics = {Metric.VAL_LOSS: loss_sum / counted, Metric.VAL_ACCURACY: correct / counted}
         run.metrics.update(metrics)
         if run.tracker:
             run.tracker.log_metrics({**metrics, **run.progress(step)}, step)
         if run.rank == 0:
-            print(f"[{run.spec.kind}] step {step} val_loss {metrics['val_loss']:.4f} "
-                  f"val_accuracy {metrics['val_accuracy']:.4f}", flush=True)
+            print(f"[{run.spec.kind}] step {step} val_loss {metrics[Metric.VAL_LOSS]:.4f} "
+                  f"val_accuracy {metrics[Metric.VAL_ACCURACY]:.4f}", flush=True)
 
 
 class Checkpointer:
