@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -135,7 +136,6 @@ def _store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="an MLflow tracking URI instead (default: MLFLOW_TRACKING_URI)")
 
 
-_RAY_WAS_UP = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,10 +179,9 @@ def _one_line(error: BaseException) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    global _RAY_WAS_UP
     import ray
 
-    _RAY_WAS_UP = ray.is_initialized()
+    ray_was_up = ray.is_initialized()  # a caller that had Ray up keeps it; one this command starts, it stops
     parser = build_parser()
     # Overrides may come after the options too (`run CFG --workdir W a.b=1`): argparse
     # leaves those in `extra`.
@@ -190,7 +189,7 @@ def _main(argv: list[str]) -> int:
     if args.command in ("scaling", "predict", "export", "report", "ui") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "scaling":
-        return _scaling(args)
+        return _scaling(args, ray_was_up)
     if args.command == "predict":
         from pipeline.predict import predict_command
 
@@ -218,7 +217,7 @@ def _main(argv: list[str]) -> int:
     args.overrides = list(args.overrides) + extra
     config = load_config(args.config, args.overrides)
     if args.command == "batches":
-        return _batches(config, args)
+        return _batches(config, args, ray_was_up)
     if args.command == "plan":
         return _plan(config, args)
 
@@ -231,16 +230,16 @@ def _main(argv: list[str]) -> int:
     from pipeline.train.preemption import EXIT_CODE, Preempted
 
     if args.workdir:
-        config.workdir = args.workdir
+        config = dataclasses.replace(config, workdir=args.workdir)
     print("resolved config (also saved as config.yaml on the MLflow run; secrets redacted):", flush=True)
     print("  " + tracking.config_yaml(config).rstrip().replace("\n", "\n  "), flush=True)
     try:
-        summary = run_pipeline(config, targets, args.workdir)
+        summary = run_pipeline(config, targets)
     except Preempted as e:
-        _stop_local_ray()
+        _stop_local_ray(ray_was_up)
         print(str(e), file=sys.stderr)
         return EXIT_CODE
-    _stop_local_ray()  # flushes the workers' trailing logs, so the summary prints last
+    _stop_local_ray(ray_was_up)  # flushes the workers' trailing logs, so the summary prints last
     print()
     print(format_summary(summary))
     if args.summary:
@@ -250,12 +249,12 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _batches(config, args) -> int:
+def _batches(config, args, ray_was_up: bool) -> int:
     from pipeline import batches
 
     steps = batches.parse_steps(args.steps)
     described = batches.describe(config, args.stage, steps, args.world_size, args.workdir)
-    _stop_local_ray()
+    _stop_local_ray(ray_was_up)
     if args.json:
         for b in described:
             print(json.dumps(b))
@@ -272,7 +271,7 @@ def _plan(config, args) -> int:
     return 0
 
 
-def _scaling(args) -> int:
+def _scaling(args, ray_was_up: bool) -> int:
     from pipeline.scaling.chinchilla import FitError
     from pipeline.scaling.commands import fit_command, fit_vit_command, predict_command
 
@@ -280,7 +279,7 @@ def _scaling(args) -> int:
         from pipeline.scaling.sweep import run_holdout, run_sweep
 
         table = run_holdout(args.sweep_file, args.workdir, args.bootstrap) if args.holdout else run_sweep(args.sweep_file, args.workdir)
-        _stop_local_ray()
+        _stop_local_ray(ray_was_up)
         print(table)
         return 0
     source = (args.points, args.experiment, args.tracking_uri, args.sweep)
@@ -295,11 +294,11 @@ def _scaling(args) -> int:
     return 0
 
 
-def _stop_local_ray() -> None:
-    """Shut down Ray if this command started it; a caller that had it up keeps it."""
+def _stop_local_ray(was_up: bool) -> None:
+    """Shut down Ray if this command started it (it was not up before)."""
     import ray
 
-    if ray.is_initialized() and not _RAY_WAS_UP:
+    if ray.is_initialized() and not was_up:
         ray.shutdown()
 
 

@@ -20,6 +20,9 @@ from typing import Any, Callable, Optional
 
 from pipeline import storage
 from pipeline.config import RunConfig
+from pipeline.fanout import FanOut
+from pipeline.keys import CACHED, RAN
+from pipeline.tracking import Tracker
 
 DONE = "stage.json"
 # Bump when a stage's outputs change meaning, so old caches are not reused.
@@ -32,8 +35,9 @@ class StageContext:
     out_dir: str
     inputs: dict[str, dict[str, Any]]  # upstream stage name -> its outputs
     fingerprint: str
-    tracking_uri: str
-    mlflow_run_id: Optional[str]
+    tracker: Tracker
+    run_id: str  # the stage's run in `tracker`
+    fan_out: FanOut  # where per-shard work and evaluation tasks run
 
 
 @dataclass
@@ -103,7 +107,7 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
     workdir = ctx.config.workdir
     done = read_done(ctx.out_dir)
     if done is not None and done.get("fingerprint") == ctx.fingerprint:
-        return {**_outputs_in(workdir, done), "status": "cached", "seconds": round(time.perf_counter() - start, 2)}
+        return {**_outputs_in(workdir, done), "status": CACHED, "seconds": round(time.perf_counter() - start, 2)}
     if not stage.resumable:
         storage.remove_tree(ctx.out_dir)  # whatever a killed run left behind
     storage.makedirs(ctx.out_dir)
@@ -119,7 +123,7 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
         "outputs": {k: storage.relative(workdir, v) for k, v in result.outputs.items()},
         "metrics": result.metrics,
         "params": result.params,
-        "mlflow_run_id": ctx.mlflow_run_id,  # the run that produced these outputs, for cache hits to link to
+        "mlflow_run_id": ctx.run_id,  # the run that produced these outputs, for cache hits to link to
     }
     storage.write_json_atomic(storage.join(ctx.out_dir, DONE), record)
-    return {**_outputs_in(workdir, record), "status": "ran"}
+    return {**_outputs_in(workdir, record), "status": RAN}

@@ -79,7 +79,7 @@ def stages_of(runs, parent) -> dict[str, dict[str, Any]]:
     are those of the run that produced its outputs."""
     from mlflow.exceptions import MlflowException
 
-    children = runs.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    children = runs.search_runs([parent.info.experiment_id], f"tags.`{Tag.PARENT}` = '{parent.info.run_id}'",
                                 order_by=["attributes.start_time ASC"])
     stages = {}
     for child in children:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
 from pipeline import storage, tracking
 from pipeline.config import ConfigError, RayConfig, RunConfig
 from pipeline.dag import StageContext, closure, fingerprint, read_done, run_stage, section_dict
-from pipeline.keys import PIPELINE, Artifact, Metric, Tag
+from pipeline.fanout import FanOut, RayFanOut
+from pipeline.keys import CACHED, PIPELINE, RAN, Artifact, Metric, Tag
 from pipeline.stages import STAGES
+from pipeline.tracking import Tracker
 
 PIPELINE_ORDER = list(STAGES)
 
@@ -33,9 +36,10 @@ def ensure_ray(cfg: RayConfig) -> None:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def check_cluster_storage(config: RunConfig, workdir: str, uri: str) -> None:
+def check_cluster_storage(config: RunConfig, workdir: str, uri: Optional[str]) -> None:
     """On a cluster of several nodes, refuse before any work a workdir or tracking
-    store that only one node can see (unless the workdir is declared shared)."""
+    store that only one node can see (unless the workdir is declared shared); `uri`
+    None: a tracker in the driver's memory, which no worker writes to."""
     import ray
 
     if not (config.ray.address or os.environ.get("RAY_ADDRESS")) or config.storage.shared:
@@ -49,75 +53,95 @@ def check_cluster_storage(config: RunConfig, workdir: str, uri: str) -> None:
             f"workdir {workdir} is a local path, and the Ray cluster has {nodes} nodes that do not see "
             "each other's disks: pass --workdir s3://BUCKET/PATH (or gs://...), or set storage.shared=true "
             "if it is a mount every node shares")
-    if not tracking.is_server(uri):
+    if uri is not None and not tracking.is_server(uri):
         raise ConfigError(
             f"tracking URI {uri} is a file on one node of a {nodes}-node cluster: set MLFLOW_TRACKING_URI "
             "(or tracking.uri) to an MLflow server every node reaches, e.g. http://HOST:5000")
 
 
-def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir: Optional[str] = None) -> dict[str, Any]:
-    """Run `targets` (default: every stage); return the summary dict."""
-    import mlflow
+def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir: Optional[str] = None,
+                 tracker: Optional[Tracker] = None, fan_out: Optional[FanOut] = None) -> dict[str, Any]:
+    """Run `targets` (default: the config's, else every stage); return the summary dict.
 
-    workdir = storage.absolute(workdir or config.workdir)
-    config.workdir = workdir
+    By default stages fan out as Ray tasks and are recorded in MLflow (the config's
+    tracking URI); tests of what stages make may pass a `LocalFanOut` and an
+    `InMemoryTracker` (training stages still run under Ray Train)."""
+    config = dataclasses.replace(config, workdir=storage.absolute(workdir or config.workdir))
+    workdir = config.workdir
     try:
         names = closure(STAGES, targets or config.targets or PIPELINE_ORDER)
     except KeyError as e:
         raise ConfigError(f"targets: {e.args[0]}") from None
-    uri = tracking.tracking_uri(config.tracking.uri, workdir)
-    tracking.quiet_routine_logs()
-    check_cluster_storage(config, workdir, uri)
-    try:
-        storage.makedirs(workdir)
-    except OSError as e:
-        raise ConfigError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
-    experiment_id = tracking.ensure_experiment(uri, config.tracking.experiment, workdir)
+    uri = tracking.tracking_uri(config.tracking.uri, workdir) if tracker is None else tracker.uri
+    fan_out = fan_out or RayFanOut()
+    if isinstance(fan_out, RayFanOut):
+        check_cluster_storage(config, workdir, uri)
+    _make_workdir(workdir)
+    if tracker is None:
+        tracking.quiet_routine_logs()
+        tracker = tracking.MlflowTracker.for_experiment(uri, config.tracking.experiment, workdir)
     commit = tracking.git_commit()
+    sweep = {Tag.SWEEP: config.tracking.sweep} if config.tracking.sweep else {}
+    resolved = tracking.config_yaml(config)
 
-    summary: dict[str, Any] = {"workdir": workdir, "tracking_uri": uri, "stages": {}}
+    summary: dict[str, Any] = {"workdir": workdir, "tracking_uri": tracker.uri, "stages": {}}
     fingerprints: dict[str, str] = {}
     outputs: dict[str, dict[str, Any]] = {}
-    sweep = {Tag.SWEEP: config.tracking.sweep} if config.tracking.sweep else {}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=config.name,
-                          tags={Tag.GIT_COMMIT: commit, Tag.KIND: PIPELINE, **sweep}) as parent:
-        mlflow.log_params(tracking.params_for_mlflow({"targets": ",".join(names)}))
-        resolved = tracking.config_yaml(config)
-        mlflow.log_text(resolved, Artifact.CONFIG)
-        summary["mlflow_run_id"] = parent.info.run_id
-        if config.tracking.system_metrics_every:
-            from mlflow.system_metrics import set_system_metrics_sampling_interval
-
-            set_system_metrics_sampling_interval(config.tracking.system_metrics_every)
+    parent = tracker.start_run(config.name, {Tag.GIT_COMMIT: commit, Tag.KIND: PIPELINE, **sweep})
+    summary["mlflow_run_id"] = parent
+    failed = True
+    try:
+        tracker.log_params(parent, {"targets": ",".join(names)})
+        tracker.log_text(parent, resolved, Artifact.CONFIG)
         for name in names:
             stage = STAGES[name]
             fp = fingerprint(stage, config, {d: fingerprints[d] for d in stage.deps})
             fingerprints[name] = fp
-            out_dir = storage.join(workdir, name, fp)
-            cached = read_done(out_dir)
-            with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
-                                  tags={Tag.STAGE: name, Tag.FINGERPRINT: fp, Tag.GIT_COMMIT: commit, **sweep},
-                                  log_system_metrics=cached is None and config.tracking.system_metrics_every > 0) as run:
-                if cached is None:
-                    ensure_ray(config.ray)
-                    print(f"[{name}] running -> {out_dir}", flush=True)
-                    mlflow.log_params(tracking.params_for_mlflow({"config": section_dict(stage, config)}))
-                    mlflow.log_text(resolved, Artifact.CONFIG)
-                ctx = StageContext(config, out_dir, {d: outputs[d] for d in stage.deps}, fp, uri, run.info.run_id)
-                record = run_stage(stage, ctx)
-                mlflow.set_tag(Tag.STATUS, record["status"])
-                if record["status"] == "cached" and record.get("mlflow_run_id"):
-                    tracking.link_to_producer(uri, run.info.run_id, record["mlflow_run_id"])
-                if record["status"] == "ran":
-                    if record.get("params"):
-                        mlflow.log_params(tracking.params_for_mlflow(record["params"]))
-                    if record["metrics"]:
-                        mlflow.log_metrics(record["metrics"])
-                    mlflow.log_metric(Metric.STAGE_SECONDS, record["seconds"])
+            record = _run_recorded(stage, config, fp, {d: outputs[d] for d in stage.deps}, tracker, fan_out, parent,
+                                   {Tag.STAGE: name, Tag.FINGERPRINT: fp, Tag.GIT_COMMIT: commit, **sweep}, resolved)
             outputs[name] = record["outputs"]
             summary["stages"][name] = {k: record.get(k) for k in ("status", "seconds", "outputs", "metrics", "params", "mlflow_run_id")}
             print(f"[{name}] {record['status']} in {record['seconds']:.1f}s", flush=True)
+        failed = False
+    finally:
+        tracker.end_run(parent, failed)
     return summary
+
+
+def _make_workdir(workdir: str) -> None:
+    try:
+        storage.makedirs(workdir)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
+
+
+def _run_recorded(stage, config: RunConfig, fp: str, inputs: dict[str, dict[str, Any]], tracker: Tracker,
+                  fan_out: FanOut, parent: str, tags: dict[str, str], resolved: str) -> dict[str, Any]:
+    """One stage (or its cache hit) under its own nested run."""
+    out_dir = storage.join(config.workdir, stage.name, fp)
+    cached = read_done(out_dir)
+    system_metrics = config.tracking.system_metrics_every if cached is None else 0.0
+    run_id = tracker.start_run(stage.name, tags, parent=parent, system_metrics=system_metrics)
+    failed = True
+    try:
+        if cached is None:
+            if isinstance(fan_out, RayFanOut):
+                ensure_ray(config.ray)
+            print(f"[{stage.name}] running -> {out_dir}", flush=True)
+            tracker.log_params(run_id, {"config": section_dict(stage, config)})
+            tracker.log_text(run_id, resolved, Artifact.CONFIG)
+        record = run_stage(stage, StageContext(config, out_dir, inputs, fp, tracker, run_id, fan_out))
+        tracker.set_tag(run_id, Tag.STATUS, record["status"])
+        if record["status"] == CACHED and record.get("mlflow_run_id"):
+            tracker.link_to_producer(run_id, record["mlflow_run_id"])
+        if record["status"] == RAN:
+            if record.get("params"):
+                tracker.log_params(run_id, record["params"])
+            tracker.log_metrics(run_id, {**record["metrics"], Metric.STAGE_SECONDS: record["seconds"]})
+        failed = False
+    finally:
+        tracker.end_run(run_id, failed)
+    return record
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
-"""The seven stages of the pipeline, each a function of a `StageContext`.
+"""The eight stages of the pipeline, each a function of a `StageContext`: shard,
+tokenize, patchify, one training stage per model kind (`pipeline.kinds`), and the
+two evaluations.
 
-Heavy lifting lives in `data/`, `preprocess/`, `train/` and `evaluate`; this
-module wires inputs to outputs and fans per-shard work out as Ray tasks.
+Heavy lifting lives in `data/`, `preprocess/`, `kinds/`, `train/` and `evaluate`;
+this module wires inputs to outputs and fans per-shard work out as Ray tasks.
 """
 
 from __future__ import annotations
@@ -22,25 +24,7 @@ from pipeline.kinds.base import param_counts
 from pipeline.train.checkpoint import MODEL_CONFIG, WEIGHTS
 from pipeline.train.spec import TrainSpec
 
-# --------------------------------------------------------------------------- Ray fan-out
-
-
-def _ray_map(fn: Callable[..., Any], calls: list[tuple], desc: str) -> list[Any]:
-    """Run `fn(*args)` for every args tuple as a Ray task, with a progress bar."""
-    import ray
-
-    from pipeline.progress import progress
-
-    task = ray.remote(num_cpus=1)(fn)
-    pending = [task.remote(*args) for args in calls]
-    results: dict[Any, Any] = {}
-    order = list(pending)
-    with progress(len(pending), desc, "shard") as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            results[ready[0]] = ray.get(ready[0])
-            bar.update(1)
-    return [results[ref] for ref in order]
+# --------------------------------------------------------------------------- writing shards
 
 
 def _write_samples(path: str, make: Callable[..., Iterable[dict]], args: tuple) -> ShardInfo:
@@ -51,11 +35,11 @@ def _shard_ranges(count: int, per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(count, start + per_shard)) for start in range(0, max(count, 1), per_shard)]
 
 
-def _write_split(out_dir: str, prefix: str, make: Callable[..., Iterable[dict]], shard_args: list[tuple],
-                 schema: dict[str, str], fingerprint: str, desc: str) -> dict:
+def _write_split(ctx: StageContext, out_dir: str, prefix: str, make: Callable[..., Iterable[dict]],
+                 shard_args: list[tuple], schema: dict[str, str], desc: str) -> dict:
     """One shard per entry of `shard_args`, shard i yielded by `make(*shard_args[i])`, then the manifest."""
     calls = [(storage.join(out_dir, f"{prefix}-{i:06d}.tar"), make, args) for i, args in enumerate(shard_args)]
-    return shards.write_manifest(out_dir, _ray_map(_write_samples, calls, desc), schema, fingerprint)
+    return shards.write_manifest(out_dir, ctx.fan_out.map(_write_samples, calls, desc), schema, ctx.fingerprint)
 
 
 # --------------------------------------------------------------------------- shard
@@ -83,7 +67,8 @@ def run_shard(ctx: StageContext) -> StageResult:
     digit_schema = {"png": "uint8 28x28 grayscale digit", "cls": "int label 0-9"}
     folder = sources.plan_image_folder(data.mnist.folder, data.mnist.labels_file) if data.mnist.source == "folder" else None
     for split in sources.SPLITS:
-        d = storage.join(out, "mnist", split)
+        digits = sources.ImageSet(split)
+        d = storage.join(out, *digits.parts)
         if data.mnist.source == "embedded":
             ranges = _shard_ranges(len(sources.mnist_split(split)[1]), data.mnist.samples_per_shard)
             make, shard_args = sources.digit_samples, [(split, a, b) for a, b in ranges]
@@ -92,24 +77,23 @@ def run_shard(ctx: StageContext) -> StageResult:
         else:  # each task gets only its own file names
             ranges = _shard_ranges(len(folder[split]), data.mnist.samples_per_shard)
             make, shard_args = sources.folder_digit_samples, [(folder[split][a:b], a) for a, b in ranges]
-        m = _write_split(d, "mnist", make, shard_args, digit_schema, fp, f"shard mnist/{split}")
-        outputs[f"mnist_{split}"] = d
-        metrics[f"mnist_{split}_samples"] = m["total_samples"]
+        m = _write_split(ctx, d, "mnist", make, shard_args, digit_schema, f"shard mnist/{split}")
+        outputs[digits.output] = d
+        metrics[f"{digits.output}_samples"] = m["total_samples"]
 
     grid_schema = {"png": "uint8 grid image of 28x28 cells", "txt": "digits row by row, '_' blank",
                    "json": "rows, cols, digit_keys (the digits' keys in the mnist shards of the split)"}
-    for grids in data.grid_sets():
-        for split in sources.SPLITS:
-            count = getattr(grids, f"{split}_count")
-            if not count:  # an evaluation-only set has no training grids
-                continue
-            name = sources.grid_output(grids.name, split)
-            d = storage.join(out, *name.split("_"))
-            ranges = _shard_ranges(count, grids.samples_per_shard)
-            shard_args = [(grids, split, outputs[f"mnist_{split}"], data.seed, a, b) for a, b in ranges]
-            m = _write_split(d, "grids", sources.grid_samples, shard_args, grid_schema, fp, f"shard {name}")
-            outputs[name] = d
-            metrics[f"{name}_samples"] = m["total_samples"]
+    grid_sets = {g.name: g for g in data.grid_sets()}
+    for image_set in sources.image_sets(data):
+        if image_set.grid_set is None:
+            continue  # written above
+        grids, split, name = grid_sets[image_set.grid_set], image_set.split, image_set.output
+        d = storage.join(out, *image_set.parts)
+        ranges = _shard_ranges(getattr(grids, f"{split}_count"), grids.samples_per_shard)
+        shard_args = [(grids, split, outputs[sources.ImageSet(split).output], data.seed, a, b) for a, b in ranges]
+        m = _write_split(ctx, d, "grids", sources.grid_samples, shard_args, grid_schema, f"shard {name}")
+        outputs[name] = d
+        metrics[f"{name}_samples"] = m["total_samples"]
 
     # The driver lists the parts; each Ray task reads only its own.
     text_schema = {"txt": "a UTF-8 document", "json": "source_key"}
@@ -118,7 +102,7 @@ def run_shard(ctx: StageContext) -> StageResult:
     calls = [(data.text, part, storage.join(dirs["train"], f"text-{part.number:06d}.tar"),
               storage.join(dirs["val"], f"text-{part.number:06d}.tar"), every)
              for part in sources.plan_text_parts(data.text, data.seed)]
-    written = _ray_map(_write_text_part, calls, "shard text")
+    written = ctx.fan_out.map(_write_text_part, calls, "shard text")
     for split, infos in zip(("train", "val"), zip(*written)):
         m = shards.write_manifest(dirs[split], list(infos), text_schema, fp)
         if m["total_samples"] == 0:
@@ -133,15 +117,13 @@ def run_shard(ctx: StageContext) -> StageResult:
 
 
 def run_tokenize(ctx: StageContext) -> StageResult:
-    import ray
-
     from pipeline.preprocess.tokenize import tokenize_shard, train_bpe_on_shards
 
     cfg = ctx.config.tokenize
     raw = ctx.inputs["shard"]
-    # Trained in a Ray task on a bounded sample of the training text: the driver holds no text.
-    task = ray.remote(num_cpus=1)(train_bpe_on_shards)
-    tokenizer_json = ray.get(task.remote(shards.shard_entries(raw["text_train"]), cfg.vocab_size, cfg.train_bytes))
+    # Trained in a task on a bounded sample of the training text: the driver holds no text.
+    tokenizer_json = ctx.fan_out.call(train_bpe_on_shards, shards.shard_entries(raw["text_train"]), cfg.vocab_size,
+                                      cfg.train_bytes)
     tokenizer_path = storage.join(ctx.out_dir, "tokenizer.json")
     storage.write_bytes_atomic(tokenizer_path, tokenizer_json.encode("utf-8"))
     vocab_size = len(json.loads(tokenizer_json)["model"]["vocab"])
@@ -155,7 +137,7 @@ def run_tokenize(ctx: StageContext) -> StageResult:
             (entry, storage.join(out, f"tokens-{i:06d}.tar"), tokenizer_json, cfg.seq_len)
             for i, entry in enumerate(shards.shard_entries(raw[f"text_{split}"]))
         ]
-        infos = _ray_map(tokenize_shard, calls, f"tokenize {split}")
+        infos = ctx.fan_out.map(tokenize_shard, calls, f"tokenize {split}")
         m = shards.write_manifest(out, infos, schema, ctx.fingerprint, seq_len=cfg.seq_len, vocab_size=vocab_size)
         if m["total_samples"] == 0:
             raise ValueError(f"the {split} text is shorter than one sequence of {cfg.seq_len + 1} tokens")
@@ -176,13 +158,14 @@ def run_patchify(ctx: StageContext) -> StageResult:
     outputs: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     schema = {"npy": f"float16 (num_patches, {cfg.patch_size ** 2}) normalised patches, raster order"}
-    for name in (k for k in raw if k.startswith(("mnist_", "grids_"))):
-        out = storage.join(ctx.out_dir, *name.split("_"))
+    for image_set in sources.image_sets(ctx.config.data):  # what the shard stage wrote (its fingerprint says)
+        name = image_set.output
+        out = storage.join(ctx.out_dir, *image_set.parts)
         calls = [
             (entry, storage.join(out, f"patches-{i:06d}.tar"), cfg.patch_size, cfg.mean, cfg.std)
             for i, entry in enumerate(shards.shard_entries(raw[name]))
         ]
-        infos = _ray_map(patchify_shard, calls, f"patchify {name}")
+        infos = ctx.fan_out.map(patchify_shard, calls, f"patchify {name}")
         m = shards.write_manifest(out, infos, schema, ctx.fingerprint, patch_size=cfg.patch_size)
         outputs[name] = out
         metrics[f"{name}_samples"] = m["total_samples"]
@@ -211,8 +194,8 @@ def run_training(ctx: StageContext, kind: ModelKind) -> StageResult:
         deepspeed=load_zero_config(section.train.zero_stage),
         weights_out=storage.join(ctx.out_dir, WEIGHTS),
         start=kind.starting_weights(config, ctx.inputs),
-        tracking_uri=ctx.tracking_uri,
-        mlflow_run_id=ctx.mlflow_run_id,
+        tracking_uri=ctx.tracker.uri,
+        mlflow_run_id=ctx.run_id,
         skip_shards=skip[0],
         skip_val_shards=skip[1],
     )
@@ -229,11 +212,11 @@ def run_training(ctx: StageContext, kind: ModelKind) -> StageResult:
                if k in reported}
     outputs = {"checkpoint": result["checkpoint"], "weights": spec.weights_out, "model_config": model_config_path,
                **kind.finish(ctx.out_dir, ctx.inputs)}
-    if ctx.mlflow_run_id:
-        outputs["loss_plot"] = storage.join(ctx.out_dir, Artifact.LOSS_PLOT)
-        tracking.plot_loss(ctx.tracking_uri, ctx.mlflow_run_id, kind.unit, outputs["loss_plot"])
-        if config.tracking.log_weights:
-            tracking.log_files(ctx.tracking_uri, ctx.mlflow_run_id, [spec.weights_out, model_config_path])
+    loss_plot = storage.join(ctx.out_dir, Artifact.LOSS_PLOT)
+    if tracking.plot_loss(ctx.tracker, ctx.run_id, kind.unit, loss_plot):
+        outputs["loss_plot"] = loss_plot
+    if config.tracking.log_weights:
+        ctx.tracker.log_files(ctx.run_id, [spec.weights_out, model_config_path])
     return StageResult(outputs, metrics, params)
 
 
@@ -244,56 +227,48 @@ def _bad_shards(ctx: StageContext, train_dir: str, val_dir: str) -> tuple[tuple[
     found = {}
     for split, directory in (("training", train_dir), ("validation", val_dir)):
         desc = f"check {split} shards"
-        found[split] = shards.bad_shards(directory, lambda fn, entries: _ray_map(fn, [(e,) for e in entries], desc))
+        found[split] = shards.bad_shards(directory, lambda fn, entries: ctx.fan_out.map(fn, [(e,) for e in entries], desc))
         for name, why in sorted(found[split].items()):
             print(f"[data] skipping bad {split} shard {name}: {why}", flush=True)
     train_bad, val_bad = (tuple(sorted(found[split])) for split in ("training", "validation"))
-    if ctx.mlflow_run_id:
-        runs = tracking.client(ctx.tracking_uri)
-        for key, bad in ((Param.SKIPPED_SHARDS, train_bad), (Param.SKIPPED_VAL_SHARDS, val_bad)):
-            runs.log_param(ctx.mlflow_run_id, key, ",".join(bad) or "none")
-            runs.log_metric(ctx.mlflow_run_id, f"{key}_count", len(bad))
-        if train_bad or val_bad:
-            lines = [f"{split} {n}: {w}\n" for split, bad in found.items() for n, w in sorted(bad.items())]
-            runs.log_text(ctx.mlflow_run_id, "".join(lines), Artifact.SKIPPED_SHARDS)
+    for key, bad in ((Param.SKIPPED_SHARDS, train_bad), (Param.SKIPPED_VAL_SHARDS, val_bad)):
+        ctx.tracker.log_params(ctx.run_id, {key: ",".join(bad) or "none"})
+        ctx.tracker.log_metrics(ctx.run_id, {f"{key}_count": len(bad)})
+    if train_bad or val_bad:
+        lines = [f"{split} {n}: {w}\n" for split, bad in found.items() for n, w in sorted(bad.items())]
+        ctx.tracker.log_text(ctx.run_id, "".join(lines), Artifact.SKIPPED_SHARDS)
     return train_bad, val_bad
 
 
 # --------------------------------------------------------------------------- evaluate
 
 
-def _evaluation_cpus(cfg) -> int:
-    """`evaluate.num_cpus`, refused at once if the cluster has fewer (Ray would wait forever)."""
-    import ray
-
-    total = int(ray.cluster_resources().get("CPU", 0))
+def _evaluation_task(ctx: StageContext, fn: Callable, *args: Any) -> Any:
+    """`fn(*args)` as one task with `evaluate.num_cpus` (refused at once if the cluster
+    has fewer: Ray would wait forever) and a GPU if `evaluate.use_gpu`."""
+    cfg = ctx.config.evaluate
+    total = ctx.fan_out.cpus()
     if cfg.num_cpus > total:
         raise ConfigError(f"evaluate.num_cpus is {cfg.num_cpus} but the Ray cluster has {total} CPUs")
-    return cfg.num_cpus
+    return ctx.fan_out.call(fn, *args, num_cpus=cfg.num_cpus, num_gpus=1 if cfg.use_gpu else 0)
 
 
 def run_evaluate_gpt(ctx: StageContext) -> StageResult:
-    import ray
-
     from pipeline import evaluate
 
     cfg = ctx.config.evaluate
-    task = ray.remote(num_cpus=_evaluation_cpus(cfg), num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_gpt)
-    metrics = ray.get(task.remote(ctx.inputs["pretrain_gpt"], ctx.inputs["tokenize"]["tokens_val"], cfg))
+    metrics = _evaluation_task(ctx, evaluate.evaluate_gpt, ctx.inputs["pretrain_gpt"], ctx.inputs["tokenize"]["tokens_val"], cfg)
     metrics_path = storage.join(ctx.out_dir, "metrics.json")
     storage.write_json_atomic(metrics_path, metrics)
     return StageResult({"metrics": metrics_path}, metrics)
 
 
 def run_evaluate(ctx: StageContext) -> StageResult:
-    import ray
-
     from pipeline import evaluate
 
     cfg = ctx.config.evaluate
     grid_sets = [g.name for g in ctx.config.data.grid_sets()]
-    task = ray.remote(num_cpus=_evaluation_cpus(cfg), num_gpus=1 if cfg.use_gpu else 0)(evaluate.evaluate_images)
-    metrics, examples = ray.get(task.remote(ctx.inputs, cfg, grid_sets, ctx.out_dir))
+    metrics, examples = _evaluation_task(ctx, evaluate.evaluate_images, ctx.inputs, cfg, grid_sets, ctx.out_dir)
     outputs = {"metrics": storage.join(ctx.out_dir, "metrics.json"),
                "captioner_examples": storage.join(ctx.out_dir, "captioner_examples.json")}
     storage.write_json_atomic(outputs["metrics"], metrics)
@@ -302,8 +277,7 @@ def run_evaluate(ctx: StageContext) -> StageResult:
         path = storage.join(ctx.out_dir, picture)
         if storage.exists(path):
             outputs[picture.removesuffix(".png")] = path
-    if ctx.mlflow_run_id:
-        tracking.log_files(ctx.tracking_uri, ctx.mlflow_run_id, list(outputs.values()))
+    ctx.tracker.log_files(ctx.run_id, list(outputs.values()))
     return StageResult(outputs, metrics)
 
 

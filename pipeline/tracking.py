@@ -1,8 +1,9 @@
-"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+"""Tracking: one parent run per pipeline run, one nested run per stage, in MLflow
+(`MlflowTracker`) or, for tests, in memory (`InMemoryTracker`).
 
-Training workers do not own a run: rank 0 logs into the stage's run by id
-(`RunLogger`), so the driver decides the run's shape and the workers only
-append metrics.
+Training workers do not own a run: rank 0 logs into the stage's run by id (an
+`MlflowTracker` of the same store), so the driver decides the run's shape and the
+workers only append metrics.
 """
 
 from __future__ import annotations
@@ -116,11 +117,11 @@ def _first_open(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def client(uri: str):
+def client(uri: str, _locked: bool = False):
     """An MlflowClient whose store is already open (see `_first_open`)."""
     from mlflow.tracking import MlflowClient
 
-    with _first_open(uri):
+    with contextlib.nullcontext() if _locked else _first_open(uri):
         opened = MlflowClient(tracking_uri=uri)
         opened.search_experiments(max_results=1)  # opens the store: schema created or migrated here
     return opened
@@ -128,35 +129,22 @@ def client(uri: str):
 
 def ensure_experiment(uri: str, name: str, workdir: str) -> str:
     """Experiment id. A server keeps artifacts where it was told to (its own
-    artifact store); a local SQLite store keeps them under the workdir (not ./mlruns)."""
+    artifact store); a local SQLite store keeps them under the workdir (not ./mlruns).
+    Nothing global is set: every call names its store."""
     with _first_open(uri):
-        return _ensure_experiment(uri, name, workdir)
-
-
-def _ensure_experiment(uri: str, name: str, workdir: str) -> str:
-    import mlflow
-
-    # set_tracking_uri also exports MLFLOW_TRACKING_URI, which `tracking_uri` reads as
-    # the user's choice: a second pipeline run in this process (a held-out run after a
-    # sweep, a test after a test) would log into the first run's store. Keep the user's.
-    users = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    if users is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = users
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        if _KIND not in experiment.tags:
-            mlflow.MlflowClient(uri).set_experiment_tag(experiment.experiment_id, _KIND, _MODEL_TRAINING)
-        return experiment.experiment_id
-    if is_server(uri):
-        return mlflow.create_experiment(name, tags={_KIND: _MODEL_TRAINING})
-    artifacts = storage.join(storage.absolute(workdir), "mlflow-artifacts")
-    if storage.is_local(artifacts):
-        os.makedirs(artifacts, exist_ok=True)
-        artifacts = "file://" + artifacts
-    return mlflow.create_experiment(name, artifact_location=artifacts, tags={_KIND: _MODEL_TRAINING})
+        runs = client(uri, _locked=True)
+        experiment = runs.get_experiment_by_name(name)
+        if experiment is not None:
+            if _KIND not in experiment.tags:
+                runs.set_experiment_tag(experiment.experiment_id, _KIND, _MODEL_TRAINING)
+            return experiment.experiment_id
+        if is_server(uri):
+            return runs.create_experiment(name, tags={_KIND: _MODEL_TRAINING})
+        artifacts = storage.join(storage.absolute(workdir), "mlflow-artifacts")
+        if storage.is_local(artifacts):
+            os.makedirs(artifacts, exist_ok=True)
+            artifacts = "file://" + artifacts
+        return runs.create_experiment(name, artifact_location=artifacts, tags={_KIND: _MODEL_TRAINING})
 
 
 # The MLflow UI opens an experiment of unknown kind on its GenAI (traces) pages; ours
@@ -176,67 +164,188 @@ def quiet_routine_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def link_to_producer(uri: str, run_id: str, producer_id: str) -> None:
-    """A cached stage's run points at the run that made its outputs: a tag, and a
-    description (shown on the run's page) with the link."""
-    from mlflow.exceptions import MlflowException
-
-    runs = client(uri)
-    runs.set_tag(run_id, Tag.PRODUCED_BY, producer_id)
-    try:
-        producer = runs.get_run(producer_id)
-    except MlflowException:  # a store that no longer holds it (another tracking URI, deleted)
-        note = f"Cached: outputs made by run {producer_id}, not in this tracking store."
-    else:
-        link = f"#/experiments/{producer.info.experiment_id}/runs/{producer_id}"
-        note = f"Cached: its outputs were made by [{producer.info.run_name} {producer_id[:8]}]({link}); metrics, plots and weights are there."
-    runs.set_tag(run_id, Tag.NOTE, note)
-
-
-class RunLogger:
-    """Appends metrics to an existing run from any process (rank 0 of a trainer)."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.client = client(uri)
-        self.run_id = run_id
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
-
-
-def plot_loss(uri: str, run_id: str, unit: str, path: str) -> None:
+def plot_loss(tracker: "Tracker", run_id: str, unit: str, path: str) -> bool:
     """Training loss against data seen and against compute, from the run's history;
-    saved to `path` and attached to the run as an artifact."""
+    saved to `path` and attached to the run as an artifact. False: no history to plot."""
     from pipeline.plotting import png, pyplot
 
-    plt = pyplot()
-    runs = client(uri)
-    history = {k: {m.step: m.value for m in runs.get_metric_history(run_id, k)} for k in (Metric.LOSS, unit, Metric.FLOPS)}
+    history = {k: tracker.metric_history(run_id, k) for k in (Metric.LOSS, unit, Metric.FLOPS)}
     steps = sorted(history[Metric.LOSS])
     if not steps:
-        return
+        return False
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, key, label in ((axes[0], unit, unit), (axes[1], Metric.FLOPS, "training FLOPs (6N + 12·L·T·d per token)")):
         ax.plot([history[key][s] for s in steps], [history[Metric.LOSS][s] for s in steps], marker=".")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("training loss")
-    fig.suptitle(runs.get_run(run_id).info.run_name)
+    fig.suptitle(tracker.run_name(run_id))
     storage.write_bytes_atomic(path, png(fig))
-    log_files(uri, run_id, [path])
+    tracker.log_files(run_id, [path])
+    return True
 
 
-def log_files(uri: str, run_id: str, paths: list[str]) -> None:
-    """Attach files (local or on a bucket) to a run as artifacts, under their own names."""
-    import tempfile
+class Tracker:
+    """Where a pipeline run and its stages are recorded: one parent run, a nested run
+    per stage. `MlflowTracker` is the pipeline's; `InMemoryTracker` keeps everything in
+    this process, for tests of what the stages make where MLflow is not what they check."""
 
-    runs = client(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in paths:
-            local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
-            with open(local, "wb") as f:
-                f.write(storage.read_bytes(path))
-            runs.log_artifact(run_id, local)
+    uri: Optional[str] = None  # what processes elsewhere (training workers) log to; None: they do not
+
+    def start_run(self, name: str, tags: Mapping[str, str], parent: Optional[str] = None,
+                  system_metrics: float = 0.0) -> str:
+        """A new run's id; `system_metrics`: seconds between samples of CPU, memory and GPU (0: none)."""
+        raise NotImplementedError
+
+    def end_run(self, run_id: str, failed: bool = False) -> None:
+        raise NotImplementedError
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Nested params, flattened to dotted keys, secrets redacted."""
+        raise NotImplementedError
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        raise NotImplementedError
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        raise NotImplementedError
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        raise NotImplementedError
+
+    def log_files(self, run_id: str, paths: list[str]) -> None:
+        """Attach files (local or on a bucket) as artifacts, under their own names."""
+        raise NotImplementedError
+
+    def metric_history(self, run_id: str, key: str) -> dict[int, float]:
+        raise NotImplementedError
+
+    def run_name(self, run_id: str) -> str:
+        raise NotImplementedError
+
+    def link_to_producer(self, run_id: str, producer_id: str) -> None:
+        """A cached stage's run points at the run that made its outputs: a tag, and a
+        description (shown on the run's page) with the link."""
+        self.set_tag(run_id, Tag.PRODUCED_BY, producer_id)
+
+
+class MlflowTracker(Tracker):
+    """An MLflow store (SQLite file or server), through MlflowClient: no global state."""
+
+    def __init__(self, uri: str, experiment_id: Optional[str] = None):
+        """`experiment_id`: where new runs go; without it, only existing runs are logged to
+        (rank 0 of a trainer appends to its stage's run)."""
+        self.uri, self.experiment_id = uri, experiment_id
+        self.client = client(uri)
+        self._monitors: dict[str, Any] = {}
+
+    @classmethod
+    def for_experiment(cls, uri: str, experiment: str, workdir: str) -> "MlflowTracker":
+        return cls(uri, ensure_experiment(uri, experiment, workdir))
+
+    def start_run(self, name, tags, parent=None, system_metrics=0.0):
+        if parent:
+            tags = {**tags, Tag.PARENT: parent}
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags)).info.run_id
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=system_metrics, tracking_uri=self.uri)
+            monitor.start()
+            self._monitors[run_id] = monitor
+        return run_id
+
+    def end_run(self, run_id, failed=False):
+        monitor = self._monitors.pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def log_params(self, run_id, params):
+        from mlflow.entities import Param as MlflowParam
+
+        flat = params_for_mlflow(params)
+        self.client.log_batch(run_id, params=[MlflowParam(k, v) for k, v in flat.items()])
+
+    def log_metrics(self, run_id, metrics, step=0):
+        from mlflow.entities import Metric as MlflowMetric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[MlflowMetric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def set_tag(self, run_id, key, value):
+        self.client.set_tag(run_id, key, value)
+
+    def log_text(self, run_id, text, name):
+        self.client.log_text(run_id, text, name)
+
+    def log_files(self, run_id, paths):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in paths:
+                local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+                with open(local, "wb") as f:
+                    f.write(storage.read_bytes(path))
+                self.client.log_artifact(run_id, local)
+
+    def metric_history(self, run_id, key):
+        return {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
+
+    def run_name(self, run_id):
+        return self.client.get_run(run_id).info.run_name
+
+    def link_to_producer(self, run_id, producer_id):
+        from mlflow.exceptions import MlflowException
+
+        super().link_to_producer(run_id, producer_id)
+        try:
+            producer = self.client.get_run(producer_id)
+        except MlflowException:  # a store that no longer holds it (another tracking URI, deleted)
+            note = f"Cached: outputs made by run {producer_id}, not in this tracking store."
+        else:
+            link = f"#/experiments/{producer.info.experiment_id}/runs/{producer_id}"
+            note = (f"Cached: its outputs were made by [{producer.info.run_name} {producer_id[:8]}]({link}); "
+                    "metrics, plots and weights are there.")
+        self.set_tag(run_id, Tag.NOTE, note)
+
+
+class InMemoryTracker(Tracker):
+    """Runs as dicts in this process. Training workers cannot reach it (`uri` is None):
+    a training stage's curve is not recorded, its final metrics are."""
+
+    def __init__(self):
+        self.runs: dict[str, dict[str, Any]] = {}
+
+    def start_run(self, name, tags, parent=None, system_metrics=0.0):
+        run_id = f"run-{len(self.runs):04d}"
+        self.runs[run_id] = {"name": name, "tags": {**tags, **({Tag.PARENT: parent} if parent else {})},
+                             "params": {}, "metrics": {}, "texts": {}, "files": [], "status": "RUNNING"}
+        return run_id
+
+    def end_run(self, run_id, failed=False):
+        self.runs[run_id]["status"] = "FAILED" if failed else "FINISHED"
+
+    def log_params(self, run_id, params):
+        self.runs[run_id]["params"].update(params_for_mlflow(params))
+
+    def log_metrics(self, run_id, metrics, step=0):
+        for k, v in metrics.items():
+            self.runs[run_id]["metrics"].setdefault(k, {})[step] = float(v)
+
+    def set_tag(self, run_id, key, value):
+        self.runs[run_id]["tags"][key] = value
+
+    def log_text(self, run_id, text, name):
+        self.runs[run_id]["texts"][name] = text
+
+    def log_files(self, run_id, paths):
+        self.runs[run_id]["files"] += [path.rstrip("/").rsplit("/", 1)[-1] for path in paths]
+
+    def metric_history(self, run_id, key):
+        return dict(self.runs[run_id]["metrics"].get(key, {}))
+
+    def run_name(self, run_id):
+        return self.runs[run_id]["name"]
+

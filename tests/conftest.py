@@ -1,7 +1,12 @@
-"""Shared fixtures: a real local Ray cluster and a tiny pipeline workdir.
+"""Shared fixtures: a real local Ray cluster and tiny pipeline workdirs.
 
 The tiny config is the smoke config scaled down so that every stage runs in
-seconds; its stage tests share one workdir, so upstream stages are cache hits.
+seconds. Two session workdirs, each shared by the tests that use it (upstream
+stages are cache hits there, whichever test ran them first):
+- `run_tiny`: real Ray and a real MLflow store, for what trains, evaluates, or
+  checks Ray or MLflow;
+- `run_local`: the data stages in this process (`LocalFanOut`) with an
+  `InMemoryTracker`, for tests of what those stages write.
 """
 
 from __future__ import annotations
@@ -63,6 +68,23 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def run_local(tiny_config, tmp_path_factory):
+    """Run data stages of the tiny pipeline in this process, without Ray or MLflow,
+    in a workdir of their own; returns the summary."""
+    from pipeline.fanout import LocalFanOut
+    from pipeline.runner import run_pipeline
+    from pipeline.tracking import InMemoryTracker
+
+    workdir = str(tmp_path_factory.mktemp("tiny-local"))
+
+    def run(targets, *extra):
+        return run_pipeline(tiny_config(*extra), targets, workdir, tracker=InMemoryTracker(), fan_out=LocalFanOut())
+
+    run.workdir = workdir
+    return run
 
 
 @pytest.fixture(scope="session")

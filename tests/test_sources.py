@@ -125,12 +125,20 @@ def test_bad_images_are_named(tmp_path, make, message):
         list(folder_digit_samples([(str(path), 3)], first=0))
 
 
-def test_shard_stage_reads_an_image_folder(digit_folder, tmp_path, ray_cluster, tiny_config):
-    from pipeline.data import shards
+def _shard_locally(config, workdir) -> dict:
+    """The shard stage in this process (its Ray tasks: `test_stages.test_ray_tasks_write_what_the_local_fan_out_writes`)."""
+    from pipeline.fanout import LocalFanOut
     from pipeline.runner import run_pipeline
+    from pipeline.tracking import InMemoryTracker
+
+    return run_pipeline(config, ["shard"], str(workdir), tracker=InMemoryTracker(), fan_out=LocalFanOut())
+
+
+def test_shard_stage_reads_an_image_folder(digit_folder, tmp_path, tiny_config):
+    from pipeline.data import shards
 
     config = tiny_config("data.mnist.source=folder", f"data.mnist.folder={digit_folder}", "data.mnist.samples_per_shard=64")
-    summary = run_pipeline(config, ["shard"], str(tmp_path / "work"))
+    summary = _shard_locally(config, tmp_path / "work")
     out = summary["stages"]["shard"]["outputs"]
     train = list(shards.iter_verified(out["mnist_train"]))
     assert len(train) == 180 and len(shards.shard_entries(out["mnist_train"])) == 3
@@ -163,7 +171,7 @@ def test_text_presets_stream_hub_parquet(preset, tmp_path, monkeypatch):
     assert len(parts) == 3 and sorted(t for part in parts for t in part) == sorted(rows)
 
 
-def test_digits_preset_shards_hub_mnist_from_local_parquet(tmp_path, monkeypatch, ray_cluster, tiny_config):
+def test_digits_preset_shards_hub_mnist_from_local_parquet(tmp_path, monkeypatch, tiny_config):
     """`ylecun/mnist`'s layout (train/test parquet, an Image feature, labels) through the
     digits preset's source settings and the real shard stage: test digits from the test
     split, validation every 10th train example, grids from the train split's digits."""
@@ -172,7 +180,6 @@ def test_digits_preset_shards_hub_mnist_from_local_parquet(tmp_path, monkeypatch
 
     from pipeline.config import load_config
     from pipeline.data import shards
-    from pipeline.runner import run_pipeline
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -187,7 +194,7 @@ def test_digits_preset_shards_hub_mnist_from_local_parquet(tmp_path, monkeypatch
     config = load_config(REPO / PRESETS / "digits-mnist.yaml", [
         f"data.mnist.hf_dataset={hub}", "data.mnist.hf_parts=2", f"data.text.max_bytes={tiny.data.text.max_bytes}",
         "data.grids.train_count=40", "data.grids.val_count=10", "data.grids.test_count=10"])
-    out = run_pipeline(config, ["shard"], str(tmp_path / "work"))["stages"]["shard"]["outputs"]
+    out = _shard_locally(config, tmp_path / "work")["stages"]["shard"]["outputs"]
     digits = {split: list(shards.iter_verified(out[f"mnist_{split}"])) for split in ("train", "val", "test")}
     assert {k: len(v) for k, v in digits.items()} == {"train": 180, "val": 20, "test": 50}
     assert all(s["__key__"].startswith("hf-test-") for s in digits["test"])

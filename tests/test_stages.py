@@ -36,8 +36,8 @@ def _mlflow_history(summary, stage, key):
     return run, [(m.step, m.value) for m in history]
 
 
-def test_shard(run_tiny):
-    summary = run_tiny(["shard"])
+def test_shard(run_local):
+    summary = run_local(["shard"])
     out = summary["stages"]["shard"]["outputs"]
     for name in ("mnist_train", "mnist_val", "mnist_test", "grids_train", "grids_val", "grids_test", "text_train", "text_val"):
         list(shards.iter_verified(out[name]))  # sha256 and sizes match the manifest
@@ -71,16 +71,18 @@ def test_shard(run_tiny):
     assert texts and all(isinstance(t, str) and t for t in texts)
 
 
-def test_a_copied_workdir_reads_its_own_outputs(run_tiny, tiny_config, tiny_workdir, tmp_path):
+def test_a_copied_workdir_reads_its_own_outputs(run_local, tiny_config, tmp_path):
     """stage.json names outputs relative to the workdir: a copy is whole on its own."""
     import shutil
 
+    from pipeline.fanout import LocalFanOut
     from pipeline.runner import run_pipeline
+    from pipeline.tracking import InMemoryTracker
 
-    run_tiny(["tokenize"])
+    run_local(["tokenize"])
     copy = tmp_path / "moved"
-    shutil.copytree(tiny_workdir, copy)
-    summary = run_pipeline(tiny_config(), ["tokenize"], str(copy))
+    shutil.copytree(run_local.workdir, copy)
+    summary = run_pipeline(tiny_config(), ["tokenize"], str(copy), tracker=InMemoryTracker(), fan_out=LocalFanOut())
     assert {s["status"] for s in summary["stages"].values()} == {"cached"}
     for stage in summary["stages"].values():
         assert all(path.startswith(f"{copy}/") and os.path.exists(path) for path in stage["outputs"].values())
@@ -88,10 +90,10 @@ def test_a_copied_workdir_reads_its_own_outputs(run_tiny, tiny_config, tiny_work
     assert record["outputs"]["tokenizer"] == f"tokenize/{os.listdir(copy / 'tokenize')[0]}/tokenizer.json"
 
 
-def test_tokenize(run_tiny):
+def test_tokenize(run_local):
     from tokenizers import Tokenizer
 
-    summary = run_tiny(["tokenize"])
+    summary = run_local(["tokenize"])
     out = summary["stages"]["tokenize"]["outputs"]
     tokenizer = Tokenizer.from_file(out["tokenizer"])
     assert tokenizer.get_vocab_size() == 1024
@@ -103,8 +105,8 @@ def test_tokenize(run_tiny):
     assert first_doc.startswith(decoded[:100]) and len(decoded) > 100
 
 
-def test_patchify(run_tiny):
-    summary = run_tiny(["patchify"])
+def test_patchify(run_local):
+    summary = run_local(["patchify"])
     raw = summary["stages"]["shard"]["outputs"]
     out = summary["stages"]["patchify"]["outputs"]
     for name, grid in (("mnist_test", 4), ("grids_test", 8)):
@@ -226,14 +228,32 @@ def test_evaluate(run_tiny):
         run_tiny(["evaluate_gpt"], "evaluate.num_cpus=3")
 
 
-def test_failed_stage_leaves_no_output(run_tiny, tiny_workdir):
+def test_failed_stage_leaves_no_output(run_local):
     from pipeline.data.sources import SourceError
 
+    run_local(["shard"])
     with pytest.raises(SourceError, match="data.text.paths"):
-        run_tiny(["shard"], "data.text.source=files", "data.text.paths=[/nonexistent/*.txt]")
-    shard_dirs = os.listdir(os.path.join(tiny_workdir, "shard"))
+        run_local(["shard"], "data.text.source=files", "data.text.paths=[/nonexistent/*.txt]")
+    shard_dirs = os.listdir(os.path.join(run_local.workdir, "shard"))
+    assert len(shard_dirs) == 1  # the finished one; the failed one left nothing
     for d in shard_dirs:
-        assert os.path.exists(os.path.join(tiny_workdir, "shard", d, "stage.json")), d
+        assert os.path.exists(os.path.join(run_local.workdir, "shard", d, "stage.json")), d
+
+
+def test_ray_tasks_write_what_the_local_fan_out_writes(run_local, run_tiny):
+    """The fast seam changes where the data stages run, not what they write: the same
+    fingerprints and the same bytes (every shard's sha256) under real Ray tasks."""
+    local, ray = run_local(["patchify", "tokenize"])["stages"], run_tiny(["patchify", "tokenize"])["stages"]
+    fingerprint = lambda stage, path: path.split(f"/{stage}/")[1].split("/")[0]  # noqa: E731
+    for stage in ("shard", "patchify", "tokenize"):
+        assert local[stage]["outputs"].keys() == ray[stage]["outputs"].keys()
+        for name, path in local[stage]["outputs"].items():
+            assert fingerprint(stage, path) == fingerprint(stage, ray[stage]["outputs"][name])
+            if name == "tokenizer":
+                assert open(path).read() == open(ray[stage]["outputs"][name]).read()
+                continue
+            ours, theirs = shards.read_manifest(path), shards.read_manifest(ray[stage]["outputs"][name])
+            assert [s["sha256"] for s in ours["shards"]] == [s["sha256"] for s in theirs["shards"]], (stage, name)
 
 
 def test_pipeline_batches_reproduces_the_digests_training_logged(run_tiny, tiny_workdir, capsys):

