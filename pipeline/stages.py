@@ -52,7 +52,7 @@ def _write_text_part(cfg, part: sources.TextPart, train_path: str, val_path: str
 
     def samples(split: str):
         for n, (key, text) in enumerate(docs):
-            if (n % every == 0) == (split == "val"):
+            if sources.held_out_for_validation(n, every) == (split == "val"):
                 yield {"__key__": f"doc-{part.number:05d}-{n:06d}", "txt": text, "json": {"source_key": key}}
 
     return shards.write_shard(train_path, samples("train")), shards.write_shard(val_path, samples("val"))

@@ -42,6 +42,18 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return images, y.astype(np.int64)
 
 
+# Two split rules, one per kind of source:
+# - a source with its own test split (the hub's MNIST, a text corpus) hands out
+#   validation examples from its training stream: `held_out_for_validation`;
+# - a labelled set with no test split of its own (the embedded digits, an image folder)
+#   is cut class by class: `split_by_position`.
+
+
+def held_out_for_validation(n: int, every: int) -> bool:
+    """Example `n` (from 0) of a training stream is a validation example: every `every`-th."""
+    return n % every == 0
+
+
 def split_by_position(position: int, count: int) -> str:
     """The split of the `position`-th of a class's `count` images: the last 20% test (final
     evaluation only), the 8% before them validation, the rest train."""
@@ -239,7 +251,7 @@ def hf_digit_samples(cfg: MnistConfig, split: str, part: int) -> Iterator[dict]:
     hf_split = "test" if split == "test" else "train"
     ds = datasets.load_dataset(cfg.hf_dataset, split=hf_split, streaming=True)
     for n, row in enumerate(split_dataset_by_node(ds, rank=part, world_size=cfg.hf_parts)):
-        if split != "test" and (n % HF_VAL_EVERY == 0) != (split == "val"):
+        if split != "test" and held_out_for_validation(n, HF_VAL_EVERY) != (split == "val"):
             continue
         name = f"{cfg.hf_dataset}:{hf_split}:{part}:{n}"
         missing = [f for f in (cfg.image_field, cfg.label_field) if f not in row]

@@ -133,3 +133,57 @@ def image_processor(layout):
 def write_vit(model, cfg, folder: str) -> None:
     vit(model, cfg).save_pretrained(folder)
     image_processor(cfg.patches).save_pretrained(folder)
+
+
+# --------------------------------------------------------------------------- from Hugging Face
+
+
+def _unlinear(state: dict, ours: str, theirs: str, transposed: bool = False) -> dict[str, torch.Tensor]:
+    weight = state[f"{theirs}.weight"]
+    return {f"{ours}.weight": weight.t() if transposed else weight, f"{ours}.bias": state[f"{theirs}.bias"]}
+
+
+def _unnorm(state: dict, ours: str, theirs: str) -> dict[str, torch.Tensor]:
+    return {f"{ours}.weight": state[f"{theirs}.weight"], f"{ours}.bias": state[f"{theirs}.bias"]}
+
+
+def gpt_state_from_gpt2(hf_model) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(our GPT's shape and size, its state dict) from a `GPT2LMHeadModel`: the inverse of `gpt2`."""
+    config, state = hf_model.config, hf_model.state_dict()
+    d = config.n_embd
+    size = {"vocab_size": config.vocab_size, "seq_len": config.n_positions,
+            "shape": {"n_layer": config.n_layer, "n_head": config.n_head, "d_model": d, "dropout": config.resid_pdrop}}
+    ours = {"tok_emb.weight": state["transformer.wte.weight"], "pos_emb.weight": state["transformer.wpe.weight"],
+            **_unnorm(state, "ln_f", "transformer.ln_f")}
+    for i in range(config.n_layer):
+        h, b = f"transformer.h.{i}", f"blocks.{i}"
+        qkv, qkv_bias = state[f"{h}.attn.c_attn.weight"].t(), state[f"{h}.attn.c_attn.bias"]
+        ours |= _unnorm(state, f"{b}.ln_1", f"{h}.ln_1") | _unnorm(state, f"{b}.ln_2", f"{h}.ln_2")
+        ours |= {f"{b}.attn.q.weight": qkv[:d], f"{b}.attn.q.bias": qkv_bias[:d],
+                 f"{b}.attn.kv.weight": qkv[d:], f"{b}.attn.kv.bias": qkv_bias[d:]}
+        ours |= _unlinear(state, f"{b}.attn.proj", f"{h}.attn.c_proj", transposed=True)
+        ours |= _unlinear(state, f"{b}.mlp.fc", f"{h}.mlp.c_fc", transposed=True)
+        ours |= _unlinear(state, f"{b}.mlp.out", f"{h}.mlp.c_proj", transposed=True)
+    return size, {k: v.detach().contiguous() for k, v in ours.items()}
+
+
+def vit_state_from_vit(hf_model) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(our ViT's shape and size, its state dict) from a `ViTForImageClassification`: the inverse of `vit`."""
+    config, state = hf_model.config, hf_model.state_dict()
+    d, p = config.hidden_size, config.patch_size
+    size = {"patch_size": p, "num_classes": config.num_labels,
+            "shape": {"n_layer": config.num_hidden_layers, "n_head": config.num_attention_heads, "d_model": d,
+                      "dropout": config.hidden_dropout_prob}}
+    ours = {"embed.cls_token": state["vit.embeddings.cls_token"],
+            "embed.pos_emb": state["vit.embeddings.position_embeddings"],
+            "embed.proj.weight": state["vit.embeddings.patch_embeddings.projection.weight"].reshape(d, p * p),
+            "embed.proj.bias": state["vit.embeddings.patch_embeddings.projection.bias"],
+            **_unnorm(state, "ln_f", "vit.layernorm"), **_unlinear(state, "head", "classifier")}
+    for i in range(config.num_hidden_layers):
+        h, b = f"vit.layers.{i}", f"blocks.{i}"
+        ours |= _unlinear(state, f"{b}.attn.q", f"{h}.attention.q_proj") | _unlinear(state, f"{b}.attn.proj", f"{h}.attention.o_proj")
+        ours[f"{b}.attn.kv.weight"] = torch.cat([state[f"{h}.attention.k_proj.weight"], state[f"{h}.attention.v_proj.weight"]])
+        ours[f"{b}.attn.kv.bias"] = torch.cat([state[f"{h}.attention.k_proj.bias"], state[f"{h}.attention.v_proj.bias"]])
+        ours |= _unnorm(state, f"{b}.ln_1", f"{h}.layernorm_before") | _unnorm(state, f"{b}.ln_2", f"{h}.layernorm_after")
+        ours |= _unlinear(state, f"{b}.mlp.fc", f"{h}.mlp.fc1") | _unlinear(state, f"{b}.mlp.out", f"{h}.mlp.fc2")
+    return size, {k: v.detach().contiguous() for k, v in ours.items()}

@@ -154,6 +154,21 @@ class ModelKind:
         """Write a Hugging Face model folder; return how to load it (`{out}` for its path)."""
         raise NotImplementedError(f"no Hugging Face export for a {self.name} model")
 
+    def import_hf(self, folder: str) -> tuple[Any, torch.nn.Module]:
+        """(model config, model) from a folder `export_hf` wrote (or one of the same form)."""
+        raise NotImplementedError(f"no Hugging Face import for a {self.name} model")
+
+    def _from_state(self, size: dict, state: dict[str, torch.Tensor], folder: str) -> tuple[Any, torch.nn.Module]:
+        """The typed config of `size` (a model config's mapping) and a model holding `state`."""
+        from pipeline.config import dataclass_from_dict
+        from pipeline.train.checkpoint import check_fit
+
+        cfg = dataclass_from_dict(self.config_type, size, "config")
+        model = self.build(cfg)
+        check_fit(model, state, folder)
+        model.load_state_dict(state, strict=False)  # tied weights are in `state` once
+        return cfg, model.eval()
+
 
 def param_counts(model: torch.nn.Module) -> dict[str, int]:
     """What a run logs of its model's size: all parameters, and those outside lookup tables."""

@@ -14,7 +14,7 @@ from pipeline.config import TransformerConfig
 from pipeline.geometry import CELL
 from pipeline.kinds.base import IGNORE, ModelKind
 from pipeline.kinds.vit import KIND as VIT
-from pipeline.kinds.vit import ViTModelConfig, as_float32
+from pipeline.kinds.vit import ViTModelConfig, as_float32, normalisation_of
 from pipeline.models import flops
 from pipeline.models.captioner import MAX_TEXT_LEN, PAD, build_captioner, encode_text
 
@@ -128,6 +128,20 @@ class CaptionerKind(ModelKind):
 
         remote.write_captioner(model, cfg, folder)
         return "transformers.AutoModel.from_pretrained('{out}', trust_remote_code=True); model.generate(pixel_values)"
+
+    def import_hf(self, folder):
+        from safetensors.torch import load_file
+
+        from pipeline.export.remote import PREFIX
+
+        config = storage.read_json(f"{folder}/config.json")
+        encoder = {"patches": normalisation_of(folder, config["patch_size"]), "shape": config["encoder_shape"],
+                   "stem_channels": config["stem_channels"], "pool": config["pool"]}
+        size = {"encoder": encoder, "decoder": config["decoder_shape"], "head_logits": config["head_logits"],
+                "head_shift": config["head_shift"]}
+        state = {k[len(PREFIX):]: v for k, v in load_file(f"{folder}/model.safetensors").items()}
+        state.pop("lm_head.weight", None)  # tied to tok_emb.weight, saved under both names
+        return self._from_state(size, state, folder)
 
 
 KIND = CaptionerKind()

@@ -67,5 +67,13 @@ class GPTKind(ModelKind):
         stock.write_gpt2(model, stage_dir, folder)
         return "transformers.AutoModelForCausalLM.from_pretrained('{out}') and AutoTokenizer.from_pretrained('{out}')"
 
+    def import_hf(self, folder):
+        from transformers import GPT2LMHeadModel
+
+        from pipeline.export import stock
+
+        size, state = stock.gpt_state_from_gpt2(GPT2LMHeadModel.from_pretrained(folder))
+        return self._from_state(size, state, folder)
+
 
 KIND = GPTKind()

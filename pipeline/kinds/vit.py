@@ -74,5 +74,22 @@ class ViTKind(ModelKind):
         return ("transformers.ViTForImageClassification.from_pretrained('{out}') and "
                 "AutoImageProcessor.from_pretrained('{out}')")
 
+    def import_hf(self, folder):
+        from transformers import ViTForImageClassification
+
+        from pipeline.export import stock
+
+        size, state = stock.vit_state_from_vit(ViTForImageClassification.from_pretrained(folder))
+        size["patches"] = normalisation_of(folder, size.pop("patch_size"))
+        return self._from_state(size, state, folder)
+
+
+def normalisation_of(folder: str, patch_size: int) -> dict:
+    """A patch layout's mapping from an exported folder's image processor (its mean and std)."""
+    from pipeline import storage
+
+    processor = storage.read_json(f"{folder}/preprocessor_config.json")
+    return {"patch_size": patch_size, "mean": processor["image_mean"][0], "std": processor["image_std"][0]}
+
 
 KIND = ViTKind()
