@@ -25,9 +25,10 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
         loader_workers=2,
     )
 
-    def spec(name, resume_from=None, fail_at_step=0):
-        return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"], train,
-                              str(tmp_path / f"{name}.safetensors"), resume_from=resume_from, fail_at_step=fail_at_step)
+    def spec(name, resume_from=None, fail_at_step=0, max_failures=0):
+        return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"],
+                              dataclasses.replace(train, max_failures=max_failures), str(tmp_path / f"{name}.safetensors"),
+                              resume_from=resume_from, fail_at_step=fail_at_step)
 
     full = fit(spec("full"), str(tmp_path / "full"))
     assert sorted(full["checkpoints_by_step"]) == [6, 12]
@@ -50,9 +51,7 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
             fit(spec("dies", fail_at_step=9), str(tmp_path / "dies"))
         # ...and with one restart allowed, Ray resumes the new worker group from the
         # step-6 checkpoint through ray.train.get_checkpoint() and it ends identically.
-        failing = dataclasses.replace(spec("restarted", fail_at_step=9),
-                                      train=dataclasses.replace(train, max_failures=1))
-        restarted = fit(failing, str(tmp_path / "restarted"))
+        restarted = fit(spec("restarted", fail_at_step=9, max_failures=1), str(tmp_path / "restarted"))
         assert sorted(restarted["checkpoints_by_step"]) == [6, 12]
         _assert_same_weights(tmp_path / "full.safetensors", tmp_path / "restarted.safetensors")
 

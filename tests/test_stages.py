@@ -136,9 +136,9 @@ def test_pretrain_gpt_zero3(run_tiny):
     assert tokens[-1] == (30, 30 * 16 * 2 * 64)  # steps x micro batch x workers x seq_len
     # The FLOPs axis is the accounting test_units holds against torch's FlopCounterMode.
     from pipeline.models.flops import gpt_flops_per_sequence, matmul_params
-    from pipeline.train.checkpoint import load_trained
+    from pipeline.kinds import load_trained
 
-    trained = load_trained(stage["outputs"]["model_config"], stage["outputs"]["weights"])
+    trained = load_trained(stage["outputs"]["model_config"], stage["outputs"]["weights"])[2]
     per_token = gpt_flops_per_sequence(matmul_params(trained), 2, 64, 128) / 64
     assert flops[-1][1] == pytest.approx(tokens[-1][1] * per_token, rel=1e-9)
 
@@ -148,9 +148,9 @@ def test_pretrain_gpt_zero3(run_tiny):
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
 
     # The exported safetensors reproduce the training loss level on training data.
-    from pipeline.train.checkpoint import load_trained
+    from pipeline.kinds import load_trained
 
-    model = load_trained(stage["outputs"]["model_config"], stage["outputs"]["weights"])
+    model = load_trained(stage["outputs"]["model_config"], stage["outputs"]["weights"])[2]
     seqs = torch.from_numpy(np.stack([s["npy"].astype(np.int64) for s in shards.iter_verified(summary["stages"]["tokenize"]["outputs"]["tokens_train"])][:64]))
     with torch.no_grad():
         _, loss = model(seqs[:, :-1], seqs[:, 1:])
