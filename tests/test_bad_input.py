@@ -58,6 +58,8 @@ CASES = [
     ("export of a folder of no stage", {}, ["export", "--checkpoint", "{tmp}", "--out", "{tmp}/o"], "no model_config.json here or in the training stage"),
     ("export of a stage without DeepSpeed state", {"model_config.json": TINY_GPT}, ["export", "--checkpoint", "{tmp}", "--out", "{tmp}/o"],
      "{tmp}: no DeepSpeed checkpoint in it"),
+    ("export of a stage an older version trained", {"model_config.json": '{"kind": "gpt", "model_args": {}}'},
+     ["export", "--checkpoint", "{tmp}", "--out", "{tmp}/o"], "model config format None, this version reads 1"),
     ("export over a folder with files", {"o/keep.txt": "mine"}, ["export", "--checkpoint", "{tmp}", "--out", "{tmp}/o"],
      "--out {tmp}/o exists and is not an empty directory"),
     ("export to an unknown format", {}, ["export", "--checkpoint", "{tmp}", "--format", "onnx", "--out", "{tmp}/o"], "invalid choice: 'onnx'"),

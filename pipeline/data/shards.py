@@ -195,11 +195,11 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
         if len(data) < size:
             raise ShardFormatError("truncated tar member")
         f.read(-size % 512)
-        kind = header[156:157]
-        if kind in (b"L", b"x"):  # the next member's long name
-            long_name = data.rstrip(b"\0").decode() if kind == b"L" else _pax_path(data)
+        typeflag = header[156:157]
+        if typeflag in (b"L", b"x"):  # the next member's long name
+            long_name = data.rstrip(b"\0").decode() if typeflag == b"L" else _pax_path(data)
             continue
-        if kind not in (b"0", b"\0"):
+        if typeflag not in (b"0", b"\0"):
             long_name = None
             continue
         if long_name is None:

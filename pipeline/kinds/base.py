@@ -18,6 +18,7 @@ import torch
 
 from pipeline import storage
 from pipeline.keys import Param
+from pipeline.train.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -29,7 +30,7 @@ MODEL_CONFIG_FORMAT = 1  # of model_config.json; bump when a model config's fiel
 Inputs = dict[str, dict[str, Any]]  # upstream stage name -> its outputs
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(CheckpointError):
     """A model_config.json this version cannot read."""
 
 
@@ -66,7 +67,7 @@ class ModelKind:
         raise NotImplementedError
 
     def starting_weights(self, config: "RunConfig", inputs: Inputs) -> dict[str, str]:
-        """Safetensors the model starts from, by part (`initialise` loads them). None: fresh."""
+        """Safetensors the model starts from, by part (`initialise` loads them). Empty: fresh."""
         return {}
 
     def finish(self, out_dir: str, inputs: Inputs) -> dict[str, str]:
