@@ -20,7 +20,7 @@ from pipeline.data.loader import head_batches
 from pipeline.data.shards import read_manifest, shard_entries
 from pipeline.data.sources import grid_output
 from pipeline.geometry import CELL
-from pipeline.kinds import load_trained
+from pipeline.kinds import KINDS, load_trained
 from pipeline.models.captioner import FIRST_CELL, encode_text
 from pipeline.preprocess.patchify import patchify
 from pipeline.scoring import accuracy_by, by_shape, score_grids
@@ -73,7 +73,7 @@ def evaluate_gpt(trained: dict[str, Any], tokens_val: str, cfg: EvaluateConfig) 
 def evaluate_vit(trained: dict[str, Any], patches: str, cfg: EvaluateConfig, split: str = "test") -> dict[str, float]:
     model, _, device = _load(trained, cfg)
     correct = count = 0
-    for batch in _batches(patches, {"npy": lambda a: a.astype(np.float32), "cls": int}, cfg.batch_size):
+    for batch in _batches(patches, KINDS["vit"].fields, cfg.batch_size):
         logits, _ = model(batch["npy"].to(device))
         correct += int((logits.argmax(-1).cpu() == batch["cls"]).sum())
         count += len(batch["cls"])
@@ -90,10 +90,10 @@ def _metric_prefix(grid_set: str, split: str) -> str:
 @torch.no_grad()
 def read_grids(model, device, grids: str, cfg: EvaluateConfig) -> dict[str, list]:
     """Every grid of a split written out by the model: keys, targets, predictions."""
-    fields = {"npy": lambda a: a.astype(np.float32), "txt": str, "json": lambda m: (m["rows"], m["cols"])}
+    fields = {**KINDS["captioner"].fields, "txt": str}  # the written grid as text, not as padded ids
     out: dict[str, list] = {"keys": [], "targets": [], "predicted": []}
     for batch in _batches(grids, fields, cfg.batch_size):
-        shapes = torch.tensor([[int(r), int(c)] for r, c in batch["json"]], device=device)
+        shapes = batch["json"].to(device)  # (B, 2): rows, cols
         out["predicted"] += model.generate(batch["npy"].to(device), shapes)
         out["keys"] += batch["__key__"]
         out["targets"] += [str(t) for t in batch["txt"]]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipeline.data.shards import ShardFormatError, ShardInfo, iter_shard, write_shard
+from pipeline.models.patches import to_patches
 
 
 def patchify(image: np.ndarray, patch_size: int, mean: float, std: float) -> np.ndarray:
@@ -16,7 +18,7 @@ def patchify(image: np.ndarray, patch_size: int, mean: float, std: float) -> np.
     if H % p or W % p:
         raise ValueError(f"image of {H}x{W} pixels is not a whole number of {p}x{p} patches")
     x = (image.astype(np.float32) / 255.0 - mean) / std
-    return x.reshape(H // p, p, W // p, p).transpose(0, 2, 1, 3).reshape((H // p) * (W // p), p * p)
+    return to_patches(torch.from_numpy(x), p).numpy()  # the one layout the models read
 
 
 def patchify_shard(entry: dict, out_path: str, patch_size: int, mean: float, std: float) -> ShardInfo:

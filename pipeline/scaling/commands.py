@@ -50,7 +50,10 @@ def _points(points: Optional[str], experiment: Optional[str], tracking_uri: Opti
     return (np.array([r.params for r in runs]), np.array([r.tokens for r in runs]), np.array([r.val_loss for r in runs])), runs
 
 
-def _runs_table(runs: list[TrainingRun], unit: str = "tokens") -> list[str]:
+def _runs_table(runs: list[TrainingRun], stage: str = "pretrain_gpt") -> list[str]:
+    from pipeline.kinds import by_stage
+
+    unit = by_stage()[stage].unit
     lines = [f"{'run':<34} {'params':>10} {unit:>12} {'FLOPs':>10} {'val loss':>9}"]
     for r in sorted(runs, key=lambda r: (r.params, r.tokens)):
         lines.append(f"{r.run_id:<34} {r.params:>10,} {r.tokens:>12,.0f} {r.flops:>10.3g} {r.val_loss:>9.4f}")
@@ -112,7 +115,7 @@ def fit_vit_command(experiment: str, tracking_uri: Optional[str], sweep: Optiona
     grid, frontier = laws.compute_frontier([r.curve for r in runs])
     law = laws.fit_saturating(grid, frontier)
     out = {"saturating": {"a": law.a, "b": law.b, "c": law.c, "d": law.d}}
-    lines = _runs_table(runs, "images") + ["", f"Zhai's saturating law on the compute frontier of {len(runs)} ViT runs: "
+    lines = _runs_table(runs, "pretrain_vit") + ["", f"Zhai's saturating law on the compute frontier of {len(runs)} ViT runs: "
                                                 f"L(C) = {law.a:.4g}·(C + {law.d:.3g})^-{law.b:.4f} + {law.c:.4g}"]
     pngs = {}
     if plots or experiment:
