@@ -86,8 +86,12 @@ def test_shards_round_trip_through_the_bucket(s3_env):
 def test_a_failed_stage_on_s3_leaves_no_record(s3_env):
     from pipeline.config import RunConfig
     from pipeline.dag import DONE, Stage, StageContext, StageResult, run_stage
+    from pipeline.fanout import LocalFanOut
+    from pipeline.tracking import InMemoryTracker
 
     config = RunConfig(workdir=f"s3://{BUCKET}/work")
+    tracker = InMemoryTracker()
+    run_id = tracker.start_run("broken", {})
     out_dir = f"{config.workdir}/broken/abc"
 
     def half_then_fail(ctx: StageContext) -> StageResult:
@@ -96,13 +100,14 @@ def test_a_failed_stage_on_s3_leaves_no_record(s3_env):
 
     stage = Stage("broken", (), lambda c: {}, half_then_fail)
     with pytest.raises(ValueError):
-        run_stage(stage, StageContext(config, out_dir, {}, "abc", "unused", None))
+        run_stage(stage, StageContext(config, out_dir, {}, "abc", tracker, run_id, LocalFanOut()))
     assert not storage.exists(f"{out_dir}/{DONE}") and not storage.exists(f"{out_dir}/part.bin")
 
     def writes(ctx: StageContext) -> StageResult:
         storage.write_bytes_atomic(f"{ctx.out_dir}/part.bin", b"whole")
         return StageResult({"part": f"{ctx.out_dir}/part.bin"})
 
-    record = run_stage(Stage("broken", (), lambda c: {}, writes), StageContext(config, out_dir, {}, "abc", "unused", None))
+    record = run_stage(Stage("broken", (), lambda c: {}, writes),
+                       StageContext(config, out_dir, {}, "abc", tracker, run_id, LocalFanOut()))
     assert record["status"] == "ran" and storage.read_bytes(record["outputs"]["part"]) == b"whole"
     assert storage.read_json(f"{out_dir}/{DONE}")["outputs"] == {"part": "broken/abc/part.bin"}
