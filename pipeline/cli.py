@@ -136,8 +136,6 @@ def _store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="an MLflow tracking URI instead (default: MLFLOW_TRACKING_URI)")
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     """Every failure is one line on stderr and a non-zero exit; `--debug` (anywhere on
     the command line) lets the traceback through instead."""

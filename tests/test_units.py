@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import TrainConfig, load_config
-from pipeline.evaluate import score_grids, unigram_entropy
+from pipeline.evaluate import unigram_entropy
+from pipeline.scoring import score_grids
 from pipeline.preprocess.tokenize import pack_sequences
 from pipeline.train.engine import lr_lambda
 
