@@ -23,11 +23,11 @@ from pipeline import storage
 from pipeline.data.loader import head_batches
 from pipeline.data.order import DIGEST_BITS, batch_digest
 from pipeline.data.shards import iter_shard, shard_entries
+from pipeline.keys import Metric
+from pipeline.kinds import IGNORE, KINDS, ModelKind
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import TrainingData
 from pipeline.train.engine import deepspeed_config, initialize
-from pipeline.keys import Metric
-from pipeline.kinds import IGNORE, KINDS, ModelKind
 from pipeline.train.spec import TrainSpec
 
 
