@@ -47,4 +47,3 @@ def export_command(checkpoint: str, fmt: str, out: str) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return f"exported the {kind.name} of {checkpoint} to {out}\nload it with {how.format(out=out)}"
-

@@ -31,8 +31,9 @@ def kind_of(name: str) -> ModelKind:
 
 def read_model_config(path: str) -> tuple[ModelKind, Any]:
     """The kind and its typed model config, as `ModelKind.write_config` saved them."""
-    kind = kind_of(read_saved(path)[0])
-    return kind, kind.read_config(path)
+    name, data = read_saved(path)  # read once
+    kind = kind_of(name)
+    return kind, kind.config_from(name, data, path)
 
 
 def build_saved(path: str):

@@ -81,9 +81,12 @@ class ModelKind:
 
     def read_config(self, path: str) -> Any:
         """This kind's typed model config from a model_config.json; another kind's is refused."""
+        return self.config_from(*read_saved(path), path)
+
+    def config_from(self, name: str, data: Any, path: str) -> Any:
+        """This kind's typed model config from `read_saved`'s (kind name, mapping) of `path`."""
         from pipeline.config import ConfigError, dataclass_from_dict
 
-        name, data = read_saved(path)
         if name != self.name:
             raise ModelConfigError(f"{path}: holds a {name} model config, not a {self.name}")
         try:
