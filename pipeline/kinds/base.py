@@ -165,12 +165,11 @@ class ModelKind:
     def _from_state(self, size: dict, state: dict[str, torch.Tensor], folder: str) -> tuple[Any, torch.nn.Module]:
         """The typed config of `size` (a model config's mapping) and a model holding `state`."""
         from pipeline.config import dataclass_from_dict
-        from pipeline.train.checkpoint import check_fit
+        from pipeline.train.checkpoint import load_state
 
         cfg = dataclass_from_dict(self.config_type, size, "config")
         model = self.build(cfg)
-        check_fit(model, state, folder)
-        model.load_state_dict(state, strict=False)  # tied weights are in `state` once
+        load_state(model, state, folder)
         return cfg, model.eval()
 
 

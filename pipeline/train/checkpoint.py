@@ -146,8 +146,12 @@ def check_fit(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str
 def load_weights(module: torch.nn.Module, path: str, subset: bool = False) -> None:
     """Load safetensors into `module` (see `check_fit`); with `subset` the file may hold
     only some of its tensors (a text-only GPT starting a captioner's decoder)."""
-    state = read_weights(path)
-    check_fit(module, state, path, subset)
+    load_state(module, read_weights(path), path, subset)
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, subset: bool = False) -> None:
+    """Load `state` (from `where`) into `module` once `check_fit` passes."""
+    check_fit(module, state, where, subset)
     module.load_state_dict(state, strict=False)  # tied aliases are absent by design
 
 
