@@ -33,7 +33,28 @@ def ensure_ray(cfg: RayConfig) -> None:
 
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed: no warning per worker
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        start_local_ray(cfg.num_cpus)
+
+
+def start_local_ray(num_cpus: Optional[int], **options: Any) -> None:
+    """Start a Ray cluster of this machine alone, which knows its own address even
+    when other local clusters run beside it (another pipeline, a test run).
+
+    Ray Train's placement-group cleaner asks the state API about its controller
+    without an address; with two local clusters that lookup finds either both (and
+    fails) or the newest (and, not seeing its controller there, removes a live run's
+    placement group). Its workers inherit RAY_API_SERVER_ADDRESS from this process,
+    so it points them at this cluster's own dashboard, on a port chosen here."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             **{"log_to_driver": True, **options})
 
 
 def check_cluster_storage(config: RunConfig, workdir: str, uri: Optional[str]) -> None:

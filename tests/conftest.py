@@ -51,9 +51,10 @@ TINY_OVERRIDES = [
 def ray_cluster():
     import ray
 
+    from pipeline.runner import start_local_ray
+
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    temp_dir = f"/tmp/tw-ray-{os.getpid()}"
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir, log_to_driver=False)
+    start_local_ray(2, _temp_dir=f"/tmp/tw-ray-{os.getpid()}", log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -96,6 +96,9 @@ class LocalCluster:
             "AWS_DEFAULT_REGION": "us-east-1",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            # Ray Train's state-API lookups go to this cluster, not another one on this machine
+            # (see pipeline.runner.start_local_ray).
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}",
             "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
         })
         return env
