@@ -121,7 +121,7 @@ def report(uri: str, experiment: str) -> str:
         where = f"{s['run_id'][:8]}" + (f" (made by {s['produced_by'][:8]})" if s["produced_by"] else "")
         rows.append((name, s["status"], s["seconds"], " ".join(shown), where))
     head = (f"pipeline run {parent.info.run_name} {parent.info.run_id} ({parent.info.status.lower()}), "
-            f"experiment {experiment}, {uri}")
+            f"experiment {experiment}, {tracking.redacted(uri)}")
     return head + "\n\n" + table(rows, right=(2,))
 
 

@@ -59,31 +59,31 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_SECRET_WORDS = {"token", "key", "password", "passwd", "secret", "credentials"}
-_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@/\s]+@")
+# A key names a secret when one of its words holds one of these anywhere
+# ("aws_secret_access_key", "db_password", "gcpCredentials") or ends in one of
+# those ("hfToken", "apiKey", "x-api-key"); "tokens", "tokenizer" and "digit_keys" do not.
+_SECRET_PARTS = ("secret", "passw", "credential")
+_SECRET_ENDINGS = ("token", "key", "pwd")
+# The password of a URL's userinfo, up to its last "@": a password may hold "/".
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)\S+@")
 
 
 def is_secret(key: str) -> bool:
-    """A key with a word that names a secret: `hf_token`, `aws.secret_access_key`; not
-    `tokens`, `tokenize` or `digit_keys`."""
-    return any(word in _SECRET_WORDS for word in re.split(r"[^a-z0-9]+", key.lower()))
-
-
-def redact(key: str, value: Any) -> Any:
-    """What may be logged or printed of `value`: nothing under a secret's key, and no
-    password inside a URL (`http://user:***@host`)."""
-    if is_secret(key) and value not in (None, ""):
-        return "***"
-    return _URL_PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value
+    """Whether a (dotted) key names a secret, whatever its case."""
+    return any(any(part in word for part in _SECRET_PARTS) or word.endswith(_SECRET_ENDINGS)
+               for word in re.split(r"[^a-z0-9]+", key.lower()) if word)
 
 
 def redacted(value: Any, key: str = "") -> Any:
-    """A nested config (dicts and lists) with every secret redacted, for printing and logging."""
+    """What may be printed or logged of `value` (nested dicts and lists too): nothing
+    under a key that names a secret, and no password inside a URL (`http://user:***@host`)."""
+    if is_secret(key) and value not in (None, "", [], {}):
+        return "***"
     if isinstance(value, Mapping):
         return {k: redacted(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [redacted(v, key) for v in value]
-    return redact(key, value)
+    return _URL_PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value
 
 
 def config_yaml(config) -> str:
@@ -95,7 +95,8 @@ def config_yaml(config) -> str:
 
 
 def params_for_mlflow(d: Mapping[str, Any]) -> dict[str, str]:
-    return {k: str(redact(k, v))[:_MAX_PARAM_LEN] for k, v in flatten(d).items()}
+    """Dotted keys and string values, secrets redacted at every depth (lists of dicts too)."""
+    return {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(redacted(d)).items()}
 
 
 @contextlib.contextmanager
@@ -247,7 +248,7 @@ class MlflowTracker(Tracker):
     def start_run(self, name, tags, parent=None, system_metrics=0.0):
         if parent:
             tags = {**tags, Tag.PARENT: parent}
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags)).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=redacted(dict(tags))).info.run_id
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -275,7 +276,7 @@ class MlflowTracker(Tracker):
         self.client.log_batch(run_id, metrics=[MlflowMetric(k, float(v), ts, step) for k, v in metrics.items()])
 
     def set_tag(self, run_id, key, value):
-        self.client.set_tag(run_id, key, value)
+        self.client.set_tag(run_id, key, redacted(value, key))
 
     def log_text(self, run_id, text, name):
         self.client.log_text(run_id, text, name)

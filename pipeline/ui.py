@@ -39,7 +39,7 @@ def _answers(url: str) -> bool:
 def ui_command(uri: str, host: str, port: int) -> int:
     """Start the UI, print its address once it answers, serve until Ctrl-C or SIGTERM."""
     if tracking.is_server(uri):
-        print(f"{uri} is an MLflow server already: open it in a browser", flush=True)
+        print(f"{tracking.redacted(uri)} is an MLflow server already: open it in a browser", flush=True)
         return 0
     if not _port_is_free(host, port):
         raise ReportError(f"port {port} on {host} is taken: pass --port with a free one")
@@ -59,7 +59,7 @@ def ui_command(uri: str, host: str, port: int) -> int:
             if time.monotonic() > deadline:
                 raise ReportError(f"the MLflow UI did not answer at {address} within {STARTUP_SECONDS} s")
             time.sleep(0.5)
-        print(f"MLflow UI: {address}  (store {uri}; Ctrl-C stops it)", flush=True)
+        print(f"MLflow UI: {address}  (store {tracking.redacted(uri)}; Ctrl-C stops it)", flush=True)
         return server.wait()
     except KeyboardInterrupt:
         return 0

@@ -147,6 +147,35 @@ def test_printed_and_saved_config_hides_secrets():
     assert nested == {"sources": [{"name": "a", "api_key": "***"}], "hf_token": "***", "tokens": 5}
 
 
+@pytest.mark.parametrize("key", ["hf_token", "hfToken", "HF_TOKEN", "apiKey", "x-api-key", "aws_secret_access_key",
+                                 "AWS_SECRET_ACCESS_KEY", "db.password", "dbPassword", "gcpCredentials", "auth.secret"])
+def test_a_key_that_names_a_secret_is_redacted_whatever_its_case(key):
+    from pipeline.tracking import params_for_mlflow, redacted
+
+    assert redacted({key: "v-123"}) == {key: "***"}
+    assert "v-123" not in str(params_for_mlflow({"outer": {key: "v-123"}}))
+
+
+@pytest.mark.parametrize("key", ["tokens", "tokenize", "tokenizer", "max_tokens", "digit_keys", "keyed_shift", "vocab_size"])
+def test_keys_that_only_look_like_secrets_keep_their_values(key):
+    from pipeline.tracking import redacted
+
+    assert redacted({key: 7}) == {key: 7}
+
+
+def test_passwords_in_urls_and_secrets_in_lists_of_dicts_never_reach_mlflow_params():
+    from pipeline.tracking import params_for_mlflow, redacted
+
+    assert redacted("http://alice:pa/ss@w0rd@mlflow.internal:5000/x") == "http://alice:***@mlflow.internal:5000/x"
+    assert redacted("postgresql://:hunter2@db:5432/mlflow") == "postgresql://:***@db:5432/mlflow"
+    assert redacted("http://mlflow.internal:5000/api") == "http://mlflow.internal:5000/api"
+    params = params_for_mlflow({"sources": [{"name": "hub", "hfToken": "hf_abc"}, {"uri": "s3://u:k3y/x@bucket/p"}],
+                                "credentials": {"user": "u", "pw": "plain"}})
+    text = str(params)
+    assert "hf_abc" not in text and "k3y" not in text and "plain" not in text
+    assert params["credentials"] == "***" and "hub" in params["sources"]
+
+
 def test_progress_off_a_terminal_is_plain_periodic_lines(capsys):
     from pipeline.progress import progress
 
