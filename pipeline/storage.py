@@ -54,6 +54,18 @@ def s3_endpoint() -> Optional[str]:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def s3_region(bucket: str) -> Optional[str]:
+    """The bucket's region for pyarrow, which otherwise assumes us-east-1 and is refused
+    by a bucket elsewhere: the environment's (AWS_REGION, AWS_DEFAULT_REGION), else
+    asked of AWS; None with a custom endpoint (an S3-compatible store has no regions)."""
+    import pyarrow.fs
+
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or s3_endpoint():
+        return region
+    return pyarrow.fs.resolve_s3_region(bucket)
+
+
 def arrow_filesystem(path: str) -> tuple[Optional[Any], str]:
     """(pyarrow filesystem, path inside it) for Ray Train's storage; (None, absolute path)
     for local paths. pyarrow ignores AWS_ENDPOINT_URL, so it is passed explicitly."""
@@ -63,7 +75,8 @@ def arrow_filesystem(path: str) -> tuple[Optional[Any], str]:
         return None, absolute(path)
     scheme, _, rest = path.partition("://")
     if scheme in ("s3", "s3a"):
-        return pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint()), rest.rstrip("/")
+        bucket = rest.split("/", 1)[0]
+        return pyarrow.fs.S3FileSystem(endpoint_override=s3_endpoint(), region=s3_region(bucket)), rest.rstrip("/")
     fs, inner = pyarrow.fs.FileSystem.from_uri(path)
     return fs, inner
 

@@ -111,3 +111,13 @@ def test_a_failed_stage_on_s3_leaves_no_record(s3_env):
                        StageContext(config, out_dir, {}, "abc", tracker, run_id, LocalFanOut()))
     assert record["status"] == "ran" and storage.read_bytes(record["outputs"]["part"]) == b"whole"
     assert storage.read_json(f"{out_dir}/{DONE}")["outputs"] == {"part": "broken/abc/part.bin"}
+
+
+def test_the_arrow_filesystem_for_ray_train_speaks_the_buckets_region(s3_env, monkeypatch):
+    """pyarrow assumes us-east-1 unless told: a bucket elsewhere refuses it."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    fs, path = storage.arrow_filesystem(f"s3://{BUCKET}/train/ckpt")
+    assert fs.region == "eu-west-1" and path == f"{BUCKET}/train/ckpt"
+    with fs.open_output_stream(path + "/state.json") as f:
+        f.write(b"{}")
+    assert storage.exists(f"s3://{BUCKET}/train/ckpt/state.json")
