@@ -44,10 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML run config, e.g. configs/smoke.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain_gpt.train.max_steps=50")
         if name == "plan":
-            p.add_argument("--nodes", type=int, required=True, help="number of nodes")
-            p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (one training rank each)")
-            p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
+            p.add_argument("--nodes", type=int, help="number of nodes (default: the preset's num_workers over --gpus-per-node)")
+            p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one training rank each (default 8)")
+            p.add_argument("--mfu", type=float, default=0.4,
+                           help="model FLOPs utilisation of the compute alone, before communication (default 0.4)")
             p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80: an H100)")
+            p.add_argument("--gbps-per-gpu", type=float, default=400.0,
+                           help="bandwidth between nodes per GPU in Gb/s (default 400: a p5's EFA over 8 GPUs)")
+            p.add_argument("--usd-per-gpu-hour", type=float, default=4.0, help="price of one GPU-hour (default 4.00)")
+            p.add_argument("--overlap", choices=["on", "off"],
+                           help="communication overlapped with compute (default: overlap_comm of the stage's ZeRO config)")
             p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
             continue
         p.add_argument("--workdir", help="where stage outputs go (local path or fsspec URL); default: the config's workdir")
@@ -264,7 +270,15 @@ def _batches(config, args, ray_was_up: bool) -> int:
 def _plan(config, args) -> int:
     from pipeline import plan
 
-    p = plan.plan(config, args.nodes, args.gpus_per_node, args.mfu, args.gpu_memory_gib)
+    from pipeline.train.engine import load_zero_config
+
+    zero_stage = config.pretrain_gpt.train.zero_stage
+    overlap = (args.overlap == "on" if args.overlap
+               else bool(load_zero_config(zero_stage)["zero_optimization"].get("overlap_comm", False)))
+    hw = plan.Hardware(nodes=plan.world_of(config, args.nodes, args.gpus_per_node), gpus_per_node=args.gpus_per_node,
+                       gpu_memory_gib=args.gpu_memory_gib, peak_flops=config.pretrain_gpt.train.peak_flops_per_worker,
+                       mfu=args.mfu, gbps_per_gpu=args.gbps_per_gpu, usd_per_gpu_hour=args.usd_per_gpu_hour)
+    p = plan.plan(config, hw, overlap)
     print(json.dumps(plan.as_dict(p)) if args.json else plan.format_plan(p))
     return 0
 
