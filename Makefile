@@ -34,7 +34,7 @@ browser:
 	  echo "chromium not installed: the MLflow UI browser test will be skipped"
 
 test: setup browser
-	$(VENV)/bin/pytest -q -rs -n 2 --dist loadfile --durations=0 --durations-min=1.0
+	$(VENV)/bin/pytest -q -rs --durations=0 --durations-min=1.0
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"

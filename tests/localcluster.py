@@ -59,6 +59,35 @@ def _descendants(roots: list[int]) -> list[int]:
     return sorted(found)
 
 
+def node_ports(first_worker_port: int) -> list[str]:
+    """`ray start` options that give a node ports of its own (several nodes or clusters on one machine)."""
+    return [
+        "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+        "--min-worker-port", str(first_worker_port), "--max-worker-port", str(first_worker_port + 199),
+    ]
+
+
+def stop_all(procs: list[subprocess.Popen], graceful: bool = True) -> None:
+    """Each process (started with its own session) and every descendant, by PID: SIGTERM
+    (unless not `graceful`), then SIGKILL."""
+    pids = _descendants([proc.pid for proc in procs])
+    for sig in (signal.SIGTERM, signal.SIGKILL) if graceful else (signal.SIGKILL,):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            for proc in procs:
+                proc.poll()  # reap our direct children
+            time.sleep(0.2)
+    for proc in procs:
+        proc.wait(timeout=10)
+
+
 def _wait_http(url: str, seconds: float, log: Path) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -123,14 +152,6 @@ class LocalCluster:
         self.procs.append(proc)
         return proc
 
-    def _node_ports(self, first_worker_port: int) -> list[str]:
-        return [
-            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-            "--min-worker-port", str(first_worker_port), "--max-worker-port", str(first_worker_port + 199),
-        ]
-
     def start(self) -> "LocalCluster":
         self.base.mkdir(parents=True)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -155,7 +176,7 @@ class LocalCluster:
             "--port", str(self.gcs_port), "--num-cpus", "1", "--resources", '{"head": 1}',
             "--temp-dir", str(self.base / "ray"), "--include-dashboard", "true",
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(free_port()), *self._node_ports(23000),
+            "--ray-client-server-port", str(free_port()), *node_ports(23000),
         ], head_env)
         _wait_http(f"{self.dashboard}/api/version", 90, self.logs / "ray-head.log")
 
@@ -164,7 +185,7 @@ class LocalCluster:
         ray_start = " ".join([
             str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", "--address", self.gcs_address,
             "--num-cpus", "1", "--resources", "'{\"node2\": 1}'", "--temp-dir", str(self.base / "ray"),
-            *self._node_ports(23400),
+            *node_ports(23400),
         ])
         script = f"mount -t tmpfs tmpfs {self.base} && mkdir {self.base}/tmp-node2 && exec {ray_start}"
         self._start("ray-node2", [*unshare, "--propagation", "private", "bash", "-c", script],
@@ -191,18 +212,5 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Every process started here and every descendant, by PID: SIGTERM, then SIGKILL."""
-        pids = _descendants([proc.pid for proc in self.procs])  # each leads its own session and group
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-                for proc in self.procs:
-                    proc.poll()  # reap our direct children
-                time.sleep(0.2)
-        for proc in self.procs:
-            proc.wait(timeout=10)
+        stop_all(self.procs)
         shutil.rmtree(self.base, ignore_errors=True)

@@ -66,7 +66,7 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_ends_exactly(run_tiny
     _assert_same_weights(tmp_path / "full.safetensors", tmp_path / "killed.safetensors")
 
 
-STEPS = 120  # of the preempted ViT run
+STEPS = 60  # of the preempted ViT run
 
 
 def _pipeline(workdir, *extra) -> list[str]:
