@@ -269,7 +269,6 @@ def _batches(config, args, ray_was_up: bool) -> int:
 
 def _plan(config, args) -> int:
     from pipeline import plan
-
     from pipeline.train.engine import load_zero_config
 
     zero_stage = config.pretrain_gpt.train.zero_stage

@@ -66,6 +66,9 @@ class Hardware:
         return (self.gbps_per_gpu if self.nodes > 1 else self.intra_node_gbps) * 1e9 / 8
 
 
+CHOICES = ("zero_stage", "micro_batch", "grad_accum", "checkpointing", "overlap")  # the fields of a Layout
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a preset trains: the choices that trade memory for communication and compute."""
@@ -193,9 +196,6 @@ def layouts_like(layout: Layout) -> list[Layout]:
     splits = [(m, per_step // m) for m in range(1, per_step + 1) if per_step % m == 0]
     return [Layout(stage, m, a, ckpt, overlap) for stage, (m, a), ckpt, overlap
             in itertools.product(range(4), splits, (False, True), (False, True))]
-
-
-CHOICES = ("zero_stage", "micro_batch", "grad_accum", "checkpointing", "overlap")
 
 
 def _changes(old: Layout, new: Layout) -> list[str]:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -134,6 +135,7 @@ def test_ray_start_refuses_token_mode_without_the_token_file_and_starts_with_it(
         assert proc.poll() is None, "".join(seen[-30:])
     finally:
         stop_all([proc], graceful=False)  # a node drains for 30 s on SIGTERM
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_gpu_nodes_read_the_nccl_efa_settings():
