@@ -54,6 +54,12 @@ def test_corrupt_shard_is_caught_by_checksum(tmp_path):
         list(shards.iter_verified(d))
 
 
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 def _tar_with(tmp_path, name, data):
     path = tmp_path / "evil.tar"
     with tarfile.open(path, "w") as tar:
@@ -99,6 +105,35 @@ def test_hostile_members_are_refused_unread(tmp_path, ext):
     with pytest.raises(ShardFormatError, match=rf"evil.tar.*'\.{ext}'"):
         list(shards.iter_verified(str(directory)))
     assert not marker.exists()
+
+
+def test_the_training_path_refuses_a_member_it_would_not_read(tmp_path):
+    """A sample with the `.npy` and `.cls` training reads and a `.pickle` beside them:
+    the loader's decoding (training and validation batches) names the `.pickle`."""
+    import hashlib
+    import pickle
+
+    from pipeline.data.loader import decode_fields, head_batches
+
+    path = tmp_path / "mixed.tar"
+    members = {"x001.npy": _npy(np.zeros((2, 3), np.float32)), "x001.cls": b"7",
+               "x001.pickle": pickle.dumps(_WritesAFile(tmp_path / "pwned"))}
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    fields = {"npy": np.asarray, "cls": int}
+    [raw] = list(shards.iter_raw_shard(str(path)))
+    with pytest.raises(ShardFormatError, match=r"mixed.tar:x001: member extension '\.pickle' is not allowed"):
+        decode_fields(raw, fields, str(path))
+    data = path.read_bytes()
+    entry = {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}  # checksum matches
+    with pytest.raises(ShardFormatError, match=r"'\.pickle'"):
+        head_batches([entry], fields, limit=1, rank=0, world=1, batch_size=1)
+    assert not (tmp_path / "pwned").exists()
+    del raw["pickle"]
+    assert decode_fields(raw, fields, str(path))["cls"] == 7  # the same sample without it decodes
 
 
 def test_object_arrays_in_npy_are_refused(tmp_path):
