@@ -53,8 +53,8 @@ def start_local_ray(num_cpus: Optional[int], **options: Any) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             **{"log_to_driver": True, **options})
+    options.setdefault("log_to_driver", True)
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **options)
 
 
 def check_cluster_storage(config: RunConfig, workdir: str, uri: Optional[str]) -> None:

@@ -5,7 +5,7 @@ Huber loss (delta 1e-3) between log L and log of the law, written as
 LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e, by L-BFGS-B
 from a grid of starting points, keeping the best. Of the grid's 432 points only the
 16 where the loss starts lowest are optimised from: on the tests' noisy sweeps the
-best 8 already reach the whole grid's optimum (to 1e-14), at a twentieth of the time.
+best 8 already reach the whole grid's optimum (to 1e-14), in a twentieth of the optimiser runs.
 
 Intervals come from a bootstrap over points. Each refit starts from the full-data
 optimum and from a few jittered copies of it: with 1% noise every residual is far
