@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.order import BatchLayout, GlobalOrder
-from pipeline.data.shards import ALLOWED_EXTENSIONS, ShardFormatError, decode_field, iter_raw_shard
+from pipeline.data.shards import ShardFormatError, decode_field, iter_raw_shard, refuse_extension
 
 # extension -> converter of the decoded value to a numpy array or scalar
 Fields = dict[str, Callable[[Any], Any]]
@@ -51,9 +51,8 @@ def decode_fields(raw: dict[str, Any], fields: Fields, where: str) -> dict[str, 
     """The sample's `fields`, decoded; a member outside the allow-list is refused by name
     even when training would not read it (a shard that carries a `.pickle` is not ours)."""
     for ext in raw:
-        if ext != "__key__" and ext not in ALLOWED_EXTENSIONS:
-            raise ShardFormatError(f"{where}:{raw['__key__']}: member extension '.{ext}' is not allowed "
-                                   f"(allowed: {', '.join(ALLOWED_EXTENSIONS)})")
+        if ext != "__key__":
+            refuse_extension(ext, f"{where}:{raw['__key__']}")
     sample = {"__key__": raw["__key__"]}
     for field, convert in fields.items():
         if field not in raw:

@@ -74,6 +74,12 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype, count=count, offset=start).reshape(shape, order="F" if fortran else "C")
 
 
+def refuse_extension(ext: str, where: str) -> None:
+    """Raise, naming the member, unless `ext` is on the allow-list."""
+    if ext not in ALLOWED_EXTENSIONS:
+        raise ShardFormatError(f"{where}: member extension '.{ext}' is not allowed (allowed: {', '.join(ALLOWED_EXTENSIONS)})")
+
+
 def decode_field(ext: str, data: bytes, where: str) -> Any:
     try:
         if ext == "npy":
@@ -88,7 +94,8 @@ def decode_field(ext: str, data: bytes, where: str) -> Any:
             return int(data)
     except Exception as e:
         raise ShardFormatError(f"{where}: cannot decode '.{ext}' member: {e}") from e
-    raise ShardFormatError(f"{where}: member extension '.{ext}' is not allowed (allowed: {', '.join(ALLOWED_EXTENSIONS)})")
+    refuse_extension(ext, where)
+    raise AssertionError(f"'.{ext}' is allowed but has no decoder")
 
 
 class _Hashing(io.RawIOBase):
