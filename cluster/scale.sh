@@ -17,7 +17,7 @@ step, stage 3's gathers once per micro-batch. The MFU ceiling is what is left of
 after waiting for the links: overlapped, a step takes the longer of compute and
 communication; in series, their sum. Estimates, to size a run before renting it: not
 measurements (`pipeline/plan.py` says how each is counted). On a GPU, check the 40%
-against `bench/gpt_throughput.py --gpu --precision bf16`.
+against `bench/gpu.py` (bench/RESULTS.md).
 
 The 7B preset was ZeRO-3 at micro-batch 2 x 4 accumulation: 159 GB a step through each
 GPU, 3.2 s against 1.8 s of compute, a 14% ceiling with overlap off (22% on). It is now

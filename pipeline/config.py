@@ -31,6 +31,25 @@ def _require_positive(section: Any, key: str, *names: str) -> None:
             raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(section, name)}")
 
 
+def run_time(default: Any) -> Any:
+    """A field that says how a run executes, not what it computes (compilation,
+    recomputation, loader processes, retries): it is left out of the stage's
+    fingerprint, so changing it reuses or resumes the same stage."""
+    return field(default=default, metadata={"run_time": True})
+
+
+def identity_dict(section: Any) -> Any:
+    """`section` as plain data without its run-time fields: what a stage's fingerprint hashes."""
+    if dataclasses.is_dataclass(section):
+        return {f.name: identity_dict(getattr(section, f.name)) for f in dataclasses.fields(section)
+                if not f.metadata.get("run_time")}
+    if isinstance(section, (list, tuple)):
+        return [identity_dict(v) for v in section]
+    if isinstance(section, dict):
+        return {k: identity_dict(v) for k, v in section.items()}
+    return section
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -206,18 +225,23 @@ class TrainConfig:
     # Loader: DataLoader worker processes per rank (0: read in the training process),
     # batches each worker prepares ahead, and the shuffle block of the global order
     # (samples; much larger than a shard, and what bounds a worker's memory).
-    loader_workers: int = 1
-    prefetch: int = 2
+    loader_workers: int = run_time(1)
+    prefetch: int = run_time(2)
     shuffle_block: int = 16384
     # A training set whose decoded arrays fit this budget (per loader worker) is decoded
     # once and reused every epoch; a larger one is streamed. 0: always stream.
-    loader_cache_mb: int = 128
-    max_failures: int = 0
+    loader_cache_mb: int = run_time(128)
+    max_failures: int = run_time(0)
     # Peak FLOP/s of one worker's device, for MFU. 180e9: the fp32 matmul rate of one
     # core of the 2-core CI machine (1024-2048 square, measured 176-183 GFLOP/s), as
     # each CPU worker gets one core; an H100 in bf16 is ~989e12 dense.
-    peak_flops_per_worker: float = 180e9
+    peak_flops_per_worker: float = run_time(180e9)
     seed: int = 0
+    # Speed switches that keep the math (tests/test_switches.py): torch.compile of the
+    # model (DeepSpeed's engine.compile, inductor), and what each transformer block
+    # recomputes in its backward pass: none, full or selective (pipeline/models/recompute.py).
+    compile: bool = run_time(False)
+    activation_checkpointing: Literal["none", "full", "selective"] = run_time("none")
 
     def validate(self, key: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from pipeline import storage
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, identity_dict
 from pipeline.fanout import FanOut
 from pipeline.keys import CACHED, RAN
 from pipeline.tracking import Tracker
@@ -67,7 +67,7 @@ def fingerprint(stage: Stage, config: RunConfig, input_fingerprints: dict[str, s
     payload = {
         "stage": stage.name,
         "format": FORMAT_VERSION,
-        "config": section_dict(stage, config),
+        "config": identity_dict(stage.section(config)),
         "inputs": input_fingerprints,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

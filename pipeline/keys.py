@@ -33,6 +33,7 @@ class Metric:
     EPOCH = "epoch"
     BATCH_DIGEST = "batch_digest"  # of the step's global batch (`pipeline batches` recomputes it)
     STAGE_SECONDS = "stage_seconds"
+    PEAK_GPU_MEMORY_GB = "peak_gpu_memory_gb"  # torch's peak allocation on the rank's GPU so far
     # also: the kind's unit ("tokens" or "images") consumed, and `per_second(unit)`
 
     @staticmethod

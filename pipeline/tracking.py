@@ -240,6 +240,7 @@ class MlflowTracker(Tracker):
         self.uri, self.experiment_id = uri, experiment_id
         self.client = client(uri)
         self._monitors: dict[str, Any] = {}
+        self._pending: list = []  # metrics queued by log_metrics_later
 
     @classmethod
     def for_experiment(cls, uri: str, experiment: str, workdir: str) -> "MlflowTracker":
@@ -270,10 +271,24 @@ class MlflowTracker(Tracker):
         self.client.log_batch(run_id, params=[MlflowParam(k, v) for k, v in flat.items()])
 
     def log_metrics(self, run_id, metrics, step=0):
+        self.client.log_batch(run_id, metrics=self._metrics(metrics, step))
+
+    def log_metrics_later(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Queue the metrics for MLflow's background thread (a training step does not wait
+        on the store's round trip); `flush` waits for everything queued."""
+        self._pending.append(self.client.log_batch(run_id, metrics=self._metrics(metrics, step), synchronous=False))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.wait()
+
+    @staticmethod
+    def _metrics(metrics: Mapping[str, float], step: int) -> list:
         from mlflow.entities import Metric as MlflowMetric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[MlflowMetric(k, float(v), ts, step) for k, v in metrics.items()])
+        return [MlflowMetric(k, float(v), ts, step) for k, v in metrics.items()]
 
     def set_tag(self, run_id, key, value):
         self.client.set_tag(run_id, key, redacted(value, key))

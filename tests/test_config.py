@@ -104,3 +104,22 @@ def test_bad_sweep_files_name_the_key(tmp_path):
         bad.write_text(head + body)
         with pytest.raises(ConfigError, match=key):
             load_sweep(bad)
+
+
+def test_run_time_settings_leave_the_stage_fingerprint_alone():
+    """Compiling, recomputing or more loader processes reuse (and resume) the same stage;
+    a setting that changes the math makes a new one."""
+    from pipeline.dag import fingerprint
+    from pipeline.stages import STAGES
+
+    stage = STAGES["pretrain_gpt"]
+
+    def of(*overrides):
+        return fingerprint(stage, load_config(SMOKE, list(overrides)), {"tokenize": "t"})
+
+    plain = of()
+    assert of("pretrain_gpt.train.compile=true", "pretrain_gpt.train.activation_checkpointing=selective",
+              "pretrain_gpt.train.loader_workers=3", "pretrain_gpt.train.peak_flops_per_worker=1e15") == plain
+    assert of("pretrain_gpt.train.lr=2e-3") != plain
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        of("pretrain_gpt.train.activation_checkpointing=some")

@@ -18,6 +18,7 @@ import torch
 
 from pipeline import storage
 from pipeline.keys import Param
+from pipeline.models.layers import full_shape
 from pipeline.train.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class ModelKind:
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            groups.setdefault((p.dim() >= 2, *self.lr_group(spec, name)), []).append(p)
+            groups.setdefault((len(full_shape(p)) >= 2, *self.lr_group(spec, name)), []).append(p)
         train, out = spec.train, []
         for (decay, _, scale), params in sorted(groups.items()):
             if scale == 0:

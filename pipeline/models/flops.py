@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .layers import numel
+
 
 def matmul_params(module: nn.Module) -> int:
     """Weights of the matmuls a token passes through: every Linear's weight (a tied
     output matrix once, as a Linear). Biases and norms cost no matmul; lookup tables
     (embeddings, positions, class token) cost none at all."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    return sum(numel(m.weight) for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def flops_per_token(n_params: int, n_layer: int, seq_len: int, d_model: int) -> float:

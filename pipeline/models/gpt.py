@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .layers import Block, ModelShape, init_weights
+from .layers import Block, ModelShape, init_weights, numel
+from .loss import cross_entropy
 
 
 class GPT(nn.Module):
@@ -33,9 +33,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def embedding_params(self) -> int:
         """Parameters in lookup tables; the tied output matrix counts as compute, not here."""
-        return self.pos_emb.weight.numel()
+        return numel(self.pos_emb.weight)

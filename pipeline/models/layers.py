@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import recompute
 
 
 class ModelShape(Protocol):
@@ -109,12 +112,19 @@ class Block(nn.Module):
         self.cross_attn = Attention(d_model, n_head, dropout) if cross else None
         self.ln_2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, dropout)
+        self.recompute = "none"  # activation checkpointing (see `recompute`): set by the trainer
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: dict | None = None, context_bias: torch.Tensor | None = None,
                 cross_weights: list | None = None) -> torch.Tensor:
         """`cache`: {"self": {}, "cross": {}} for incremental decoding (see Attention);
         `cross_weights`: a list the cross-attention weights are appended to."""
+        if self.recompute != "none" and self.training and torch.is_grad_enabled():
+            return recompute.checkpointed(self._forward, self.recompute, x, context, context_mask, cache, context_bias,
+                                          cross_weights)
+        return self._forward(x, context, context_mask, cache, context_bias, cross_weights)
+
+    def _forward(self, x, context, context_mask, cache, context_bias, cross_weights) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=self.causal, cache=None if cache is None else cache["self"])
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.ln_cross(x), context=context, mask=context_mask,
@@ -125,13 +135,33 @@ class Block(nn.Module):
 
 def init_weights(module: nn.Module) -> None:
     """GPT-2 style initialisation."""
-    if isinstance(module, nn.Linear):
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
+        return
+    with whole(list(module.parameters(recurse=False))):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+def whole(params: list[nn.Parameter]):
+    """A context in which `params` hold their whole tensors. Under ZeRO-3's partitioned
+    construction (`deepspeed.zero.Init`) each rank holds a slice: the slices are gathered,
+    rank 0's writes are kept and sent to every rank, and the slices are cut again."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also of one ZeRO-3 holds partitioned (whose own tensor is empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def numel(p: torch.Tensor) -> int:
+    return full_shape(p).numel()
 
 
 def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return sum(numel(p) for p in module.parameters())

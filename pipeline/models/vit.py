@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Block, ModelShape, init_weights
+from .layers import Block, ModelShape, init_weights, numel
 from .patches import to_images, to_patches
 
 
@@ -46,7 +46,7 @@ class ConvStem(nn.Module):
         forward; the first convolution's input, the image, needs no gradient)."""
         conv1, conv2 = (2.0 * pixels * 9 * c.in_channels * c.out_channels for c in (self.conv1, self.conv2))
         conv3 = 2.0 * (pixels // 4) * 9 * self.conv3.in_channels * self.conv3.out_channels
-        proj = 2.0 * patches * self.proj.weight.numel()
+        proj = 2.0 * patches * numel(self.proj.weight)
         rest = conv2 + conv3 + proj
         return (2 * conv1 + 3 * rest) if trained else conv1 + rest
 
@@ -107,7 +107,7 @@ class ViT(nn.Module):
         return logits, loss
 
     def embedding_params(self) -> int:
-        return self.embed.pos_emb.numel() + self.embed.cls_token.numel()
+        return numel(self.embed.pos_emb) + numel(self.embed.cls_token)
 
     def stem_flops(self, trained: bool) -> tuple[float, int]:
         """(FLOPs per image of a conv stem, its matmul weights, which the per-token count
@@ -116,7 +116,7 @@ class ViT(nn.Module):
         stem = self.embed.proj
         if not isinstance(stem, ConvStem):
             return 0.0, 0
-        return stem.training_flops(self.num_patches * self.patch_dim, self.num_patches, trained), stem.proj.weight.numel()
+        return stem.training_flops(self.num_patches * self.patch_dim, self.num_patches, trained), numel(stem.proj.weight)
 
 
 def build_vit(cell: int, patch_size: int, num_classes: int, shape: ModelShape, stem_channels: int = 0,

@@ -27,7 +27,7 @@ from pipeline.keys import Metric
 from pipeline.kinds import IGNORE, KINDS, ModelKind
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import TrainingData
-from pipeline.train.engine import deepspeed_config, initialize
+from pipeline.train.engine import build_model, deepspeed_config, initialize
 from pipeline.train.spec import TrainSpec
 
 
@@ -53,7 +53,7 @@ class Run:
     dtype: torch.dtype
     sample_flops: float
     resumed: bool
-    tracker: Any = None  # rank 0's MlflowTracker, when the stage has a run it can reach
+    tracker: Any = None  # rank 0's MlflowTracker, when the stage has a run it can reach (logs in the background)
     metrics: dict[str, float] = field(default_factory=dict)  # latest logged values, reported with checkpoints
     stop_requested: bool = False  # set by StopWatcher: checkpoint now, then end the loop
 
@@ -125,9 +125,11 @@ class MetricsLogger:
             Metric.EPOCH: run.data.epoch_at(step),
             Metric.BATCH_DIGEST: float(int(digest_sum) % (1 << DIGEST_BITS)),
         }
+        if run.device.type == "cuda":
+            metrics[Metric.PEAK_GPU_MEMORY_GB] = torch.cuda.max_memory_allocated(run.device) / 2**30
         run.metrics.update(metrics)
         if run.tracker:
-            run.tracker.log_metrics(run.spec.mlflow_run_id, metrics, step)
+            run.tracker.log_metrics_later(run.spec.mlflow_run_id, metrics, step)
         if run.rank == 0:
             print(f"[{run.spec.kind}] step {step}/{train.max_steps} loss {metrics[Metric.LOSS]:.4f} "
                   f"lr {metrics[Metric.LR]:.3g} {metrics[Metric.per_second(unit)]:.0f} {unit}/s "
@@ -168,7 +170,7 @@ class Validator:
         metrics = {Metric.VAL_LOSS: loss_sum / counted, Metric.VAL_ACCURACY: correct / counted}
         run.metrics.update(metrics)
         if run.tracker:
-            run.tracker.log_metrics(run.spec.mlflow_run_id, {**metrics, **run.progress(step)}, step)
+            run.tracker.log_metrics_later(run.spec.mlflow_run_id, {**metrics, **run.progress(step)}, step)
         if run.rank == 0:
             print(f"[{run.spec.kind}] step {step} val_loss {metrics[Metric.VAL_LOSS]:.4f} "
                   f"val_accuracy {metrics[Metric.VAL_ACCURACY]:.4f}", flush=True)
@@ -227,14 +229,13 @@ def train_worker(loop_config: dict) -> None:
     dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
 
     kind = KINDS[spec.kind]
-    torch.manual_seed(train.seed)  # identical initial weights on every rank
-    model = kind.build(spec.model)
-    kind.initialise(model, spec.start)
+    ds_config = deepspeed_config(spec.deepspeed, train, world)
+    model = build_model(kind, spec, ds_config)
     data = TrainingData.open(spec.train_data, train, world, spec.skip_shards)
     sample_flops = kind.flops_per_sample(spec, model, iter_shard(data.entries[0]["path"]))
 
     groups = kind.param_groups(spec, model)
-    engine, _, scheduler = initialize(model, groups, train, deepspeed_config(spec.deepspeed, train, world))
+    engine, _, scheduler = initialize(model, groups, train, ds_config)
     resumed_at = _resume(engine, data, spec)
     step = resumed_at or 0
     tracker = None
@@ -248,14 +249,25 @@ def train_worker(loop_config: dict) -> None:
     batches = iter(data.loader(rank, step, train.max_steps, kind.fields, kind.transform(spec), train))
     engine.train()
     while step < train.max_steps and not run.stop_requested:
-        loss_sum, digest = torch.zeros((), device=device), 0
-        for _ in range(train.grad_accum):
-            batch = next(batches)
-            _, loss, _ = kind.forward(engine, batch, device, dtype)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
-            digest += batch_digest(batch["__key__"])
+        loss, digest = train_step(run, batches)
         step += 1
         for callback in callbacks:
-            callback.after_step(run, step, loss_sum / train.grad_accum, digest)
+            callback.after_step(run, step, loss, digest)
+    if tracker:
+        tracker.flush()
+
+
+def train_step(run: Run, batches) -> tuple[torch.Tensor, int]:
+    """One optimizer step over `grad_accum` micro-batches: (mean loss, still on the
+    device, and the global batch's digest). Nothing here reads a value back from the
+    device (tests/test_switches.py counts)."""
+    accum = run.spec.train.grad_accum
+    loss_sum, digest = torch.zeros((), device=run.device), 0
+    for _ in range(accum):
+        batch = next(batches)
+        _, loss, _ = run.kind.forward(run.engine, batch, run.device, run.dtype)
+        run.engine.backward(loss)
+        run.engine.step()
+        loss_sum += loss.detach().float()
+        digest += batch_digest(batch["__key__"])
+    return loss_sum / accum, digest

@@ -1,0 +1,28 @@
+"""bench/gpu.py, the script a lent GPU runs, kept from rotting: its --cpu --tiny mode
+runs every part that CI can afford through the same code (the ViT's two ways are left
+out here for time: they share `initialize` and the step with the GPT's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_bench_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--cpu", "--tiny", "--out", str(out),
+                           "--skip", "vit-tiny"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])  # the last line is the whole result
+    assert printed == json.loads(out.read_text())
+    for way in ("pipeline", "plain"):
+        figures = printed[f"gpt-tiny/{way}"]
+        assert "error" not in figures, figures
+        assert figures["tokens_per_s"] > 0 and 0 < figures["mfu"] < 1
+    assert 0 < printed["gpt-tiny/pipeline_over_plain"] < 2
+    # On the CPU a resumed run must end on exactly the uninterrupted run's weights.
+    assert printed["resume"]["bit_exact"] and printed["resume"]["max_abs_diff_resumed"] == 0.0
