@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             p.add_argument("--nodes", type=int, help="number of nodes (default: the preset's num_workers over --gpus-per-node)")
             p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one training rank each (default 8)")
-            p.add_argument("--mfu", type=float, default=0.4,
-                           help="model FLOPs utilisation of the compute alone, before communication (default 0.4)")
+            p.add_argument("--mfu", type=float,
+                           help="model FLOPs utilisation of the compute alone, before communication (default: "
+                                "what the pipeline measured on one GPU, plan.MEASURED_MFU, bench/RESULTS.md)")
             p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80: an H100)")
             p.add_argument("--gbps-per-gpu", type=float, default=400.0,
                            help="bandwidth between nodes per GPU in Gb/s (default 400: a p5's EFA over 8 GPUs)")
@@ -276,7 +277,8 @@ def _plan(config, args) -> int:
                else bool(load_zero_config(zero_stage)["zero_optimization"].get("overlap_comm", False)))
     hw = plan.Hardware(nodes=plan.world_of(config, args.nodes, args.gpus_per_node), gpus_per_node=args.gpus_per_node,
                        gpu_memory_gib=args.gpu_memory_gib, peak_flops=config.pretrain_gpt.train.peak_flops_per_worker,
-                       mfu=args.mfu, gbps_per_gpu=args.gbps_per_gpu, usd_per_gpu_hour=args.usd_per_gpu_hour)
+                       mfu=plan.MEASURED_MFU if args.mfu is None else args.mfu, gbps_per_gpu=args.gbps_per_gpu,
+                       usd_per_gpu_hour=args.usd_per_gpu_hour)
     p = plan.plan(config, hw, overlap)
     print(json.dumps(plan.as_dict(p)) if args.json else plan.format_plan(p))
     return 0

@@ -42,6 +42,10 @@ TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal data is about 20 
 # One recomputed forward (2N of the 6N per token) on top of the usual forward and backward.
 RECOMPUTE_FACTOR = 8 / 6
 GiB = 1024 ** 3
+# The MFU the pipeline's own training path measured: GPT-350M, ZeRO-1, bf16, one H200
+# (bench/RESULTS.md, 2026-11-27; a plain PyTorch loop reached 43.6% there). Measured
+# before the two DeepSpeed settings that profile led to; re-measure with bench/gpu.py.
+MEASURED_MFU = 0.23
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Hardware:
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0  # an H100
     peak_flops: float = 989e12  # an H100's dense bf16
-    mfu: float = 0.4  # of the compute alone, before any wait for communication
+    mfu: float = MEASURED_MFU  # of the compute alone, before any wait for communication
     gbps_per_gpu: float = 400.0  # between nodes, per GPU (a p5's 3,200 Gb/s of EFA over 8 GPUs)
     intra_node_gbps: float = 3600.0  # NVLink 4, per GPU and direction (450 GB/s)
     usd_per_gpu_hour: float = 4.0

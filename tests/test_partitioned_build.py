@@ -26,7 +26,7 @@ import resource
 import psutil
 
 from pipeline.config import PretrainGPTConfig, TrainConfig, TransformerConfig
-from tests.localcluster import free_port
+from localcluster import free_port
 
 SHAPE = dict(n_layer=24, n_head=16, d_model=1024)  # 302M in the blocks, 310M with the tables
 VOCAB, SEQ = 8192, 64

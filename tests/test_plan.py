@@ -66,17 +66,17 @@ def test_plan_scales_with_the_cluster():
 def test_the_old_7b_layout_was_bound_by_communication_and_the_plan_says_what_lifts_it():
     old = load_config(PRESETS / "gpt-7b.yaml", ["pretrain_gpt.train.zero_stage=3"])
     for overlap, most in ((False, 0.16), (True, 0.25)):
-        p = plan(old, Hardware(nodes=64), overlap)
+        p = plan(old, Hardware(nodes=64, mfu=0.4), overlap)
         assert p.comm_s > p.compute_s and p.mfu_ceiling < most
         assert p.better and p.better["mfu_ceiling"] >= 0.39 and p.better["total_gib"] <= 80
     # Inside one node NVLink carries it: the same layout is far less bound.
-    assert plan(old, Hardware(nodes=1), False).mfu_ceiling > 2 * plan(old, Hardware(nodes=64), False).mfu_ceiling
+    assert plan(old, Hardware(nodes=1, mfu=0.4), False).mfu_ceiling > 2 * plan(old, Hardware(nodes=64, mfu=0.4), False).mfu_ceiling
 
 
 @pytest.mark.parametrize("preset", ["gpt-1.3b", "gpt-7b"])
 def test_the_large_presets_clear_40_percent_as_configured(preset, capsys):
     """At the preset's own world size, stage and the overlap its ZeRO config sets."""
-    assert main(["plan", str(PRESETS / f"{preset}.yaml"), "--json"]) == 0
+    assert main(["plan", str(PRESETS / f"{preset}.yaml"), "--json", "--mfu", "0.4"]) == 0
     out = json.loads(capsys.readouterr().out)
     config = load_config(PRESETS / f"{preset}.yaml")
     assert out["nodes"] * out["gpus_per_node"] == config.pretrain_gpt.train.num_workers

@@ -18,7 +18,7 @@ import traceback
 
 import numpy as np
 
-from tests.localcluster import free_port
+from localcluster import free_port
 
 LOG_EVERY = 5
 DEEPSPEED_NORM_CHECK = "is_invalid_grad_norm"
