@@ -256,15 +256,13 @@ def pipeline_gpt(size: GPTSize, setting: Setting, tmp: str) -> dict:
 def pipeline_vit(size: ViTSize, setting: Setting) -> dict:
     """The pipeline's DeepSpeed engine (`pipeline.train.engine`: ZeRO-1, fused AdamW,
     engine.compile) on device-resident batches, in this process."""
-    import deepspeed
-
-    from pipeline.train.engine import deepspeed_config, initialize, load_zero_config
+    from pipeline.train.engine import deepspeed_config, init_distributed, initialize, load_zero_config
 
     device = setting.device
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("BENCH_PORT", "29533"), RANK="0",
                       LOCAL_RANK="0", WORLD_SIZE="1")
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if setting.gpu else "gloo")
+        init_distributed(setting.gpu)
     reset_peak(device)
     train = train_config(setting, size.batch)
     model = build_vit(size).to(device)

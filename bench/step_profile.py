@@ -58,16 +58,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compiled-only", action="store_true", help="only the compiled engine and plain loop")
     args = parser.parse_args()
-    import deepspeed
-
-    from pipeline.train.engine import deepspeed_config, initialize, load_zero_config
+    from pipeline.train.engine import deepspeed_config, init_distributed, initialize, load_zero_config
 
     gpu = not args.cpu
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     layers, d, heads, seq, vocab, batch = (12, 768, 12, 1024, 50304, 16) if gpu else (2, 128, 4, 128, 2048, 4)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    init_distributed(gpu)
     shape = TransformerConfig(n_layer=layers, n_head=heads, d_model=d)
     tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]

@@ -56,13 +56,11 @@ def _rank(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from pipeline.kinds import KINDS
     from pipeline.models.layers import count_params
-    from pipeline.train.engine import build_model, deepspeed_config, initialize
+    from pipeline.train.engine import build_model, deepspeed_config, init_distributed, initialize
 
     spec, kind = _spec(), KINDS["gpt"]
     ds_config = deepspeed_config(spec.deepspeed, spec.train, 2)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")  # communication set-up, before the measured part
+    init_distributed(use_gpu=False)  # communication set-up, before the measured part
     before = psutil.Process().memory_info().rss
     model = build_model(kind, spec, ds_config)
     built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -71,6 +69,8 @@ def _rank(rank: int, port: int, out: str) -> None:
     figures = {"params": count_params(model), "rss_before": before, "built": built, "peak": peak}
 
     # The gathered weights equal a whole build's, seeded the same (rank 0 compares).
+    import deepspeed
+
     whole = None
     if rank == 0:
         torch.manual_seed(spec.train.seed)

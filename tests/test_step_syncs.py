@@ -6,7 +6,8 @@ step whose kernels are queued by a busy CPU then runs at the CPU's pace. The rea
 loop pieces (the trainer's `train_step` and its callbacks) run on a real DeepSpeed
 engine, ZeRO-1 in bf16, and every sync of one non-logging step is caught with the
 stack that asked for it. DeepSpeed's own step keeps one: its check that the gradient
-norm is finite, before clipping.
+norm is finite, before clipping. With DeepSpeed's bf16 overflow scan off, a NaN in the
+weights must stop the run at the next logging step, with an error that says what to do.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ def _count(port: int, directory: str) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from pipeline.config import PretrainGPTConfig, TrainConfig, TransformerConfig
@@ -47,10 +47,10 @@ def _count(port: int, directory: str) -> None:
     from pipeline.kinds.gpt import GPTModelConfig
     from pipeline.train import loop
     from pipeline.train.data import TrainingData
-    from pipeline.train.engine import build_model, deepspeed_config, initialize, load_zero_config
+    from pipeline.train.engine import build_model, deepspeed_config, init_distributed, initialize, load_zero_config
     from pipeline.train.spec import TrainSpec
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(use_gpu=False)
     tokens = os.path.join(directory, "tokens")
     _write_tokens(tokens, 512, 32, 64)
     shape = TransformerConfig(n_layer=2, n_head=4, d_model=64)
@@ -92,16 +92,30 @@ def _count(port: int, directory: str) -> None:
             for callback in callbacks:
                 callback.after_step(run, step, loss, digest)
         found[step] = list(syncs)
+
+    # Without DeepSpeed's bf16 overflow scan a non-finite gradient is applied: the next
+    # logging step must stop the run, not log NaN and go on.
+    with torch.no_grad():
+        engine.module.lm_head.weight.view(-1)[0] = float("nan")  # tied: the embedding too
+    stopped = ""
+    try:
+        for step in range(LOG_EVERY + 1, 2 * LOG_EVERY + 1):
+            loss, digest = loop.train_step(run, batches)
+            for callback in callbacks:
+                callback.after_step(run, step, loss, digest)
+    except FloatingPointError as error:
+        stopped = f"{step}: {error}"
     with open(os.path.join(directory, "syncs.json"), "w") as f:
-        json.dump(found, f)
+        json.dump({"syncs": found, "stopped": stopped}, f)
 
 
-def test_a_step_outside_logging_reads_nothing_back(tmp_path):
+def test_a_step_outside_logging_reads_nothing_back_and_a_nan_loss_stops_the_run(tmp_path):
     process = multiprocessing.get_context("spawn").Process(target=_count, args=(free_port(), str(tmp_path)))
     process.start()
     process.join(timeout=300)
     assert process.exitcode == 0
-    found = {int(k): v for k, v in json.loads((tmp_path / "syncs.json").read_text()).items()}
+    saved = json.loads((tmp_path / "syncs.json").read_text())
+    found = {int(k): v for k, v in saved["syncs"].items()}
     for step in range(2, LOG_EVERY):  # step 1 builds the optimizer's state
         ours = [s for s in found[step] if DEEPSPEED_NORM_CHECK not in s]
         assert ours == [], f"step {step} syncs outside DeepSpeed's norm check: {ours}"
@@ -109,3 +123,5 @@ def test_a_step_outside_logging_reads_nothing_back(tmp_path):
         assert len(found[step]) <= 2, found[step]
     # The counter sees syncs where there are some: the logging step reads the loss back.
     assert any("after_step" in s for s in found[LOG_EVERY])
+    assert saved["stopped"].startswith(f"{2 * LOG_EVERY}: [gpt] step {2 * LOG_EVERY}: training loss is nan"), saved
+    assert "pretrain_gpt.train.lr" in saved["stopped"]

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from pipeline.export.stock import image_processor
 from pipeline.geometry import CELL
 
-MODEL_FILES = ("layers.py", "patches.py", "vit.py", "captioner.py")  # of pipeline.models
+MODEL_FILES = ("layers.py", "recompute.py", "patches.py", "vit.py", "captioner.py")  # of pipeline.models
 MODELING = "modeling_thousandwords.py"
 PREFIX = "captioner."  # the wrapper's attribute holding our model
 

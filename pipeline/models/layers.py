@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import recompute
+from .recompute import checkpointed
 
 
 class ModelShape(Protocol):
@@ -112,7 +112,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(d_model, n_head, dropout) if cross else None
         self.ln_2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, dropout)
-        self.recompute = "none"  # activation checkpointing (see `recompute`): set by the trainer
+        self.recompute = "none"  # activation checkpointing (see recompute.py): set by the trainer
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: dict | None = None, context_bias: torch.Tensor | None = None,
@@ -120,7 +120,7 @@ class Block(nn.Module):
         """`cache`: {"self": {}, "cross": {}} for incremental decoding (see Attention);
         `cross_weights`: a list the cross-attention weights are appended to."""
         if self.recompute != "none" and self.training and torch.is_grad_enabled():
-            return recompute.checkpointed(self._forward, self.recompute, x, context, context_mask, cache, context_bias,
+            return checkpointed(self._forward, self.recompute, x, context, context_mask, cache, context_bias,
                                           cross_weights)
         return self._forward(x, context, context_mask, cache, context_bias, cross_weights)
 

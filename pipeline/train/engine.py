@@ -39,8 +39,10 @@ def deepspeed_config(base: dict[str, Any], train: TrainConfig, world_size: int) 
         gradient_clipping=train.grad_clip,
         # No per-parameter inf/NaN scan before each step: that is fp16's loss-scaling
         # guard (bf16 has fp32's exponent range), and it costs a kernel trio per
-        # parameter plus a host sync (measured on an H200: 2,100 tiny kernels a step
-        # for GPT-124M, bench/RESULTS.md). A non-finite gradient norm is still caught.
+        # parameter plus a host sync (measured on an H200: over a thousand small kernel
+        # launches a step for GPT-124M, bench/RESULTS.md). Without it a non-finite
+        # gradient is applied, not skipped; the trainer stops at the next logging step
+        # whose loss is not finite (loop.MetricsLogger).
         bf16={"enabled": train.precision == "bf16", "check_grad_overflow": False},
         # DeepSpeed's own throughput timer synchronises the device at every forward and
         # step, and its forward hook breaks torch.compile's graph; the trainer measures
@@ -82,6 +84,16 @@ def _skip_cpu_shm_op() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
+def init_distributed(use_gpu: bool) -> None:
+    """DeepSpeed's communication over this process's torch.distributed group (made
+    here from the RANK/WORLD_SIZE/MASTER_* environment if there is none yet)."""
+    import deepspeed
+
+    if not use_gpu:
+        _skip_cpu_shm_op()
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
 def build_model(kind, spec, ds_config: dict[str, Any]) -> torch.nn.Module:
     """The kind's model with its initial weights, identical on every rank.
 
@@ -92,15 +104,12 @@ def build_model(kind, spec, ds_config: dict[str, Any]) -> torch.nn.Module:
     built whole, then loaded.
     """
     train = spec.train
-    if not train.use_gpu:
-        _skip_cpu_shm_op()
     torch.manual_seed(train.seed)
     partitioned = train.zero_stage == 3 and not spec.start
     if partitioned:
         import deepspeed
 
-        # zero.Init reads the world size from DeepSpeed's view of torch.distributed
-        deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
+        init_distributed(train.use_gpu)  # zero.Init reads the world size from DeepSpeed's view
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = kind.build(spec.model)
     else:
@@ -113,8 +122,7 @@ def build_model(kind, spec, ds_config: dict[str, Any]) -> torch.nn.Module:
 def initialize(model: torch.nn.Module, groups: list[dict], train: TrainConfig, ds_config: dict[str, Any]):
     import deepspeed
 
-    if not train.use_gpu:
-        _skip_cpu_shm_op()
+    init_distributed(train.use_gpu)
     # fused: one kernel for the whole update (CPU and GPU), and its step counter stays
     # on the device (the unfused one reads it back to the host every step)
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)

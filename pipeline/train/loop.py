@@ -10,6 +10,7 @@ DeepSpeed, data position recomputed from the checkpoint's sample counter.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -127,6 +128,10 @@ class MetricsLogger:
         }
         if run.device.type == "cuda":
             metrics[Metric.PEAK_GPU_MEMORY_GB] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        if not math.isfinite(metrics[Metric.LOSS]):
+            raise FloatingPointError(f"[{run.spec.kind}] step {step}: training loss is {metrics[Metric.LOSS]} "
+                                     f"(non-finite gradients were applied); resume from an earlier checkpoint "
+                                     f"with a lower {run.kind.stage}.train.lr")
         run.metrics.update(metrics)
         if run.tracker:
             run.tracker.log_metrics_later(run.spec.mlflow_run_id, metrics, step)
