@@ -238,7 +238,7 @@ def main() -> int:
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="tw-bench-") as tmp:
         parts = {
-            "train_step": lambda: train_step(repeats, steps=10 if args.quick else 30),
+            "train_step": lambda: train_step(repeats, steps=5 if args.quick else 20),
             "loader": lambda: loader(tmp, seconds=6 if args.quick else 15),
             "shard_write": lambda: shard_write(tmp, samples=5000, repeats=repeats),
             "smoke_dag": lambda: smoke_and_tokenize(tmp),
