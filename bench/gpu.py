@@ -143,25 +143,30 @@ def gpt_flops_per_token(model: GPT, size: GPTSize) -> float:
 # --------------------------------------------------------------------- plain loops
 
 
+def plain_seconds_per_step(model: torch.nn.Module, inputs: tuple, setting: Setting) -> float:
+    """nanoGPT's loop on `model(*inputs) -> (_, loss)`: bf16 autocast over fp32 weights,
+    fused AdamW, torch.compile, SDPA."""
+    model.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=setting.gpu)
+
+    def step():
+        with torch.autocast(setting.device.type, dtype=setting.dtype, enabled=setting.dtype != torch.float32):
+            _, loss = model(*inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed_steps(step, setting)
+
+
 def plain_gpt(size: GPTSize, setting: Setting) -> dict:
-    """nanoGPT's loop: bf16 autocast over fp32 weights, fused AdamW, torch.compile, SDPA."""
     device = setting.device
     reset_peak(device)
     torch.manual_seed(0)
     model = GPT(size.vocab, size.seq_len, size.shape()).to(device)
     per_token = gpt_flops_per_token(model, size)
-    model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=setting.gpu)
     seq = torch.randint(0, size.vocab, (size.micro_batch, size.seq_len + 1), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=setting.dtype, enabled=setting.dtype != torch.float32):
-            _, loss = model(seq[:, :-1], seq[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    tokens_per_s = size.micro_batch * size.seq_len / timed_steps(step, setting)
+    tokens_per_s = size.micro_batch * size.seq_len / plain_seconds_per_step(model, (seq[:, :-1], seq[:, 1:]), setting)
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * per_token / setting.peak, "peak_gpu_memory_gb": peak_gb(device)}
 
 
@@ -188,18 +193,7 @@ def plain_vit(size: ViTSize, setting: Setting) -> dict:
     reset_peak(device)
     model = build_vit(size).to(device)
     per_image = vit_flops_per_image(model, size)
-    model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=setting.gpu)
-    patches, labels = vit_batch(size, device)
-
-    def step():
-        with torch.autocast(device.type, dtype=setting.dtype, enabled=setting.dtype != torch.float32):
-            _, loss = model(patches, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    images_per_s = size.batch / timed_steps(step, setting)
+    images_per_s = size.batch / plain_seconds_per_step(model, vit_batch(size, device), setting)
     return {"images_per_s": images_per_s, "mfu": images_per_s * per_image / setting.peak, "peak_gpu_memory_gb": peak_gb(device)}
 
 

@@ -121,7 +121,7 @@ class Block(nn.Module):
         `cross_weights`: a list the cross-attention weights are appended to."""
         if self.recompute != "none" and self.training and torch.is_grad_enabled():
             return checkpointed(self._forward, self.recompute, x, context, context_mask, cache, context_bias,
-                                          cross_weights)
+                                cross_weights)
         return self._forward(x, context, context_mask, cache, context_bias, cross_weights)
 
     def _forward(self, x, context, context_mask, cache, context_bias, cross_weights) -> torch.Tensor:

@@ -265,7 +265,7 @@ def train_worker(loop_config: dict) -> None:
 def train_step(run: Run, batches) -> tuple[torch.Tensor, int]:
     """One optimizer step over `grad_accum` micro-batches: (mean loss, still on the
     device, and the global batch's digest). Nothing here reads a value back from the
-    device (tests/test_switches.py counts)."""
+    device (tests/test_step_syncs.py counts)."""
     accum = run.spec.train.grad_accum
     loss_sum, digest = torch.zeros((), device=run.device), 0
     for _ in range(accum):
