@@ -57,12 +57,17 @@ def identity_dict(section: Any) -> Any:
 class MnistConfig:
     """The single digits: the embedded MNIST sample; a local folder of 28x28 grayscale
     images, either one sub-folder per class (`folder/3/x.png`) or images plus a CSV
-    `labels_file` of `filename,label` rows; or a Hugging Face dataset (`ylecun/mnist`)
-    streamed by `hf_parts` shard tasks per split."""
+    `labels_file` of `filename,label` rows; MNIST's own IDX files (`images`, `labels`,
+    gzipped or not); or a Hugging Face dataset (`ylecun/mnist`) streamed by `hf_parts`
+    shard tasks per split. `train_digits` > 0 keeps only the first that many training
+    digits of a folder or IDX source (validation and test unchanged)."""
 
-    source: Literal["embedded", "folder", "hf"] = "embedded"
+    source: Literal["embedded", "folder", "idx", "hf"] = "embedded"
     folder: Optional[str] = None
     labels_file: Optional[str] = None
+    images: Optional[str] = None
+    labels: Optional[str] = None
+    train_digits: int = 0
     hf_dataset: str = "ylecun/mnist"
     hf_parts: int = 4
     image_field: str = "image"
@@ -73,6 +78,11 @@ class MnistConfig:
         _require_positive(self, key, "samples_per_shard", "hf_parts")
         if self.source == "folder" and not self.folder:
             raise ConfigError(f"{key}.folder is required when {key}.source is 'folder'")
+        for field in ("images", "labels"):
+            if self.source == "idx" and not getattr(self, field):
+                raise ConfigError(f"{key}.{field} is required when {key}.source is 'idx'")
+        if self.train_digits < 0:
+            raise ConfigError(f"{key}.train_digits must be >= 0 (0: all), got {self.train_digits}")
 
 
 @dataclass

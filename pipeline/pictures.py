@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.scoring import MISSING, aligned_cells
+from pipeline.scoring import ABSENT, aligned_cells
 from pipeline.plotting import png, pyplot
 
 CELL_LABELS = [*"0123456789", "_"]  # a confusion matrix's classes: digits, then blank
 
 
 def confusion(predicted: list[str], targets: list[str]) -> np.ndarray:
-    """Counts (11, 12): rows the true cell (digits, blank), columns what was written
-    (digits, blank, missing or not a cell)."""
+    """Counts (12, 12): rows the true cell (digits, blank, none: a cell the writing
+    added), columns what was written (digits, blank, none or not a cell)."""
     index = {c: i for i, c in enumerate(CELL_LABELS)}
-    counts = np.zeros((len(CELL_LABELS), len(CELL_LABELS) + 1), dtype=np.int64)
+    other = len(CELL_LABELS)
+    counts = np.zeros((other + 1, other + 1), dtype=np.int64)
     for pred, true in zip(predicted, targets):
         for t, p in aligned_cells(pred, true):
-            counts[index[t], index.get(p, len(CELL_LABELS))] += 1
+            counts[index.get(t, other), index.get(p, other)] += 1
     return counts
 
 
@@ -31,8 +32,8 @@ def confusion_png(counts: np.ndarray, title: str) -> bytes:
     for (i, j), n in np.ndenumerate(counts):
         if n:
             ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(counts.shape[1]), [*CELL_LABELS, "other"])
-    ax.set_yticks(range(counts.shape[0]), CELL_LABELS)
+    ax.set_xticks(range(counts.shape[1]), [*CELL_LABELS, "none/other"])
+    ax.set_yticks(range(counts.shape[0]), [*CELL_LABELS, "none"])
     ax.set_xlabel("written")
     ax.set_ylabel("true cell")
     ax.set_title(title)
@@ -57,7 +58,7 @@ def samples_png(images: list[np.ndarray], predicted: list[str], targets: list[st
             want = true_rows[r] if r < len(true_rows) else ""
             got = pred_rows[r] if r < len(pred_rows) else ""
             for c in range(max(len(want), len(got))):
-                ch = got[c] if c < len(got) else MISSING
+                ch = got[c] if c < len(got) else ABSENT
                 right = c < len(want) and ch == want[c]
                 ax.text(c / max(len(want), len(got), 1), -0.06 - 0.07 * r, ch, transform=ax.transAxes,
                         fontsize=size, family="monospace", color="black" if right else "red", va="top")

@@ -65,7 +65,8 @@ def run_shard(ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
 
     digit_schema = {"png": "uint8 28x28 grayscale digit", "cls": "int label 0-9"}
-    folder = sources.plan_image_folder(data.mnist.folder, data.mnist.labels_file) if data.mnist.source == "folder" else None
+    listed = {"folder": sources.plan_image_folder, "idx": sources.plan_idx}.get(data.mnist.source)
+    items = listed(data.mnist) if listed else None  # the driver lists names and positions; tasks read the images
     for split in sources.SPLITS:
         digits = sources.ImageSet(split)
         d = storage.join(out, *digits.parts)
@@ -74,9 +75,12 @@ def run_shard(ctx: StageContext) -> StageResult:
             make, shard_args = sources.digit_samples, [(split, a, b) for a, b in ranges]
         elif data.mnist.source == "hf":  # each task streams its own part of the dataset
             make, shard_args = sources.hf_digit_samples, [(data.mnist, split, p) for p in range(data.mnist.hf_parts)]
+        elif data.mnist.source == "idx":  # each task reads the images at its own positions
+            ranges = _shard_ranges(len(items[split]), data.mnist.samples_per_shard)
+            make, shard_args = sources.idx_digit_samples, [(data.mnist.images, items[split][a:b]) for a, b in ranges]
         else:  # each task gets only its own file names
-            ranges = _shard_ranges(len(folder[split]), data.mnist.samples_per_shard)
-            make, shard_args = sources.folder_digit_samples, [(folder[split][a:b], a) for a, b in ranges]
+            ranges = _shard_ranges(len(items[split]), data.mnist.samples_per_shard)
+            make, shard_args = sources.folder_digit_samples, [(items[split][a:b], a) for a, b in ranges]
         m = _write_split(ctx, d, "mnist", make, shard_args, digit_schema, f"shard mnist/{split}")
         outputs[digits.output] = d
         metrics[f"{digits.output}_samples"] = m["total_samples"]

@@ -38,6 +38,8 @@ CASES = [
     ("min_lr above lr", {}, ["run", str(SMOKE), "pretrain_gpt.train.min_lr=1.0"], "pretrain_gpt.train.min_lr"),
     ("unknown source", {}, ["run", str(SMOKE), "data.text.source=web"], "data.text.source"),
     ("hf source without a dataset", {}, ["run", str(SMOKE), "data.text.source=hf"], "data.text.hf_dataset"),
+    ("idx source without its files", {}, ["run", str(SMOKE), "data.mnist.source=idx", "data.mnist.labels=x"], "data.mnist.images is required"),
+    ("negative training digits", {}, ["run", str(SMOKE), "data.mnist.train_digits=-3"], "data.mnist.train_digits must be >= 0"),
     ("override without =", {}, ["run", str(SMOKE), "--workdir", "{tmp}/w", "pretrain_gpt.train.max_steps"], "unrecognized argument"),
     ("override of a value as a section", {}, ["run", str(SMOKE), "tokenize.seq_len.x=1"], "seq_len"),
     ("missing config file", {}, ["run", "{tmp}/nope.yaml"], "nope.yaml"),

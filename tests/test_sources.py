@@ -1,18 +1,23 @@
 """Sources other than the embedded ones, on local data the tests make (no hub at test time):
-text from a Hugging Face dataset or local files, digits from a local image folder.
+text from a Hugging Face dataset or local files, digits from a local image folder or
+IDX files (and MNIST's own 60,000 training digits in `../shared/data/mnist`, when there).
 The driver plans parts from metadata; each part is read on its own."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from pipeline.config import TextConfig
+from pipeline.config import MnistConfig, TextConfig
+from pipeline.data import idx
 from pipeline.data.sources import (
     SourceError,
     folder_digit_samples,
+    idx_digit_samples,
     load_mnist,
+    plan_idx,
     plan_image_folder,
     plan_text_parts,
     read_text_part,
@@ -87,7 +92,7 @@ def digit_folder(tmp_path):
 
 
 def test_image_folder_per_class(digit_folder):
-    splits = plan_image_folder(str(digit_folder), None)
+    splits = plan_image_folder(MnistConfig(source="folder", folder=str(digit_folder)))
     assert {s: len(v) for s, v in splits.items()} == {"train": 18 * 10, "val": 2 * 10, "test": 5 * 10}
     assert all(label == int(path.split("/")[-2]) for items in splits.values() for path, label in items)
     samples = list(folder_digit_samples(splits["test"][:3], first=0))
@@ -105,12 +110,12 @@ def test_image_folder_with_a_labels_file(digit_folder, tmp_path):
             p.rename(flat / name)
             lines.append(f"{name},{label}")
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
-    splits = plan_image_folder(str(flat), str(tmp_path / "labels.csv"))
+    splits = plan_image_folder(MnistConfig(source="folder", folder=str(flat), labels_file=str(tmp_path / "labels.csv")))
     assert len(splits["train"]) == 180 and {label for _, label in splits["val"]} == set(range(10))
 
     (tmp_path / "bad.csv").write_text("filename,label\n0_img000.png,12\n")
     with pytest.raises(SourceError, match=r"bad.csv:1: expected 'filename,label' with a label 0-9"):
-        plan_image_folder(str(flat), str(tmp_path / "bad.csv"))
+        plan_image_folder(MnistConfig(source="folder", folder=str(flat), labels_file=str(tmp_path / "bad.csv")))
 
 
 @pytest.mark.parametrize("make, message", [
@@ -203,3 +208,100 @@ def test_digits_preset_shards_hub_mnist_from_local_parquet(tmp_path, monkeypatch
     train_keys = {s["__key__"] for s in digits["train"]}
     for grid in shards.iter_verified(out["grids_train"]):
         assert {k for row in grid["json"]["digit_keys"] for k in row} <= train_keys
+
+
+# --------------------------------------------------------------------------- IDX files
+
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def _write_idx(path, array, compress=False):
+    """An IDX file as MNIST's are written: big-endian magic (0x0803 images, 0x0801 labels),
+    one 32-bit size per dimension, the uint8 values."""
+    import gzip
+    import struct
+
+    magic = 0x0800 + array.ndim
+    data = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return str(path)
+
+
+@pytest.fixture
+def idx_files(tmp_path):
+    """The first 1,000 embedded digits as IDX files: images gzipped, labels not."""
+    images, labels = load_mnist()
+    order = np.random.default_rng(0).permutation(len(labels))[:1000]  # mixed classes, as MNIST's file order is
+    return (_write_idx(tmp_path / "images.idx.gz", images[order], compress=True),
+            _write_idx(tmp_path / "labels.idx", labels[order]), images[order], labels[order])
+
+
+def test_idx_files_split_class_by_class_and_read_back_exactly(idx_files):
+    images_path, labels_path, images, labels = idx_files
+    splits = plan_idx(MnistConfig(source="idx", images=images_path, labels=labels_path))
+    counts = np.bincount(labels, minlength=10)
+    # of each class, in file order: the last 10% test, the 10% before them validation
+    assert len(splits["test"]) == sum(round(n * 0.1) for n in counts)
+    assert len(splits["val"]) == sum(round(n * 0.2) - round(n * 0.1) for n in counts)
+    assert len(splits["train"]) + len(splits["val"]) + len(splits["test"]) == 1000
+    for split, items in splits.items():
+        assert [i for i, _ in items] == sorted(i for i, _ in items)  # file order kept: no class-sorted shards
+        assert {label for _, label in items} == set(range(10)), split
+    for c in range(10):
+        members = np.flatnonzero(labels == c)
+        test = [i for i, label in splits["test"] if label == c]
+        assert test == members[len(members) - round(len(members) * 0.1):].tolist()
+    samples = list(idx_digit_samples(images_path, splits["val"][:5]))
+    assert [s["__key__"] for s in samples] == [f"idx-{i:05d}" for i, _ in splits["val"][:5]]
+    assert all(np.array_equal(s["png"], images[i]) and s["cls"] == labels[i] for s, (i, _) in zip(samples, splits["val"]))
+    limited = plan_idx(MnistConfig(source="idx", images=images_path, labels=labels_path, train_digits=100))
+    assert limited["train"] == splits["train"][:100] and limited["test"] == splits["test"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda img, lab: (_write_idx(img.parent / "i", np.zeros((3, 27, 28))), lab), "i: images of 28x27 pixels"),
+    (lambda img, lab: (lab, lab), "labels.idx: magic number 2049, expected 2051"),
+    (lambda img, lab: (img, img), "images.idx.gz: magic number 2051, expected 2049"),
+    (lambda img, lab: (img, _write_idx(img.parent / "l", np.full(1000, 10))), "l: label 10 at position 0; labels must be 0-9"),
+    (lambda img, lab: (img, _write_idx(img.parent / "l", np.zeros(999))), "holds 1000 images but"),
+    (lambda img, lab: (img.parent / "none", lab), "none: cannot read"),
+])
+def test_bad_idx_files_are_named(idx_files, damage, message):
+    from pathlib import Path
+
+    images, labels = damage(Path(idx_files[0]), Path(idx_files[1]))
+    idx.read_images.cache_clear()
+    with pytest.raises(idx.IdxError, match=message):
+        plan_idx(MnistConfig(source="idx", images=str(images), labels=str(labels)))
+
+
+def test_a_truncated_idx_file_is_named(idx_files, tmp_path):
+    cut = tmp_path / "cut.idx"
+    cut.write_bytes(idx._read(idx_files[0])[:-5])
+    with pytest.raises(idx.IdxError, match="cut.idx: 784011 bytes, the header .1000, 28, 28. says 784016"):
+        idx.read_images(str(cut))
+
+
+def test_shard_stage_reads_idx_files(idx_files, tmp_path, tiny_config):
+    from pipeline.data import shards
+
+    images_path, labels_path, images, labels = idx_files
+    config = tiny_config("data.mnist.source=idx", f"data.mnist.images={images_path}", f"data.mnist.labels={labels_path}",
+                         "data.mnist.samples_per_shard=300")
+    outputs = _shard_locally(config, tmp_path / "work")["stages"]["shard"]["outputs"]
+    train = list(shards.iter_verified(outputs["mnist_train"]))
+    assert len(train) == 800 and all(np.array_equal(s["png"], images[int(s["__key__"][4:])]) for s in train)
+    grids = list(shards.iter_verified(outputs["grids_test"]))  # test grids built from the test digits only
+    test_keys = {s["__key__"] for s in shards.iter_verified(outputs["mnist_test"])}
+    assert grids and all(k in test_keys for g in grids for row in g["json"]["digit_keys"] for k in row)
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"MNIST's IDX files are not at {SHARED_MNIST}")
+def test_mnist_training_files_give_about_6000_test_and_6000_validation_digits():
+    cfg = MnistConfig(source="idx", images=str(SHARED_MNIST / "train-images-idx3-ubyte.gz"),
+                      labels=str(SHARED_MNIST / "train-labels-idx1-ubyte.gz"))
+    splits = plan_idx(cfg)
+    assert {s: len(v) for s, v in splits.items()} == {"train": 48_000, "val": 6_001, "test": 5_999}  # rounded per class
+    # the embedded 5,000 digits are some of these: the first one is in the file
+    embedded = load_mnist()[0][0]
+    assert (idx.read_images(cfg.images) == embedded).all(axis=(1, 2)).any()

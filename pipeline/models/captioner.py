@@ -33,6 +33,7 @@ VOCAB = ["<pad>", "<bos>", "<eos>", "\n", "_", *"0123456789"]
 NEWLINE, FIRST_CELL = 3, 4  # ids from FIRST_CELL on are cells: a blank or a digit
 FIRST_DIGIT = VOCAB.index("0")  # digits are the last ten ids, in order
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB) if i > EOS}
+STRAY = "?"  # how a PAD or BOS written inside a grid reads
 MAX_GRID = 10
 MAX_TEXT_LEN = MAX_GRID * (MAX_GRID + 1)  # 10 rows of 10 cells, newlines, EOS
 # Starting bonus on the attention scores of the cell under the cursor: e^4 ~ 55x the
@@ -59,12 +60,13 @@ def place(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
 
 
 def decode_ids(ids: list[int]) -> str:
+    """The text written before EOS; a PAD or BOS written there becomes STRAY, kept so
+    that scoring counts it as the wrong cell it is, not dropped."""
     out = []
     for i in ids:
         if i == EOS:
             break
-        if i > EOS:
-            out.append(VOCAB[i])
+        out.append(VOCAB[i] if i > EOS else STRAY)
     return "".join(out)
 
 
