@@ -77,7 +77,8 @@ def run_shard(ctx: StageContext) -> StageResult:
             make, shard_args = sources.hf_digit_samples, [(data.mnist, split, p) for p in range(data.mnist.hf_parts)]
         elif data.mnist.source == "idx":  # each task reads the images at its own positions
             ranges = _shard_ranges(len(items[split]), data.mnist.samples_per_shard)
-            make, shard_args = sources.idx_digit_samples, [(data.mnist.images, items[split][a:b]) for a, b in ranges]
+            images = storage.absolute(data.mnist.images)  # tasks may run in another directory
+            make, shard_args = sources.idx_digit_samples, [(images, items[split][a:b]) for a, b in ranges]
         else:  # each task gets only its own file names
             ranges = _shard_ranges(len(items[split]), data.mnist.samples_per_shard)
             make, shard_args = sources.folder_digit_samples, [(items[split][a:b], a) for a, b in ranges]

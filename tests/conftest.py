@@ -11,6 +11,7 @@ stages are cache hits there, whichever test ran them first):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -27,9 +28,17 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 VENV_BIN = Path(sys.executable).parent
 
 TINY_OVERRIDES = [
+    # the flagship's grids in miniature (configs/digits.yaml): ragged training grids with
+    # blanks, and fixed 2x2 grids without blanks, evaluated only
     "data.grids.train_count=256",
     "data.grids.test_count=64",
     "data.grids.samples_per_shard=128",
+    "data.grids.min_rows=1",
+    "data.grids.min_cols=1",
+    "data.grids.rows=3",
+    "data.grids.cols=3",
+    "data.grids.blank_prob=0.2",
+    "data.eval_grids=[{name: 2x2, rows: 2, cols: 2, blank_prob: 0.0, train_count: 0, val_count: 32, test_count: 64}]",
     "data.text.max_bytes=400000",
     "data.text.docs_per_shard=40",
     "tokenize.vocab_size=1024",
@@ -112,3 +121,22 @@ def small_vit_spec(train_data: str, train, weights_out: str, **extra):
     return TrainSpec(kind="vit", model=ViTModelConfig(PatchLayout(), shape), train_data=train_data,
                      section=PretrainViTConfig(model=shape, train=train, max_shift=1),
                      deepspeed=load_zero_config(train.zero_stage), weights_out=weights_out, **extra)
+
+
+def resume_train(tiny_config, zero_stage: int, **changes):
+    """The small ViT's training in the resume and fault tests: 12 steps of 2 workers x 64,
+    checkpoints at steps 6 and 12."""
+    return dataclasses.replace(tiny_config().pretrain_vit.train, zero_stage=zero_stage, max_steps=12, warmup_steps=2,
+                               log_every=4, checkpoint_every=6, loader_workers=2, **changes)
+
+
+@pytest.fixture(scope="session")
+def zero2_reference(run_tiny, tiny_config, tmp_path_factory):
+    """One uninterrupted ZeRO-2 run of `resume_train`, trained once for the tests whose
+    resumed, elastic or killed runs must end where it ends: (fit's result, weights path)."""
+    from pipeline.train.launch import fit
+
+    data = run_tiny(["patchify"])["stages"]["patchify"]["outputs"]["mnist_train"]
+    root = tmp_path_factory.mktemp("zero2-reference")
+    weights = root / "full.safetensors"
+    return fit(small_vit_spec(data, resume_train(tiny_config, 2), str(weights)), str(root / "full")), weights

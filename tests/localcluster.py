@@ -23,6 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipeline.runner import LOCAL_POLL_INTERVAL_S
+
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,6 +130,7 @@ class LocalCluster:
             # Ray Train's state-API lookups go to this cluster, not another one on this machine
             # (see pipeline.runner.start_local_ray).
             "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(LOCAL_POLL_INTERVAL_S),
             "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
         })
         return env

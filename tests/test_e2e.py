@@ -49,10 +49,13 @@ def test_smoke_run_learns(smoke):
         assert os.path.isdir(summary["stages"][name]["outputs"]["checkpoint"])
     m = {**summary["stages"]["evaluate_gpt"]["metrics"], **summary["stages"]["evaluate"]["metrics"]}
     print(f"smoke cold run {seconds:.0f}s, metrics {m}")
-    assert m["gpt_val_loss"] < m["gpt_unigram_entropy"]
-    assert m["vit_test_accuracy"] >= 0.90
-    assert m["captioner_per_digit_accuracy"] >= 0.80
-    assert 0.0 <= m["captioner_exact_match"] <= 1.0
+    # Each headline a few points under what the smoke reached (2026-11-27, this machine:
+    # GPT 5.311 against 6.242, ViT 0.958, captioner 0.956 / 0.961 / 0.856 strict, no
+    # shape errors): the margin another CPU's float differences need, no more.
+    assert m["gpt_val_loss"] < 5.45 < m["gpt_unigram_entropy"]
+    assert m["vit_test_accuracy"] >= 0.94
+    assert m["captioner_per_digit_accuracy"] >= 0.93 and m["captioner_per_cell_accuracy"] >= 0.93
+    assert m["captioner_exact_match"] >= 0.80 and m["captioner_shape_error_rate"] <= 0.01
     assert "vit_test_accuracy" in stdout  # the printed summary table
     # Each training line once (rank 0's, not every worker's, not echoed twice), no warning spam.
     found = (re.search(r"\[(gpt|vit|captioner)\] step \d+.*", line) for line in stdout.splitlines())

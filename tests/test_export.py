@@ -114,7 +114,7 @@ def test_captioner_exports_as_remote_code_that_generates_the_grid(run_tiny, tmp_
 
     hf = AutoModel.from_pretrained(tmp_path / "captioner", trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(tmp_path / "captioner")
-    grids = _grid_images(summary, "grids_test", 16)
+    grids = _grid_images(summary, "grids_2x2_test", 16)  # one shape: a batch of equal images
     pixels = processor([im for im, _ in grids], return_tensors="pt").pixel_values
     ids = torch.tensor([encode_text(text) for _, text in grids])
     trained = load_captioner(stage["outputs"]["checkpoint"])

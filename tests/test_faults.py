@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, SMOKE, TINY_OVERRIDES, VENV_BIN, small_vit_spec
+from conftest import REPO, SMOKE, TINY_OVERRIDES, VENV_BIN, resume_train, small_vit_spec
 from test_resume import _assert_same_weights
 
 from pipeline.train.launch import fit
@@ -30,16 +30,15 @@ def _alive_train_workers() -> list[int]:
     return [a.pid for a in actors]
 
 
-def test_sigkilled_worker_restarts_from_its_checkpoint_and_ends_exactly(run_tiny, tiny_config, tmp_path):
+def test_sigkilled_worker_restarts_from_its_checkpoint_and_ends_exactly(run_tiny, tiny_config, tmp_path, zero2_reference):
     summary = run_tiny(["patchify"])
-    train = dataclasses.replace(tiny_config().pretrain_vit.train, zero_stage=2, max_steps=12, warmup_steps=2,
-                                log_every=4, checkpoint_every=6, loader_workers=1)
+    train = resume_train(tiny_config, 2)
+    _, full_weights = zero2_reference  # the same run, uninterrupted
 
     def spec(name, train, hang_at_step=0):
         return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"], train,
                               str(tmp_path / f"{name}.safetensors"), hang_at_step=hang_at_step)
 
-    fit(spec("full", train), str(tmp_path / "full"))
 
     # The last rank stops at step 9 (after the step-6 checkpoint) until killed: a run that
     # restarted from scratch instead of from the checkpoint would stop there again and time out.
@@ -63,7 +62,7 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_ends_exactly(run_tiny
             os.kill(pid, signal.SIGKILL)
     assert sorted(result["checkpoints_by_step"]) == [6, 12]
     assert not set(victims) & set(_alive_train_workers())
-    _assert_same_weights(tmp_path / "full.safetensors", tmp_path / "killed.safetensors")
+    _assert_same_weights(full_weights, tmp_path / "killed.safetensors")
 
 
 STEPS = 60  # of the preempted ViT run

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import small_vit_spec
+from conftest import resume_train, small_vit_spec
 
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import ResumeMismatchError
@@ -18,19 +18,19 @@ from pipeline.train.launch import fit
 
 
 @pytest.mark.parametrize("zero_stage", [3, *(pytest.param(s, marks=pytest.mark.slow) for s in (0, 1, 2))])
-def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_stage):
+def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_stage, request):
     summary = run_tiny(["patchify"])
-    train = dataclasses.replace(
-        tiny_config().pretrain_vit.train, zero_stage=zero_stage, max_steps=12, warmup_steps=2, log_every=4, checkpoint_every=6,
-        loader_workers=2,
-    )
+    train = resume_train(tiny_config, zero_stage)
 
     def spec(name, resume_from=None, fail_at_step=0, max_failures=0):
         return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"],
                               dataclasses.replace(train, max_failures=max_failures), str(tmp_path / f"{name}.safetensors"),
                               resume_from=resume_from, fail_at_step=fail_at_step)
 
-    full = fit(spec("full"), str(tmp_path / "full"))
+    if zero_stage == 2:  # trained once, shared with the elastic and killed-worker tests
+        full, full_weights = request.getfixturevalue("zero2_reference")
+    else:
+        full, full_weights = fit(spec("full"), str(tmp_path / "full")), tmp_path / "full.safetensors"
     assert sorted(full["checkpoints_by_step"]) == [6, 12]
     state = ckpt.read_data_state(full["checkpoints_by_step"][6])
     assert state["samples_consumed"] == 6 * 128 and state["epoch"] == 0  # mid-epoch: 768 of 3600 samples
@@ -38,10 +38,10 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
     # It really started at step 6: a run from scratch would also have saved step 6.
     assert sorted(resumed["checkpoints_by_step"]) == [12]
 
-    _assert_same_weights(tmp_path / "full.safetensors", tmp_path / "resumed.safetensors")
+    _assert_same_weights(full_weights, tmp_path / "resumed.safetensors")
     # Every rank's ZeRO shard of the last checkpoint, consolidated (`pipeline export`), is
     # the final model that rank 0 gathered and wrote.
-    final = load_file(tmp_path / "full.safetensors")
+    final = load_file(full_weights)
     consolidated = ckpt.consolidated_state(full["checkpoints_by_step"][12])
     assert all(torch.equal(consolidated[name], final[name]) for name in final) and final
 
@@ -53,24 +53,23 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
         # step-6 checkpoint through ray.train.get_checkpoint() and it ends identically.
         restarted = fit(spec("restarted", fail_at_step=9, max_failures=1), str(tmp_path / "restarted"))
         assert sorted(restarted["checkpoints_by_step"]) == [6, 12]
-        _assert_same_weights(tmp_path / "full.safetensors", tmp_path / "restarted.safetensors")
+        _assert_same_weights(full_weights, tmp_path / "restarted.safetensors")
 
 
-def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path):
+def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path, zero2_reference):
     """Stopped at 2 workers, resumed at 1 worker with grad_accum 2: the same global
     batches, and the final loss of the uninterrupted run to 1e-4 relative.
 
     ZeRO-2: DeepSpeed's universal checkpoint restores it exactly enough. Its ZeRO-3
     universal load leaves a drift of ~3e-4 after one step (see launch.prepare_resume)."""
     summary = run_tiny(["patchify"])
-    base = dataclasses.replace(tiny_config().pretrain_vit.train, zero_stage=2, max_steps=12, warmup_steps=2,
-                               log_every=1, checkpoint_every=6, loader_workers=1, micro_batch_size=32)
+    base = resume_train(tiny_config, 2)
+    full, _ = zero2_reference
 
     def spec(name, train, resume_from=None):
         return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"], train,
                               str(tmp_path / f"{name}.safetensors"), resume_from=resume_from)
 
-    full = fit(spec("full", base), str(tmp_path / "full"))
     one_worker = dataclasses.replace(base, num_workers=1, grad_accum=2)
     elastic = fit(spec("elastic", one_worker, full["checkpoints_by_step"][6]), str(tmp_path / "elastic"))
     assert sorted(elastic["checkpoints_by_step"]) == [12]
@@ -80,7 +79,7 @@ def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path):
     assert elastic["metrics"]["loss"] == pytest.approx(full["metrics"]["loss"], rel=1e-4)
 
     checkpoint = full["checkpoints_by_step"][6]
-    with pytest.raises(ResumeMismatchError, match="global batch differs .checkpoint 64, this run 32"):
+    with pytest.raises(ResumeMismatchError, match="global batch differs .checkpoint 128, this run 64"):
         fit(spec("smaller", dataclasses.replace(base, num_workers=1), checkpoint), str(tmp_path / "smaller"))
     with pytest.raises(ResumeMismatchError, match="data fingerprint differs"):
         fit(spec("reseeded", dataclasses.replace(base, seed=1), checkpoint), str(tmp_path / "reseeded"))

@@ -58,7 +58,8 @@ def test_shard(run_local):
             # Grids use only their own split's digits: no test or validation digit reaches training.
             assert all(sources.split_of(i) == split for i in idx.ravel())
             rows = g["txt"].split("\n")
-            assert len(rows) == 2 and all(len(r) == 2 for r in rows)
+            assert [len(r) for r in rows] == [g["json"]["cols"]] * g["json"]["rows"] and 1 <= len(rows) <= 3
+            assert g["png"].shape == (28 * len(rows), 28 * len(rows[0]))
             for r, row in enumerate(rows):
                 for c, ch in enumerate(row):
                     cell = g["png"][28 * r : 28 * (r + 1), 28 * c : 28 * (c + 1)]
@@ -109,14 +110,15 @@ def test_patchify(run_local):
     summary = run_local(["patchify"])
     raw = summary["stages"]["shard"]["outputs"]
     out = summary["stages"]["patchify"]["outputs"]
-    for name, grid in (("mnist_test", 4), ("grids_test", 8)):
+    for name in ("mnist_test", "grids_test", "grids_2x2_test"):
         originals = list(shards.iter_verified(raw[name]))
         patched = list(shards.iter_verified(out[name]))
         assert [s["__key__"] for s in originals] == [s["__key__"] for s in patched]
         for o, p in zip(originals[:20], patched[:20]):
-            assert p["npy"].shape == (grid * grid, 49)
+            rows, cols = o["png"].shape[0] // 7, o["png"].shape[1] // 7  # patches down and across
+            assert p["npy"].shape == (rows * cols, 49)
             # Undo the patching and the normalisation: the original pixels come back.
-            image = p["npy"].astype(np.float32).reshape(grid, grid, 7, 7).transpose(0, 2, 1, 3).reshape(grid * 7, grid * 7)
+            image = p["npy"].astype(np.float32).reshape(rows, cols, 7, 7).transpose(0, 2, 1, 3).reshape(rows * 7, cols * 7)
             pixels = (image * 0.3081 + 0.1307) * 255
             assert np.abs(pixels - o["png"]).max() < 2.0
             assert p.get("cls") == o.get("cls") and p.get("txt") == o.get("txt")
@@ -207,20 +209,45 @@ def test_finetune_starts_its_decoder_from_a_text_model_named_by_a_relative_path(
 
 
 def test_evaluate(run_tiny):
+    """The flagship's evaluation paths on the tiny run (ragged training grids with blanks,
+    fixed 2x2 evaluation grids): every set and split scored, accuracy by rows, the
+    pictures; and the scores are what `pipeline predict` writes on the raw test images."""
+    from PIL import Image
+
+    from pipeline.predict import load_captioner, predict
+    from pipeline.scoring import accuracy_by, score_grids
+
     summary = run_tiny(["evaluate_gpt", "evaluate"])
     metrics = {**summary["stages"]["evaluate_gpt"]["metrics"], **summary["stages"]["evaluate"]["metrics"]}
-    for key in ("vit_test_accuracy", "captioner_per_digit_accuracy", "captioner_exact_match"):
-        assert 0.0 <= metrics[key] <= 1.0
     assert metrics["gpt_val_ppl"] == pytest.approx(math.exp(metrics["gpt_val_loss"]))
     assert metrics["vit_test_accuracy"] > 0.3  # 40 steps: far above the 0.1 of chance
     for stage in ("evaluate_gpt", "evaluate"):
         written = storage.read_json(summary["stages"][stage]["outputs"]["metrics"])
         assert written == json.loads(json.dumps(summary["stages"][stage]["metrics"]))
+    for prefix, grids in (("captioner_", 64), ("captioner_val_", 200), ("captioner_2x2_", 64), ("captioner_2x2_val_", 32)):
+        assert metrics[f"{prefix}grids"] == grids, prefix
+
+    # The ragged test grids read from their raw images through `pipeline predict`'s path
+    outputs = summary["stages"]["shard"]["outputs"]
+    test = list(shards.iter_verified(outputs["grids_test"]))
+    trained = load_captioner(summary["stages"]["finetune"]["outputs"]["checkpoint"])
+    written = ["\n".join(rows) for rows in predict(trained, [s["png"] for s in test], batch_size=100)]
+    targets = [s["txt"] for s in test]
+    assert len({t.count("\n") for t in targets}) == 3  # 1, 2 and 3 rows
+    for key, value in score_grids(written, targets).items():
+        assert metrics[key] == pytest.approx(value, abs=0.02), key  # padding may differ: a near tie may flip
+    by_rows = accuracy_by(written, targets, lambda rows: len(rows))
+    assert {r: metrics[f"captioner_cell_accuracy_rows{r}"] for r in by_rows} == pytest.approx(by_rows, abs=0.05)
+    assert not any(k.startswith("captioner_2x2_cell_accuracy_rows") for k in metrics)  # one shape: no split by rows
+
     pictures = summary["stages"]["evaluate"]["outputs"]
-    for name in ("samples", "confusion", "attention"):  # fixed 2x2 grids: no accuracy-by-shape map
-        assert storage.read_bytes(pictures[name])[:8] == b"\x89PNG\r\n\x1a\n", name
+    for name in ("samples", "confusion", "attention", "accuracy_by_shape"):
+        with Image.open(storage.open_file(pictures[name])) as picture:
+            assert picture.format == "PNG" and min(picture.size) > 200, name
     examples = storage.read_json(summary["stages"]["evaluate"]["outputs"]["captioner_examples"])
     assert len(examples) == 16 and all(set(e) == {"key", "target", "predicted"} for e in examples)
+    wrong = [e["predicted"] != e["target"] for e in examples]
+    assert wrong == sorted(wrong, reverse=True)  # mistakes first
     # Two CPUs (two torch threads): the same numbers; more than the cluster has: refused.
     both = run_tiny(["evaluate_gpt"], "evaluate.num_cpus=2")["stages"]["evaluate_gpt"]["metrics"]
     assert both["gpt_val_loss"] == pytest.approx(metrics["gpt_val_loss"], rel=1e-5)
