@@ -85,6 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--holdout", action="store_true",
                        help="after the sweep: train the file's held-out run, fit the sweep, compare prediction and measurement")
     sweep.add_argument("--bootstrap", type=int, default=200, help="with --holdout: bootstrap refits for the interval")
+    design = actions.add_parser("design", help="write a sweep file laid out as isoFLOP profiles around a first guess of N*(C)",
+                                description="Lay out a GPT sweep as Chinchilla's isoFLOP profiles: --budgets compute budgets "
+                                            "evenly spaced in log C over --compute, at each --sizes model sizes evenly spaced "
+                                            "in log N from N*/spread to N*·spread around a first guess N*(C), each trained "
+                                            "on C/(6N) tokens. The guess: the law fitted to --prior-experiment's runs (or "
+                                            "--prior-points), else --tokens-per-param. Settings other than sizes and "
+                                            "budgets come from TEMPLATE.")
+    design.add_argument("template", help="a sweep YAML whose base, experiment, overrides and lr rule the design keeps")
+    design.add_argument("--compute", type=float, nargs=2, required=True, metavar=("MIN", "MAX"), help="FLOPs of the smallest and largest budget")
+    design.add_argument("--budgets", type=int, default=3, help="compute budgets (default 3)")
+    design.add_argument("--sizes", type=int, default=5, help="model sizes per budget, >= 5 (default 5)")
+    design.add_argument("--spread", type=float, default=4.0, help="sizes from N*/spread to N*·spread (default 4)")
+    design.add_argument("--aspect", type=float, default=40.0, help="the shapes' d_model / n_layer (default 40)")
+    design.add_argument("--tokens-per-param", type=float, default=20.0, help="the first guess without a prior fit: D*/N* (default 20)")
+    design.add_argument("--prior-experiment", help="fit Chinchilla's law to this experiment's runs for the first guess")
+    design.add_argument("--prior-points", help="...or to this CSV (params,tokens,loss)")
+    design.add_argument("--prior-sweep", help="with --prior-experiment: only that sweep's runs")
+    design.add_argument("--tracking-uri", help="with --prior-experiment: the MLflow tracking URI")
+    design.add_argument("--name", help="the new sweep's name (default: the template's plus -isoflop)")
+    design.add_argument("--out", required=True, help="the sweep YAML to write (must not exist)")
     for p in (fit, predict):
         source = p.add_mutually_exclusive_group(required=True)
         source.add_argument("--experiment", help="MLflow experiment whose finished pretrain_gpt runs to fit")
@@ -294,6 +314,18 @@ def _scaling(args, ray_was_up: bool) -> int:
         table = run_holdout(args.sweep_file, args.workdir, args.bootstrap) if args.holdout else run_sweep(args.sweep_file, args.workdir)
         _stop_local_ray(ray_was_up)
         print(table)
+        return 0
+    if args.action == "design":
+        from pipeline.scaling.design import design_command
+
+        prior = None
+        if args.prior_experiment or args.prior_points:
+            from pipeline.scaling.commands import fitted
+
+            law = fitted(args.prior_points, args.prior_experiment, args.tracking_uri, args.prior_sweep)
+            prior = lambda flops: float(law.compute_optimal(flops)[0])  # noqa: E731
+        print(design_command(args.template, tuple(args.compute), args.budgets, args.sizes, args.spread, args.aspect,
+                             args.name, args.tokens_per_param, prior, args.out, "pipeline " + " ".join(sys.argv[1:])))
         return 0
     source = (args.points, args.experiment, args.tracking_uri, args.sweep)
     if args.action == "predict":

@@ -368,6 +368,9 @@ class FinetuneConfig:
 @dataclass
 class EvaluateConfig:
     batch_size: int = 64
+    # False while settings are being chosen: only the validation splits are read, and the
+    # pictures and examples show validation grids. The test split is read once, at the end.
+    test: bool = True
     max_val_sequences: int = 2000
     use_gpu: bool = False  # evaluation runs as a Ray task; this asks it for a GPU
     num_cpus: int = 1  # and this many CPUs, as many torch threads

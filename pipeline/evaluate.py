@@ -18,14 +18,14 @@ from pipeline import pictures, storage
 from pipeline.config import EvaluateConfig
 from pipeline.data.loader import head_batches
 from pipeline.data.shards import read_manifest, shard_entries
-from pipeline.data.sources import grid_output
+from pipeline.data.sources import ImageSet, grid_output
 from pipeline.geometry import CELL
 from pipeline.kinds import KINDS, load_trained
 from pipeline.models.captioner import FIRST_CELL, encode_text
 from pipeline.preprocess.patchify import patchify
 from pipeline.scoring import accuracy_by, by_shape, score_grids
 
-EXAMPLES = 16  # test grids written out for a person to read, mistakes first
+EXAMPLES = 16  # grids of the last split read, written out for a person to read, mistakes first
 PICTURES = ("samples.png", "confusion.png", "accuracy_by_shape.png", "attention.png")
 
 
@@ -139,21 +139,22 @@ def _grid_images(directory: str, keys: list[str]) -> list[np.ndarray]:
     return [found[k] for k in keys]
 
 
-def captioner_pictures(inputs: dict[str, dict[str, Any]], model, layout, device, read: dict[str, Any]) -> dict[str, bytes]:
-    """The test grids' pictures: samples (mistakes first), the confusion of cells, accuracy
-    by shape (ragged grids), and one grid's cross-attention. `layout`: the captioner's
-    patch layout (`geometry.PatchLayout`)."""
-    raw = inputs["shard"]["grids_test"]
+def captioner_pictures(inputs: dict[str, dict[str, Any]], model, layout, device, read: dict[str, Any],
+                       split: str) -> dict[str, bytes]:
+    """Pictures of the training grid set's `split`: samples (mistakes first), the confusion
+    of cells, accuracy by shape (ragged grids), and one grid's cross-attention. `layout`:
+    the captioner's patch layout (`geometry.PatchLayout`)."""
+    raw = inputs["shard"][grid_output("grids", split)]
     shown = read["order"][:8]
     keys = [read["keys"][i] for i in shown]
     out = {
         "samples.png": pictures.samples_png(_grid_images(raw, keys), [read["predicted"][i] for i in shown],
-                                            [read["targets"][i] for i in shown], "test grids (mistakes first, in red)"),
+                                            [read["targets"][i] for i in shown], f"{split} grids (mistakes first, in red)"),
         "confusion.png": pictures.confusion_png(pictures.confusion(read["predicted"], read["targets"]),
-                                                "test cells: true against written"),
+                                                f"{split} cells: true against written"),
     }
     if len(read["by_size"]) > 1:
-        out["accuracy_by_shape.png"] = pictures.by_shape_png(read["by_size"], "test per-cell accuracy by grid shape")
+        out["accuracy_by_shape.png"] = pictures.by_shape_png(read["by_size"], f"{split} per-cell accuracy by grid shape")
     # a grid of 2-4 rows and columns, written right, for a readable attention map
     shapes = [(t.count("\n") + 1, len(t.split("\n")[0])) for t in read["targets"]]
     pick = next((i for i, (r, c) in enumerate(shapes) if 2 <= r <= 4 and 2 <= c <= 4
@@ -168,25 +169,26 @@ def captioner_pictures(inputs: dict[str, dict[str, Any]], model, layout, device,
 
 def evaluate_images(inputs: dict[str, dict[str, Any]], cfg: EvaluateConfig, grid_sets: list[str],
                     out_dir: str) -> tuple[dict[str, float], list[dict]]:
-    """The ViT on single digits and the captioner on every grid set's validation and
-    test grids; the test pictures are written to `out_dir`. Returns metrics and the
-    written-out test grids of the training grid set (mistakes first)."""
+    """The ViT on single digits and the captioner on every grid set's validation grids,
+    and test grids when `cfg.test`; the pictures of the last split read (test, or
+    validation while settings are chosen) are written to `out_dir`. Returns metrics and
+    that split's written-out grids of the training grid set (mistakes first)."""
     patches = inputs["patchify"]
-    metrics = {
-        **evaluate_vit(inputs["pretrain_vit"], patches["mnist_val"], cfg, "val"),
-        **evaluate_vit(inputs["pretrain_vit"], patches["mnist_test"], cfg),
-    }
+    splits = ("val", "test") if cfg.test else ("val",)
+    metrics: dict[str, float] = {}
+    for split in splits:
+        metrics.update(evaluate_vit(inputs["pretrain_vit"], patches[ImageSet(split).output], cfg, split))
     captioner, captioner_config, device = _load(inputs["finetune"], cfg)
     main = None
     for grid_set in grid_sets:
-        for split in ("val", "test"):
+        for split in splits:
             directory = patches[grid_output(grid_set, split)]
             scores, read = evaluate_captioner(captioner, device, directory, cfg, grid_set, split)
             metrics.update(scores)
-            if grid_set == "grids" and split == "test":
+            if grid_set == "grids" and split == splits[-1]:
                 main = read
-    pictures_of_test = captioner_pictures(inputs, captioner, captioner_config.encoder.patches, device, main)
-    for name, data in pictures_of_test.items():
+    shown = captioner_pictures(inputs, captioner, captioner_config.encoder.patches, device, main, splits[-1])
+    for name, data in shown.items():
         storage.write_bytes_atomic(storage.join(out_dir, name), data)
     examples = [{"key": main["keys"][i], "target": main["targets"][i], "predicted": main["predicted"][i]}
                 for i in main["order"][:EXAMPLES]]

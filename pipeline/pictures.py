@@ -32,10 +32,11 @@ def confusion_png(counts: np.ndarray, title: str) -> bytes:
     for (i, j), n in np.ndenumerate(counts):
         if n:
             ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(counts.shape[1]), [*CELL_LABELS, "none/other"])
-    ax.set_yticks(range(counts.shape[0]), [*CELL_LABELS, "none"])
-    ax.set_xlabel("written")
-    ax.set_ylabel("true cell")
+    names = [*"0123456789", "blank", "none"]
+    ax.set_xticks(range(counts.shape[1]), names, rotation=45)
+    ax.set_yticks(range(counts.shape[0]), names)
+    ax.set_xlabel("written (none: no cell there, or not a cell)")
+    ax.set_ylabel("true cell (none: a cell the writing added)")
     ax.set_title(title)
     return png(fig)
 

@@ -248,6 +248,13 @@ def test_evaluate(run_tiny):
     assert len(examples) == 16 and all(set(e) == {"key", "target", "predicted"} for e in examples)
     wrong = [e["predicted"] != e["target"] for e in examples]
     assert wrong == sorted(wrong, reverse=True)  # mistakes first
+
+    # While settings are chosen: the validation splits alone, the same numbers, nothing of test read
+    val_only = run_tiny(["evaluate"], "evaluate.test=false")["stages"]["evaluate"]
+    assert val_only["metrics"] == {k: v for k, v in summary["stages"]["evaluate"]["metrics"].items()
+                                   if k.startswith(("vit_val_", "captioner_val_", "captioner_2x2_val_"))}
+    val_keys = {s["__key__"] for s in shards.iter_verified(outputs["grids_val"])}
+    assert {e["key"] for e in storage.read_json(val_only["outputs"]["captioner_examples"])} <= val_keys
     # Two CPUs (two torch threads): the same numbers; more than the cluster has: refused.
     both = run_tiny(["evaluate_gpt"], "evaluate.num_cpus=2")["stages"]["evaluate_gpt"]["metrics"]
     assert both["gpt_val_loss"] == pytest.approx(metrics["gpt_val_loss"], rel=1e-5)

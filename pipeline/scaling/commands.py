@@ -50,6 +50,12 @@ def _points(points: Optional[str], experiment: Optional[str], tracking_uri: Opti
     return (np.array([r.params for r in runs]), np.array([r.tokens for r in runs]), np.array([r.val_loss for r in runs])), runs
 
 
+def fitted(points: Optional[str], experiment: Optional[str], tracking_uri: Optional[str], sweep: Optional[str]) -> ChinchillaFit:
+    """Chinchilla's law fitted to a CSV's or an experiment's runs, without intervals."""
+    (n, d, loss), _ = _points(points, experiment, tracking_uri, sweep)
+    return fit(n, d, loss, bootstrap=0)
+
+
 def _runs_table(runs: list[TrainingRun], stage: str = "pretrain_gpt") -> list[str]:
     from pipeline.kinds import by_stage
 

@@ -1,6 +1,6 @@
-"""`pipeline scaling sweep SWEEP.yaml`: a grid of pretraining runs (model sizes x
-data budgets: tokens for a GPT, images for a ViT) through the pipeline's own
-training stage.
+"""`pipeline scaling sweep SWEEP.yaml`: pretraining runs of several model sizes and
+data budgets (tokens for a GPT, images for a ViT), as a grid or as listed points,
+through the pipeline's own training stage.
 
 The data stages run once; then every grid point is a `pretrain_gpt` (or
 `pretrain_vit`) stage of its own config, launched as a Ray task that drives its own Ray Train run, so as many
@@ -37,7 +37,21 @@ class HoldoutConfig:
 
 
 @dataclass
+class SweepPoint:
+    """One run of a sweep laid out point by point (`pipeline scaling design`)."""
+    size: TransformerConfig = field(default_factory=TransformerConfig)
+    budget: int = 0  # tokens (or images)
+
+    def validate(self, key: str) -> None:
+        if self.budget < 1:
+            raise ConfigError(f"{key}.budget must be a positive number of tokens or images, got {self.budget}")
+        self.size.validate(f"{key}.size")
+
+
+@dataclass
 class SweepConfig:
+    """Either a grid (every size x every budget) or `points`, each its own size and
+    budget (an isoFLOP design: `pipeline scaling design`)."""
     name: str
     base: str  # the pipeline config every run derives from (data, tokenizer, training settings)
     experiment: str
@@ -45,6 +59,7 @@ class SweepConfig:
     sizes: list[TransformerConfig] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # training tokens of each run (a GPT sweep)
     images: list[int] = field(default_factory=list)  # training images of each run (a ViT sweep)
+    points: list[SweepPoint] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)  # applied to `base`
     evaluations: int = 5  # validation losses per run, the points of its curve
     # When set, a size's peak and final learning rates are the base's times
@@ -55,13 +70,20 @@ class SweepConfig:
     holdout: Optional[HoldoutConfig] = None  # `pipeline scaling sweep FILE --holdout`
 
     def validate(self, key: str) -> None:
-        if len(self.sizes) < 2:
-            raise ConfigError(f"{key}sizes must list at least 2 model sizes, got {len(self.sizes)}")
         unit = by_stage()[self.stage].unit
+        if self.points:
+            if self.sizes or self.budgets:
+                raise ConfigError(f"{key}points: a sweep lists points, or sizes and {unit}, not both")
+            if len({(p.size.n_layer, p.size.d_model) for p in self.points}) < 2:
+                raise ConfigError(f"{key}points must hold at least 2 model sizes")
+            for i, point in enumerate(self.points):
+                point.validate(f"{key}points[{i}]")
+        elif len(self.sizes) < 2:
+            raise ConfigError(f"{key}sizes must list at least 2 model sizes, got {len(self.sizes)}")
         for other in {kind.unit for kind in KINDS.values()} - {unit}:
             if getattr(self, other):
                 raise ConfigError(f"{key}{other} is not a budget of a {self.stage} sweep: list {unit}")
-        if len(self.budgets) < 1 or any(t < 1 for t in self.budgets):
+        if not self.points and (len(self.budgets) < 1 or any(t < 1 for t in self.budgets)):
             raise ConfigError(f"{key}{unit} must list positive budgets, got {self.budgets}")
         if self.evaluations < 1:
             raise ConfigError(f"{key}evaluations must be >= 1, got {self.evaluations}")
@@ -76,6 +98,12 @@ class SweepConfig:
     @property
     def budgets(self) -> list[int]:
         return getattr(self, by_stage()[self.stage].unit)
+
+    def runs(self) -> list[tuple[TransformerConfig, int]]:
+        """(size, budget) of every run: the listed points, or the grid."""
+        if self.points:
+            return [(p.size, p.budget) for p in self.points]
+        return [(size, budget) for size in self.sizes for budget in self.budgets]
 
 
 def load_sweep(path: str) -> SweepConfig:
@@ -116,7 +144,7 @@ def run_sweep(path: str, workdir: Optional[str] = None) -> str:
     sweep = load_sweep(path)
     base = _base(sweep, sweep.name)
     workdir = workdir or base.workdir
-    points = [point_config(base, sweep, size, budget) for size in sweep.sizes for budget in sweep.budgets]
+    points = [point_config(base, sweep, size, budget) for size, budget in sweep.runs()]
     run_pipeline(base, list(STAGES[sweep.stage].deps), workdir)  # the data, once, before the runs that share it
     ensure_ray(base.ray)
     task = ray.remote(num_cpus=0)(run_pipeline)  # a launcher: its Ray Train workers hold the resources
