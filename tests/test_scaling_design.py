@@ -97,7 +97,7 @@ def test_cli_writes_a_sweep_file_the_sweep_reads(tmp_path, capsys):
 
 def test_a_sweep_lists_points_or_a_grid_not_both(tmp_path):
     both = tmp_path / "both.yaml"
-    both.write_text(f"name: b\nbase: configs/smoke.yaml\nexperiment: e\nsizes: [{{}}, {{d_model: 64}}]\ntokens: [1000]\n"
+    both.write_text("name: b\nbase: configs/smoke.yaml\nexperiment: e\nsizes: [{}, {d_model: 64}]\ntokens: [1000]\n"
                     "points: [{size: {d_model: 64}, budget: 1000}, {size: {d_model: 32, n_head: 2}, budget: 2000}]\n")
     with pytest.raises(ConfigError, match="points, or sizes and tokens, not both"):
         load_sweep(str(both))
