@@ -38,6 +38,7 @@ class StageContext:
     tracker: Tracker
     run_id: str  # the stage's run in `tracker`
     fan_out: FanOut  # where per-shard work and evaluation tasks run
+    data_check: Any = None  # what the stage's `check_data` found (the details), if it has one
 
 
 @dataclass
@@ -56,6 +57,11 @@ class Stage:
     # A resumable stage (training) keeps its directory when it fails or is killed: run
     # again, it continues from its last checkpoint there. Others start over, clean.
     resumable: bool = False
+    # What of its input data the stage will leave out, found before it is fingerprinted
+    # (training under data.on_bad_shard: skip): (identity, details), or None when it reads
+    # all of it. The identity joins the fingerprint, so a model trained on part of the data
+    # is never the cached answer for all of it; the details reach the stage as ctx.data_check.
+    check_data: Optional[Callable[[RunConfig, dict[str, dict[str, Any]], FanOut], Optional[tuple[Any, Any]]]] = None
 
 
 def section_dict(stage: Stage, config: RunConfig) -> Any:
@@ -63,13 +69,15 @@ def section_dict(stage: Stage, config: RunConfig) -> Any:
     return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
 
 
-def fingerprint(stage: Stage, config: RunConfig, input_fingerprints: dict[str, str]) -> str:
+def fingerprint(stage: Stage, config: RunConfig, input_fingerprints: dict[str, str], data_left_out: Any = None) -> str:
     payload = {
         "stage": stage.name,
         "format": FORMAT_VERSION,
         "config": identity_dict(stage.section(config)),
         "inputs": input_fingerprints,
     }
+    if data_left_out is not None:  # absent when the stage reads all its inputs: the clean run's fingerprint
+        payload["data_left_out"] = data_left_out
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -28,9 +28,13 @@ class FanOut:
 
 
 class RayFanOut(FanOut):
+    def __init__(self, connect: Callable[[], None] = lambda: None):
+        self.connect = connect  # brings Ray up (or joins the cluster) before the first task
+
     def map(self, fn, calls, desc):
         import ray
 
+        self.connect()
         task = ray.remote(num_cpus=1)(fn)
         pending = [task.remote(*args) for args in calls]
         order, results = list(pending), {}
@@ -44,11 +48,13 @@ class RayFanOut(FanOut):
     def call(self, fn, *args, num_cpus=1, num_gpus=0):
         import ray
 
+        self.connect()
         return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn).remote(*args))
 
     def cpus(self):
         import ray
 
+        self.connect()
         return int(ray.cluster_resources().get("CPU", 0))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Optional
 
@@ -102,7 +103,7 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
     except KeyError as e:
         raise ConfigError(f"targets: {e.args[0]}") from None
     uri = tracking.tracking_uri(config.tracking.uri, workdir) if tracker is None else tracker.uri
-    fan_out = fan_out or RayFanOut()
+    fan_out = fan_out or RayFanOut(functools.partial(ensure_ray, config.ray))
     if isinstance(fan_out, RayFanOut):
         check_cluster_storage(config, workdir, uri)
     _make_workdir(workdir)
@@ -124,10 +125,12 @@ def run_pipeline(config: RunConfig, targets: Optional[list[str]] = None, workdir
         tracker.log_text(parent, resolved, Artifact.CONFIG)
         for name in names:
             stage = STAGES[name]
-            fp = fingerprint(stage, config, {d: fingerprints[d] for d in stage.deps})
+            inputs = {d: outputs[d] for d in stage.deps}
+            left_out, details = _check_data(stage, config, inputs, fan_out)
+            fp = fingerprint(stage, config, {d: fingerprints[d] for d in stage.deps}, left_out)
             fingerprints[name] = fp
-            record = _run_recorded(stage, config, fp, {d: outputs[d] for d in stage.deps}, tracker, fan_out, parent,
-                                   {Tag.STAGE: name, Tag.FINGERPRINT: fp, Tag.GIT_COMMIT: commit, **sweep}, resolved)
+            record = _run_recorded(stage, config, fp, inputs, tracker, fan_out, parent,
+                                   {Tag.STAGE: name, Tag.FINGERPRINT: fp, Tag.GIT_COMMIT: commit, **sweep}, resolved, details)
             outputs[name] = record["outputs"]
             summary["stages"][name] = {k: record.get(k) for k in ("status", "seconds", "outputs", "metrics", "params", "mlflow_run_id")}
             print(f"[{name}] {record['status']} in {record['seconds']:.1f}s", flush=True)
@@ -144,8 +147,15 @@ def _make_workdir(workdir: str) -> None:
         raise ConfigError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
 
 
+def _check_data(stage, config: RunConfig, inputs: dict[str, dict[str, Any]], fan_out: FanOut) -> tuple[Any, Any]:
+    """(identity, details) of the input data the stage will leave out, or (None, None)."""
+    if stage.check_data is None:
+        return None, None
+    return stage.check_data(config, inputs, fan_out) or (None, None)
+
+
 def _run_recorded(stage, config: RunConfig, fp: str, inputs: dict[str, dict[str, Any]], tracker: Tracker,
-                  fan_out: FanOut, parent: str, tags: dict[str, str], resolved: str) -> dict[str, Any]:
+                  fan_out: FanOut, parent: str, tags: dict[str, str], resolved: str, data_check: Any) -> dict[str, Any]:
     """One stage (or its cache hit) under its own nested run."""
     out_dir = storage.join(config.workdir, stage.name, fp)
     cached = read_done(out_dir)
@@ -159,7 +169,7 @@ def _run_recorded(stage, config: RunConfig, fp: str, inputs: dict[str, dict[str,
             print(f"[{stage.name}] running -> {out_dir}", flush=True)
             tracker.log_params(run_id, {"config": section_dict(stage, config)})
             tracker.log_text(run_id, resolved, Artifact.CONFIG)
-        record = run_stage(stage, StageContext(config, out_dir, inputs, fp, tracker, run_id, fan_out))
+        record = run_stage(stage, StageContext(config, out_dir, inputs, fp, tracker, run_id, fan_out, data_check))
         tracker.set_tag(run_id, Tag.STATUS, record["status"])
         if record["status"] == CACHED and record.get("mlflow_run_id"):
             tracker.link_to_producer(run_id, record["mlflow_run_id"])

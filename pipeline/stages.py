@@ -73,8 +73,9 @@ def run_shard(ctx: StageContext) -> StageResult:
         if data.mnist.source == "embedded":
             ranges = _shard_ranges(len(sources.mnist_split(split)[1]), data.mnist.samples_per_shard)
             make, shard_args = sources.digit_samples, [(split, a, b) for a, b in ranges]
-        elif data.mnist.source == "hf":  # each task streams its own part of the dataset
-            make, shard_args = sources.hf_digit_samples, [(data.mnist, split, p) for p in range(data.mnist.hf_parts)]
+        elif data.mnist.source == "hf":  # each task streams its own files (or row groups) of the dataset
+            _, parts = sources.hf_stream(data.mnist.hf_dataset, None, sources.hf_digit_split(split), data.mnist.hf_parts)
+            make, shard_args = sources.hf_digit_samples, [(data.mnist, split, p) for p in range(parts)]
         elif data.mnist.source == "idx":  # each task reads the images at its own positions
             ranges = _shard_ranges(len(items[split]), data.mnist.samples_per_shard)
             images = storage.absolute(data.mnist.images)  # tasks may run in another directory
@@ -189,7 +190,7 @@ def run_training(ctx: StageContext, kind: ModelKind) -> StageResult:
 
     config, section = ctx.config, kind.section(ctx.config)
     train_dir, val_dir = kind.shards(ctx.inputs)
-    skip = _bad_shards(ctx, train_dir, val_dir) if config.data.on_bad_shard == "skip" else ((), ())
+    skip = _log_skipped(ctx) if config.data.on_bad_shard == "skip" else ((), ())
     spec = TrainSpec(
         kind=kind.name,
         model=kind.model_config(config, ctx.inputs),
@@ -225,16 +226,29 @@ def run_training(ctx: StageContext, kind: ModelKind) -> StageResult:
     return StageResult(outputs, metrics, params)
 
 
-def _bad_shards(ctx: StageContext, train_dir: str, val_dir: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Every training and validation shard read and decoded first (Ray tasks); the bad
-    ones are named on the log and in the stage's MLflow run (params `skipped_shards`,
-    `skipped_val_shards`, their counts, and `skipped_shards.txt`)."""
+def skipped_shards(config, inputs: dict[str, dict[str, Any]], fan_out, kind: ModelKind):
+    """Under `data.on_bad_shard: skip`, every training and validation shard read and
+    decoded (fanned out) before the stage is fingerprinted: (the bad shards' names by
+    split, {split: {name: what is wrong}}), or None when none is bad. A model trained
+    without some shards is then never the cached answer for all of them, and once they
+    are repaired the clean run's cache applies again."""
+    if config.data.on_bad_shard != "skip":
+        return None
     found = {}
-    for split, directory in (("training", train_dir), ("validation", val_dir)):
+    for split, directory in zip(("training", "validation"), kind.shards(inputs)):
         desc = f"check {split} shards"
-        found[split] = shards.bad_shards(directory, lambda fn, entries: ctx.fan_out.map(fn, [(e,) for e in entries], desc))
+        found[split] = shards.bad_shards(directory, lambda fn, entries: fan_out.map(fn, [(e,) for e in entries], desc))
         for name, why in sorted(found[split].items()):
             print(f"[data] skipping bad {split} shard {name}: {why}", flush=True)
+    if not any(found.values()):
+        return None
+    return {split: sorted(bad) for split, bad in found.items()}, found
+
+
+def _log_skipped(ctx: StageContext) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The shards `skipped_shards` found bad, named in the stage's MLflow run (params
+    `skipped_shards`, `skipped_val_shards`, their counts, and `skipped_shards.txt`)."""
+    found = ctx.data_check or {"training": {}, "validation": {}}
     train_bad, val_bad = (tuple(sorted(found[split])) for split in ("training", "validation"))
     for key, bad in ((Param.SKIPPED_SHARDS, train_bad), (Param.SKIPPED_VAL_SHARDS, val_bad)):
         ctx.tracker.log_params(ctx.run_id, {key: ",".join(bad) or "none"})
@@ -289,11 +303,13 @@ def run_evaluate(ctx: StageContext) -> StageResult:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        # on_bad_shard decides whether a stage with bad shards fails, never what a finished one made
+        # on_bad_shard decides whether a stage with bad shards fails; what a training stage left
+        # out joins its fingerprint (check_data)
         Stage("shard", (), lambda c: dataclasses.replace(c.data, on_bad_shard="error"), run_shard),
         Stage("tokenize", ("shard",), lambda c: c.tokenize, run_tokenize),
         Stage("patchify", ("shard",), lambda c: c.patchify, run_patchify),
-        *(Stage(kind.stage, kind.deps, kind.section, functools.partial(run_training, kind=kind), resumable=True)
+        *(Stage(kind.stage, kind.deps, kind.section, functools.partial(run_training, kind=kind), resumable=True,
+                check_data=functools.partial(skipped_shards, kind=kind))
           for kind in KINDS.values()),
         Stage("evaluate_gpt", ("tokenize", "pretrain_gpt"), lambda c: c.evaluate, run_evaluate_gpt),
         # the grid sets' names decide which metrics there are

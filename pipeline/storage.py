@@ -143,6 +143,12 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
+def upload_tree(local: str, path: str) -> None:
+    """The local directory `local` copied to `path` (a bucket prefix or a local path)."""
+    fs, p = _fs(path)
+    fs.put(local.rstrip("/") + "/", p.rstrip("/"), recursive=True)
+
+
 @contextlib.contextmanager
 def local_copy(path: str) -> Iterator[str]:
     """A local path holding the tree at `path`: itself when local, else a temporary download."""

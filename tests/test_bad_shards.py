@@ -49,6 +49,9 @@ def test_bad_shards_stop_training_or_are_skipped_by_name(run_tiny, tiny_config, 
     train_dir, val_dir = (summary["stages"]["patchify"]["outputs"][k] for k in ("mnist_train", "mnist_val"))
     broken_keys = {sample["__key__"] for entry in shards.shard_entries(train_dir)[:3]
                    for sample in shards.iter_shard(entry["path"], entry)}
+    pristine = str(tmp_path / "pristine")
+    shutil.copytree(train_dir, os.path.join(pristine, "train"))
+    shutil.copytree(val_dir, os.path.join(pristine, "val"))
     broken = _corrupt(train_dir)  # the first three shards
     val_names = [e["name"] for e in shards.read_manifest(val_dir)["shards"]]
     assert len(val_names) == 2, val_names
@@ -56,9 +59,12 @@ def test_bad_shards_stop_training_or_are_skipped_by_name(run_tiny, tiny_config, 
     short = small_shards + ["pretrain_vit.train.max_steps=6", "pretrain_vit.train.log_every=3",
                             "pretrain_vit.train.eval_every=6", "pretrain_vit.train.num_workers=1"]
 
+    stage_dirs = lambda: set(os.listdir(os.path.join(workdir, "pretrain_vit")))  # noqa: E731
+    before = stage_dirs() if os.path.isdir(os.path.join(workdir, "pretrain_vit")) else set()
     with pytest.raises(Exception) as stopped:
         run_pipeline(tiny_config(*short), ["pretrain_vit"], workdir)
     assert any(name in str(stopped.value) for name in broken), str(stopped.value)[-2000:]
+    [clean_dir] = stage_dirs() - before  # the failed run's, at the clean fingerprint, kept for a resume
 
     capsys.readouterr()
     skip = short + ["data.on_bad_shard=skip"]
@@ -75,12 +81,19 @@ def test_bad_shards_stop_training_or_are_skipped_by_name(run_tiny, tiny_config, 
     assert run.data.metrics["skipped_shards_count"] == 3
     assert run.data.params["skipped_val_shards"] == val_names[0]
     assert 0.0 < run.data.metrics["final_val_accuracy"] <= 1.0  # validated on the good half
+    # A model trained without those shards is a stage of its own: never the cached answer
+    # to a run that reads all the data...
+    assert record["outputs"]["checkpoint"].split("/pretrain_vit/")[1].split("/")[0] != clean_dir
+    assert not os.path.exists(os.path.join(workdir, "pretrain_vit", clean_dir, "stage.json"))
+    # ...and the same skip again is its cache hit.
+    assert run_pipeline(tiny_config(*skip), ["pretrain_vit"], workdir)["stages"]["pretrain_vit"]["status"] == "cached"
 
     # `pipeline batches` reads the batches training read: the digests it logged, and no
     # key of the three broken shards (read before they were broken).
     logged = {m.step: m.value for m in client.get_metric_history(record["mlflow_run_id"], "batch_digest")}
     assert sorted(logged) == [3, 6]
     argv = ["batches", str(SMOKE), "--stage", "pretrain_vit", "--steps", "1:7", "--json", "--workdir", workdir]
+    capsys.readouterr()
     assert cli.main(argv + TINY_OVERRIDES + skip) == 0
     captured = capsys.readouterr()
     steps = {b["step"]: b for b in map(json.loads, captured.out.splitlines())}
@@ -91,3 +104,19 @@ def test_bad_shards_stop_training_or_are_skipped_by_name(run_tiny, tiny_config, 
     read = [k for b in steps.values() for keys in b["ranks"] for k in keys]
     assert len(read) == len(set(read)) > 0
     assert not set(read) & broken_keys
+
+    # Repaired, the data are whole again: a run under `skip` is the clean run (its fingerprint).
+    shutil.rmtree(train_dir)
+    shutil.rmtree(val_dir)
+    shutil.copytree(os.path.join(pristine, "train"), train_dir)
+    shutil.copytree(os.path.join(pristine, "val"), val_dir)
+    capsys.readouterr()
+    assert cli.main(["batches", str(SMOKE), "--stage", "pretrain_vit", "--steps", "1:2", "--workdir", workdir,
+                     *TINY_OVERRIDES, *skip]) == 0
+    assert "skipping" not in capsys.readouterr().err
+    from pipeline.fanout import LocalFanOut
+    from pipeline.kinds import KINDS
+    from pipeline.stages import skipped_shards
+
+    inputs = {"patchify": summary["stages"]["patchify"]["outputs"]}
+    assert skipped_shards(tiny_config(*skip), inputs, LocalFanOut(), KINDS["vit"]) is None  # nothing left out

@@ -138,7 +138,7 @@ def test_data_stage_killed_half_way_reruns_to_identical_manifests(tmp_path):
     clean = subprocess.run(command(tmp_path / "clean"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-3000:]
     expected = _manifests(tmp_path / "clean")
-    assert len(expected) == 8  # digits and grids: train, val, test; text: train, val
+    assert len(expected) == 10  # digits and grids: train, val, test; 2x2 grids: val, test; text: train, val
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(command(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -101,6 +101,16 @@ def test_cli_fits_a_csv(tmp_path, capsys):
     assert set(out["chinchilla"]["ci95"]) == set(TRUE)
     a, b = out["compute_optimal"]["a"], out["compute_optimal"]["b"]
     assert a == pytest.approx(TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]), rel=0.01) and a + b == pytest.approx(1)
+    # What to train next, at 10x and 100x the largest run's compute (1e22): the true law's optimum
+    largest = max(6 * n * d)
+    for row, factor in zip(out["recommended"], (10, 100)):
+        n_true, d_true = compute_optimal(TRUE["A"], TRUE["B"], TRUE["alpha"], TRUE["beta"], factor * largest)
+        assert row["flops"] == pytest.approx(factor * largest)
+        assert row["approach3"]["params"] == pytest.approx(n_true, rel=0.03)
+        assert row["approach3"]["tokens"] == pytest.approx(d_true, rel=0.03)
+        assert row["approach2"]["params"] == pytest.approx(n_true, rel=0.25)  # a parabola's vertex is close, not exact
+    report = open(out["report"]).read()
+    assert f"| 3 (the law's minimum along 6ND = C) | {a:.3f} |" in report and f"{out['isoflop']['a']:.3f}" in report
 
     bad = tmp_path / "bad.csv"
     bad.write_text("params,tokens\n1,2\n")
@@ -188,6 +198,7 @@ def test_fit_and_predict_read_runs_back_from_mlflow(tmp_path, capsys):
         log_run(params, tokens)
     log_run(n[0], d[0], status="cached", scale=10.0)
     log_run(n[0], d[0], sweep="another", scale=10.0)
+    log_run(3e10, 6e11, sweep="gpt-cpu-holdout", scale=1.02)  # past the sweep, 2% above the law
 
     source = ["--experiment", "sweeps", "--tracking-uri", uri, "--sweep", "gpt-cpu", "--bootstrap", "0", "--json"]
     assert main(["scaling", "fit", *source, "--plots", str(tmp_path / "plots")]) == 0
@@ -199,7 +210,12 @@ def test_fit_and_predict_read_runs_back_from_mlflow(tmp_path, capsys):
     assert fit_run.data.tags["stage"] == "scaling_fit" and fit_run.data.tags["sweep"] == "gpt-cpu"
     assert fit_run.data.metrics["chinchilla_alpha"] == pytest.approx(out["chinchilla"]["alpha"], rel=1e-9)
     logged = {a.path for a in client.list_artifacts(fit_run.info.run_id)}
-    assert logged == {"fit.json", "loss_vs_flops.png", "isoflop.png"}
+    assert logged == {"fit.json", "loss_vs_flops.png", "isoflop.png", "scaling.md"}
+    report = open(out["report"]).read()
+    assert open(client.download_artifacts(fit_run.info.run_id, "scaling.md", str(tmp_path / "dl")), "r").read() == report
+    [holdout] = out["holdout"]  # read from the experiment, not fitted: the page says how far off the law is
+    assert holdout["measured"] / holdout["predicted"] == pytest.approx(1.02, rel=1e-3) and "| -2.0% |" in report
+    assert "![isoflop.png](isoflop.png)" in report and "## Recommended next runs" in report
     for png in out["plots"]:
         name = os.path.basename(png)
         on_disk = open(png, "rb").read()

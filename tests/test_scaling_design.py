@@ -105,3 +105,23 @@ def test_a_sweep_lists_points_or_a_grid_not_both(tmp_path):
     one.write_text("name: b\nbase: configs/smoke.yaml\nexperiment: e\npoints: [{size: {d_model: 64}, budget: 1000}]\n")
     with pytest.raises(ConfigError, match="at least 2 model sizes"):
         load_sweep(str(one))
+
+
+def test_on_a_noisy_designed_sweep_both_approaches_agree_within_their_intervals():
+    """Issue 25's check, on Chinchilla's published law with 1% noise: 4 budgets x 7 sizes
+    from the design, both approaches' N* ∝ C^a with 95% intervals that overlap and hold
+    the truth."""
+    from pipeline.scaling.chinchilla import fit
+    from pipeline.scaling.laws import isoflop_interval
+    from pipeline.scaling.page import exponent_interval
+
+    truth = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    runs = design(list(np.geomspace(1e18, 1e21, 4)), sizes=7, spread=8.0, aspect=64, prior=ratio_prior(20), count=blocks,
+                  tokens_per_step=2048)
+    n, d = np.array([r.params for r in runs], float), np.array([r.tokens for r in runs], float)
+    loss = true_loss(n, d) * (1 + np.random.default_rng(7).normal(0, 0.01, len(n)))
+    a3_lo, a3_hi = exponent_interval(fit(n, d, loss, bootstrap=30))
+    a2_lo, a2_hi = isoflop_interval(n, d, loss, resamples=200)
+    assert a3_lo <= truth <= a3_hi and a2_lo <= truth <= a2_hi
+    assert a2_lo <= a3_hi and a3_lo <= a2_hi  # they agree
+    assert a3_hi - a3_lo < 0.15 and a2_hi - a2_lo < 0.25  # and say something

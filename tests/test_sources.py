@@ -51,6 +51,24 @@ def test_hf_dataset_is_read_in_disjoint_parts(corpus, monkeypatch):
         assert 2000 <= sum(len(t) for t in texts) < 2000 + len(rows[0])
 
 
+@pytest.mark.parametrize("wanted, parts", [(3, 3), (8, 8), (20, 8)])  # 4 files of 2 row groups each
+def test_each_hf_part_streams_only_its_own_files_or_row_groups(tmp_path, monkeypatch, wanted, parts):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "data").mkdir()
+    rows = {}
+    for f in range(4):
+        texts = [f"file {f} row {i} " * 10 for i in range(6)]
+        rows.update({t: f for t in texts})
+        pq.write_table(pa.table({"text": texts}), tmp_path / "data" / f"train-0000{f}-of-00004.parquet", row_group_size=3)
+    cfg = TextConfig(source="hf", hf_dataset=str(tmp_path), hf_config=None, max_bytes=10**9, hf_parts=wanted)
+    read = _read_all(cfg)
+    assert len(read) == parts and all(read)
+    assert sorted(t for part in read for t in part) == sorted(rows)  # every row once: no part streams another's
+    if wanted <= 4:  # at least as many files as parts: each file is read whole by one part
+        assert all(sum(any(rows[t] == f for t in part) for part in read) == 1 for f in range(4))
+
+
 def test_hf_loader_names_a_missing_field(corpus, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     root, _ = corpus

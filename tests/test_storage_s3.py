@@ -121,3 +121,28 @@ def test_the_arrow_filesystem_for_ray_train_speaks_the_buckets_region(s3_env, mo
     with fs.open_output_stream(path + "/state.json") as f:
         f.write(b"{}")
     assert storage.exists(f"s3://{BUCKET}/train/ckpt/state.json")
+
+
+def test_a_checkpoint_in_a_bucket_converts_for_another_world_size(s3_env, zero2_reference, tmp_path):
+    """The elastic resume's first step from a bucket: the ZeRO-2 checkpoint of 2 workers,
+    uploaded, is downloaded, converted to DeepSpeed's universal format and the conversion
+    uploaded beside the run: the same files as a local conversion, byte for byte."""
+    from pipeline.train.checkpoint import read_data_state
+    from pipeline.train.launch import _to_universal
+
+    full, _ = zero2_reference
+    checkpoint = full["checkpoints_by_step"][6]
+    remote = f"s3://{BUCKET}/run/checkpoint-6"
+    storage.upload_tree(checkpoint, remote)
+    converted = _to_universal(remote, f"s3://{BUCKET}/elastic/universal-from-world-size-2")
+    _to_universal(checkpoint, str(tmp_path / "local"))
+
+    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in (tmp_path / "local").rglob("*") if p.is_file()}
+    assert any(name.endswith(".pt") for name in local) and len(local) > 5
+    with storage.local_copy(converted) as downloaded:
+        from pathlib import Path
+
+        remote_files = {str(p.relative_to(downloaded)): p.read_bytes() for p in Path(downloaded).rglob("*") if p.is_file()}
+        assert read_data_state(downloaded) == read_data_state(checkpoint)
+    assert remote_files.keys() == local.keys()
+    assert [name for name in local if remote_files[name] != local[name]] == []

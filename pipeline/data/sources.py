@@ -276,20 +276,35 @@ def idx_digit_samples(images_path: str, items: list[tuple[int, int]]) -> Iterato
 HF_VAL_EVERY = 10  # every 10th example of a part of the hub's train split is validation
 
 
+def hf_stream(name: str, config: Optional[str], split: str, wanted: int):
+    """A streamed Hugging Face dataset and how many parts to read it in: each part reads
+    its own data files (or, when there are fewer files than `wanted`, its own parquet row
+    groups), so no task streams another's data. Driver and tasks call it alike."""
+    import datasets
+
+    ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    if ds.num_shards < wanted:
+        ds = ds.reshard()  # parquet: one shard per row group (reads the few files' footers)
+    return ds, min(wanted, ds.num_shards)
+
+
+def hf_digit_split(split: str) -> str:
+    """The hub split a digit split streams: test from test, train and validation from train."""
+    return "test" if split == "test" else "train"
+
+
 def hf_digit_samples(cfg: MnistConfig, split: str, part: int) -> Iterator[dict]:
-    """Part `part` of `cfg.hf_parts` of a Hugging Face digit dataset (`ylecun/mnist`, or a
-    local folder of parquet files named like the hub's), streamed in this task. Test
-    digits come from the dataset's test split; train and validation share its train
-    split by position, every 10th example of a part being validation."""
+    """Part `part` of a Hugging Face digit dataset (`ylecun/mnist`, or a local folder of
+    parquet files named like the hub's; `hf_stream` says how many parts), streamed in
+    this task. Test digits come from the dataset's test split; train and validation share
+    its train split by position, every 10th example of a part being validation."""
     import io
 
-    import datasets
-    from datasets.distributed import split_dataset_by_node
     from PIL import Image
 
-    hf_split = "test" if split == "test" else "train"
-    ds = datasets.load_dataset(cfg.hf_dataset, split=hf_split, streaming=True)
-    for n, row in enumerate(split_dataset_by_node(ds, rank=part, world_size=cfg.hf_parts)):
+    hf_split = hf_digit_split(split)
+    ds, parts = hf_stream(cfg.hf_dataset, None, hf_split, cfg.hf_parts)
+    for n, row in enumerate(ds.shard(num_shards=parts, index=part)):
         if split != "test" and held_out_for_validation(n, HF_VAL_EVERY) != (split == "val"):
             continue
         name = f"{cfg.hf_dataset}:{hf_split}:{part}:{n}"
@@ -322,13 +337,14 @@ def _read_text_file(path: Path) -> str:
 @dataclass(frozen=True)
 class TextPart:
     """What one shard task reads: some text files, some row groups of one parquet file,
-    or one of `hf_parts` slices of a Hugging Face dataset."""
+    or one of the parts of a Hugging Face dataset (`hf_stream`)."""
 
     number: int
     files: tuple[str, ...] = ()
     parquet: Optional[str] = None
     row_groups: tuple[int, ...] = ()
     hf_index: Optional[int] = None
+    hf_parts: int = 0  # how many parts the dataset is read in (`hf_stream`)
 
 
 def _expand(pattern: str) -> list[str]:
@@ -343,7 +359,8 @@ def plan_text_parts(cfg: TextConfig, seed: int) -> list[TextPart]:
     """Partition the text source into parts, from metadata alone (names, sizes, parquet
     footers): the driver reads no text. Files are taken until `max_bytes` is reached."""
     if cfg.source == "hf":
-        return [TextPart(i, hf_index=i) for i in range(cfg.hf_parts)]
+        _, parts = hf_stream(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, cfg.hf_parts)
+        return [TextPart(i, hf_index=i, hf_parts=parts) for i in range(parts)]
     if cfg.source == "stdlib":
         files = [str(p) for p in _stdlib_files()]
         random.Random(seed).shuffle(files)  # a mix of modules, not just the alphabet's start
@@ -382,7 +399,7 @@ def plan_text_parts(cfg: TextConfig, seed: int) -> list[TextPart]:
 def read_text_part(cfg: TextConfig, part: TextPart) -> Iterator[tuple[str, str]]:
     """(source key, text) of one part's non-empty documents; runs in the part's own task."""
     if part.hf_index is not None:
-        docs = _hf_part(cfg, part.hf_index)
+        docs = _hf_part(cfg, part.hf_index, part.hf_parts)
     elif part.parquet:
         docs = _parquet_rows(cfg, part.parquet, part.row_groups)
     else:
@@ -404,15 +421,12 @@ def _parquet_rows(cfg: TextConfig, path: str, row_groups: tuple[int, ...]) -> It
             yield f"{Path(path).name}:{g}:{i}", text or ""
 
 
-def _hf_part(cfg: TextConfig, index: int) -> Iterator[tuple[str, str]]:
-    """Slice `index` of `hf_parts` of a streamed Hugging Face dataset, up to its share of
-    `max_bytes`: by whole data files when they divide evenly, else every n-th example."""
-    import datasets
-    from datasets.distributed import split_dataset_by_node
-
-    ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split, streaming=True)
-    mine = split_dataset_by_node(ds, rank=index, world_size=cfg.hf_parts)
-    budget, seen = cfg.max_bytes / cfg.hf_parts, 0
+def _hf_part(cfg: TextConfig, index: int, parts: int) -> Iterator[tuple[str, str]]:
+    """Part `index` of `parts` of a streamed Hugging Face dataset (its own files or row
+    groups, `hf_stream`), up to its share of `max_bytes`."""
+    ds, _ = hf_stream(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, cfg.hf_parts)
+    mine = ds.shard(num_shards=parts, index=index)
+    budget, seen = cfg.max_bytes / parts, 0
     for i, row in enumerate(mine):
         if cfg.text_field not in row:
             raise SourceError(f"dataset {cfg.hf_dataset} has no field '{cfg.text_field}' (data.text.text_field): {list(row)}")

@@ -14,11 +14,12 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.keys import SCALING_FIT, Tag
-from pipeline.scaling import laws
+from pipeline.scaling import laws, page
 from pipeline.scaling.chinchilla import NAMES, ChinchillaFit, FitError, fit
 from pipeline.scaling.runs import TrainingRun, read_runs
 
 COLUMNS = ("params", "tokens", "loss")
+REPORT = "scaling.md"  # the fit's one-page report, beside its plots
 
 
 def read_points(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,19 +80,37 @@ def _chinchilla_lines(result: ChinchillaFit) -> list[str]:
 
 def fit_command(points: Optional[str], experiment: Optional[str], tracking_uri: Optional[str], sweep: Optional[str],
                 bootstrap: int, as_json: bool, plots: Optional[str] = None) -> str:
-    """Fit every law the points allow; draw the two plots into `plots` (a directory) and,
-    for an experiment, log the fit as a `scaling_fit` run there with the plots attached."""
+    """Fit every law the points allow; draw the two plots and write the one-page report
+    (`scaling.md`) into `plots` (a directory) and, for an experiment, log the fit as a
+    `scaling_fit` run there with the plots and the page attached."""
     (n, d, loss), runs = _points(points, experiment, tracking_uri, sweep)
     result = fit(n, d, loss, bootstrap=bootstrap)
+    largest = float(np.max(6 * n * d))
     out: dict = {"chinchilla": result.as_dict(), "compute_optimal": result.exponents()}
     lines = (_runs_table(runs) + [""] if runs else []) + _chinchilla_lines(result)
+    a3_ci = page.exponent_interval(result)
+    if a3_ci:
+        out["compute_optimal_a_ci95"] = list(a3_ci)
+    iso = None
     try:
         iso = laws.isoflop_profiles(n, d, loss)
         out["isoflop"] = {"a": iso.a, "b": iso.b, "budgets": iso.budgets.tolist(), "n_opt": iso.n_opt.tolist()}
-        lines.append(f"approach 2 (isoFLOP vertices of {len(iso.budgets)} budgets): N* ∝ C^{iso.a:.3f}; "
-                     f"approach 3 says C^{result.exponents()['a']:.3f}")
+        out["approach3_n_opt"] = result.compute_optimal(iso.budgets)[0].tolist()  # at the same budgets
+        if bootstrap:
+            out["isoflop"]["a_ci95"] = list(laws.isoflop_interval(n, d, loss, bootstrap))
+        lines.append(f"approach 2 (isoFLOP vertices of {len(iso.budgets)} budgets): N* ∝ C^{iso.a:.3f} "
+                     f"({_span(out['isoflop'].get('a_ci95'))}); approach 3 says C^{result.exponents()['a']:.3f} ({_span(a3_ci)})")
     except FitError as e:
+        out["isoflop_error"] = str(e)
         lines.append(f"approach 2: not fitted ({e})")
+    out["recommended"] = page.recommendations(result, iso, largest)
+    for row in out["recommended"]:
+        r3 = row["approach3"]
+        lines.append(f"at {row['factor']}x the largest run's compute ({row['flops']:.3g} FLOPs): N* = {r3['params']:.3g}, "
+                     f"D* = {r3['tokens']:.3g} tokens" + (f" (approach 2: N* = {row['approach2']['params']:.3g})" if iso else ""))
+    holdout = _holdout(result, experiment, tracking_uri, sweep) if experiment and sweep else []
+    if holdout:
+        out["holdout"] = holdout
     frontier = kaplan = None
     if runs:
         try:
@@ -111,7 +130,23 @@ def fit_command(points: Optional[str], experiment: Optional[str], tracking_uri: 
             curves[f"Kaplan: {kaplan.E:.2f} + ({kaplan.C0:.2g}/C)^{kaplan.alpha:.3f}"] = kaplan.loss
         pngs = {"loss_vs_flops.png": draw.loss_vs_flops(n, d, loss, runs, frontier, curves),
                 "isoflop.png": draw.isoflop(result, n, d, loss, runs)}
-    return _publish(out, lines, pngs, plots, experiment, tracking_uri, sweep, as_json)
+    source = f"experiment {experiment}" + (f", sweep {sweep}" if sweep else "") if experiment else str(points)
+    report = page.markdown(out, len(n), largest, list(pngs), holdout, source)
+    return _publish(out, lines, pngs, plots, experiment, tracking_uri, sweep, as_json, report)
+
+
+def _span(ci) -> str:
+    return f"95% {ci[0]:.3f} .. {ci[1]:.3f}" if ci else "no interval"
+
+
+def _holdout(result: ChinchillaFit, experiment: str, tracking_uri: Optional[str], sweep: str) -> list[dict]:
+    """The sweep's held-out runs (tagged `<sweep>-holdout`), each against the law."""
+    try:
+        runs = read_runs(experiment, tracking_uri, sweep=f"{sweep}-holdout")
+    except FitError:
+        return []
+    return [{"params": r.params, "tokens": r.tokens, "measured": r.val_loss, "predicted": float(result.loss(r.params, r.tokens))}
+            for r in runs]
 
 
 def fit_vit_command(experiment: str, tracking_uri: Optional[str], sweep: Optional[str], as_json: bool,
@@ -134,22 +169,26 @@ def fit_vit_command(experiment: str, tracking_uri: Optional[str], sweep: Optiona
 
 
 def _publish(out: dict, lines: list[str], pngs: dict[str, bytes], plots: Optional[str], experiment: Optional[str],
-             tracking_uri: Optional[str], sweep: Optional[str], as_json: bool) -> str:
-    """Plots to disk, the fit to its experiment in MLflow; the text or JSON to print."""
+             tracking_uri: Optional[str], sweep: Optional[str], as_json: bool, report: Optional[str] = None) -> str:
+    """Plots (and the report page) to disk, the fit to its experiment in MLflow; the text
+    or JSON to print."""
+    files = {**pngs, **({REPORT: report.encode()} if report else {})}
     if plots:
         out["plots"] = [storage.join(plots, name) for name in pngs]
-        for path, png in zip(out["plots"], pngs.values()):
-            storage.write_bytes_atomic(path, png)
-        lines.append("plots: " + ", ".join(out["plots"]))
+        for name, data in files.items():
+            storage.write_bytes_atomic(storage.join(plots, name), data)
+        if report:
+            out["report"] = storage.join(plots, REPORT)
+        lines.append("plots: " + ", ".join(out["plots"]) + (f"; report: {out['report']}" if report else ""))
     if experiment:
-        out["mlflow_run_id"] = _log_fit(experiment, tracking_uri, sweep, out, pngs)
+        out["mlflow_run_id"] = _log_fit(experiment, tracking_uri, sweep, out, files)
         lines.append(f"logged as MLflow run {out['mlflow_run_id']} (tag stage=scaling_fit) in experiment {experiment!r}")
     return json.dumps(out) if as_json else "\n".join(lines)
 
 
-def _log_fit(experiment: str, tracking_uri: Optional[str], sweep: Optional[str], out: dict, pngs: dict[str, bytes]) -> str:
+def _log_fit(experiment: str, tracking_uri: Optional[str], sweep: Optional[str], out: dict, files: dict[str, bytes]) -> str:
     """The fit as a run of the experiment it read: constants as metrics, the whole result
-    as fit.json, the plots as artifacts, beside the runs in the MLflow UI."""
+    as fit.json, the plots and the report page as artifacts, beside the runs in the MLflow UI."""
     import mlflow
 
     from pipeline import tracking
@@ -164,9 +203,9 @@ def _log_fit(experiment: str, tracking_uri: Optional[str], sweep: Optional[str],
         client.log_metric(run.info.run_id, key, float(value))
     client.log_dict(run.info.run_id, out, "fit.json")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, png in pngs.items():
+        for name, data in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
-                f.write(png)
+                f.write(data)
         client.log_artifacts(run.info.run_id, tmp)
     client.set_terminated(run.info.run_id)
     return run.info.run_id

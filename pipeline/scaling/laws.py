@@ -27,6 +27,11 @@ class IsoFlop:
     a: float  # N_opt ∝ C^a
     b: float  # D_opt ∝ C^b (= 1 - a, since C = 6·N·D)
 
+    def n_opt_at(self, flops):
+        """N* on the line through the vertices (an extrapolation past the budgets)."""
+        k = float(np.mean(np.log(self.n_opt) - self.a * np.log(self.budgets)))
+        return np.exp(k) * np.asarray(flops, float) ** self.a
+
 
 def group_by_compute(params, tokens, rel_tol: float = 0.05) -> list[list[int]]:
     """Indices of runs grouped by compute 6·N·D, equal within `rel_tol` of a group's smallest."""
@@ -62,6 +67,25 @@ def isoflop_profiles(params, tokens, loss, rel_tol: float = 0.05) -> IsoFlop:
         raise FitError("isoFLOP profiles need 2 or more compute budgets, each with 3+ model sizes around its optimum")
     a, _ = np.polyfit(np.log(budgets), np.log(vertices), 1)
     return IsoFlop(np.array(budgets), np.array(vertices), float(a), float(1 - a))
+
+
+def isoflop_interval(params, tokens, loss, resamples: int, seed: int = 0, rel_tol: float = 0.05) -> tuple[float, float]:
+    """95% interval of approach 2's exponent a: runs resampled with replacement within each
+    compute budget (so every budget keeps its runs' count), the profiles refitted; a
+    resample whose profiles no longer fit (a vertex outside its sizes) is left out."""
+    n, d, l = (np.asarray(v, float) for v in (params, tokens, loss))
+    groups = group_by_compute(n, d, rel_tol)
+    rng = np.random.default_rng(seed)
+    found = []
+    for _ in range(resamples):
+        pick = np.concatenate([rng.choice(group, len(group)) for group in groups])
+        try:
+            found.append(isoflop_profiles(n[pick], d[pick], l[pick], rel_tol).a)
+        except (FitError, np.linalg.LinAlgError, ValueError):
+            continue
+    if len(found) < max(10, resamples // 2):
+        raise FitError(f"approach 2's interval: only {len(found)} of {resamples} resamples could be fitted")
+    return float(np.percentile(found, 2.5)), float(np.percentile(found, 97.5))
 
 
 def compute_frontier(curves: list[tuple[np.ndarray, np.ndarray]], points: int = 30) -> tuple[np.ndarray, np.ndarray]:

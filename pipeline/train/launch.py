@@ -3,7 +3,8 @@
 Before workers start, an explicit resume is checked against this run's data
 (fingerprint, global batch), so a mismatch fails in seconds with a clear line.
 A checkpoint written at another world size is first converted to DeepSpeed's
-universal format (in a Ray task, not on the driver), which any world size loads.
+universal format (in a Ray task, not on the driver), which any world size loads; one
+in a bucket is downloaded for the conversion, and the conversion uploaded beside the run.
 """
 
 from __future__ import annotations
@@ -26,20 +27,26 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def _to_universal(source: str, target: str) -> str:
-    """DeepSpeed's ds_to_universal, with every torch.load forced to weights_only=True."""
+    """DeepSpeed's ds_to_universal, with every torch.load forced to weights_only=True; a
+    checkpoint in a bucket is downloaded first and its conversion uploaded beside the run."""
     import argparse
     import contextlib
     import io
     import shutil
+    import tempfile
 
     from deepspeed.checkpoint import ds_to_universal
 
-    args = argparse.Namespace(input_folder=os.path.join(source, ckpt.TAG), output_folder=os.path.join(target, ckpt.TAG),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
-    with ckpt.weights_only_torch_load(), contextlib.redirect_stdout(io.StringIO()):  # it narrates every parameter
-        ds_to_universal.main(args)
-    shutil.copy(os.path.join(source, ckpt.DATA_STATE), os.path.join(target, ckpt.DATA_STATE))
+    with storage.local_copy(source) as local_source, tempfile.TemporaryDirectory(prefix="universal-") as tmp:
+        local_target = storage.absolute(target) if storage.is_local(target) else os.path.join(tmp, "universal")
+        args = argparse.Namespace(input_folder=os.path.join(local_source, ckpt.TAG),
+                                  output_folder=os.path.join(local_target, ckpt.TAG), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with ckpt.weights_only_torch_load(), contextlib.redirect_stdout(io.StringIO()):  # it narrates every parameter
+            ds_to_universal.main(args)
+        shutil.copy(os.path.join(local_source, ckpt.DATA_STATE), os.path.join(local_target, ckpt.DATA_STATE))
+        if local_target != target:
+            storage.upload_tree(local_target, target)
     return target
 
 
@@ -51,8 +58,6 @@ def prepare_resume(spec: TrainSpec, run_dir: str) -> TrainSpec:
     TrainingData.open(spec.train_data, spec.train, spec.train.num_workers, spec.skip_shards).check_resume(state)
     if state["world_size"] == spec.train.num_workers:
         return spec
-    if not storage.is_local(spec.resume_from):
-        raise NotImplementedError("resuming at another world size needs the checkpoint on a local or shared path")
     if spec.train.zero_stage == 3:
         # Measured on the smoke ViT: weights and Adam moments come back exactly, yet the next
         # step's loss drifts ~3e-4 relative from an uninterrupted run; from ZeRO-2 it matched.
