@@ -78,9 +78,9 @@ class MnistConfig:
         _require_positive(self, key, "samples_per_shard", "hf_parts")
         if self.source == "folder" and not self.folder:
             raise ConfigError(f"{key}.folder is required when {key}.source is 'folder'")
-        for field in ("images", "labels"):
-            if self.source == "idx" and not getattr(self, field):
-                raise ConfigError(f"{key}.{field} is required when {key}.source is 'idx'")
+        for name in ("images", "labels"):
+            if self.source == "idx" and not getattr(self, name):
+                raise ConfigError(f"{key}.{name} is required when {key}.source is 'idx'")
         if self.train_digits < 0:
             raise ConfigError(f"{key}.train_digits must be >= 0 (0: all), got {self.train_digits}")
 
