@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     design.add_argument("--sizes", type=int, default=5, help="model sizes per budget, >= 5 (default 5)")
     design.add_argument("--spread", type=float, default=4.0, help="sizes from N*/spread to N*·spread (default 4)")
     design.add_argument("--aspect", type=float, default=40.0, help="the shapes' d_model / n_layer (default 40)")
-    design.add_argument("--tokens-per-param", type=float, default=20.0, help="the first guess without a prior fit: D*/N* (default 20)")
+    design.add_argument("--tokens-per-param", type=float,
+                        help="the first guess without a prior fit: D*/N* (default: Chinchilla's 20, as `pipeline plan` uses)")
     design.add_argument("--prior-experiment", help="fit Chinchilla's law to this experiment's runs for the first guess")
     design.add_argument("--prior-points", help="...or to this CSV (params,tokens,loss)")
     design.add_argument("--prior-sweep", help="with --prior-experiment: only that sweep's runs")

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.geometry import BLANK
 from pipeline.scoring import ABSENT, aligned_cells
 from pipeline.plotting import png, pyplot
 
-CELL_LABELS = [*"0123456789", "_"]  # a confusion matrix's classes: digits, then blank
+CELL_LABELS = [*"0123456789", BLANK]  # a confusion matrix's classes: digits, then blank
 
 
 def confusion(predicted: list[str], targets: list[str]) -> np.ndarray:
@@ -32,7 +33,7 @@ def confusion_png(counts: np.ndarray, title: str) -> bytes:
     for (i, j), n in np.ndenumerate(counts):
         if n:
             ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
-    names = [*"0123456789", "blank", "none"]
+    names = [c if c != BLANK else "blank" for c in CELL_LABELS] + ["none"]
     ax.set_xticks(range(counts.shape[1]), names, rotation=45)
     ax.set_yticks(range(counts.shape[0]), names)
     ax.set_xlabel("written (none: no cell there, or not a cell)")

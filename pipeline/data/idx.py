@@ -28,7 +28,7 @@ class IdxError(ValueError):
 def _read(path: str) -> bytes:
     try:
         raw = storage.read_bytes(path)
-    except (OSError, FileNotFoundError) as e:
+    except OSError as e:
         raise IdxError(f"{path}: cannot read ({e.strerror or e})") from None
     if raw[:2] == b"\x1f\x8b":
         try:

@@ -99,7 +99,8 @@ def fit_command(points: Optional[str], experiment: Optional[str], tracking_uri: 
         if bootstrap:
             out["isoflop"]["a_ci95"] = list(laws.isoflop_interval(n, d, loss, bootstrap))
         lines.append(f"approach 2 (isoFLOP vertices of {len(iso.budgets)} budgets): N* ∝ C^{iso.a:.3f} "
-                     f"({_span(out['isoflop'].get('a_ci95'))}); approach 3 says C^{result.exponents()['a']:.3f} ({_span(a3_ci)})")
+                     f"(95% {page.span(out['isoflop'].get('a_ci95'))}); approach 3 says C^{result.exponents()['a']:.3f} "
+                     f"(95% {page.span(a3_ci)})")
     except FitError as e:
         out["isoflop_error"] = str(e)
         lines.append(f"approach 2: not fitted ({e})")
@@ -133,10 +134,6 @@ def fit_command(points: Optional[str], experiment: Optional[str], tracking_uri: 
     source = f"experiment {experiment}" + (f", sweep {sweep}" if sweep else "") if experiment else str(points)
     report = page.markdown(out, len(n), largest, list(pngs), holdout, source)
     return _publish(out, lines, pngs, plots, experiment, tracking_uri, sweep, as_json, report)
-
-
-def _span(ci) -> str:
-    return f"95% {ci[0]:.3f} .. {ci[1]:.3f}" if ci else "no interval"
 
 
 def _holdout(result: ChinchillaFit, experiment: str, tracking_uri: Optional[str], sweep: str) -> list[dict]:

@@ -25,12 +25,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from pipeline.config import TransformerConfig
+from pipeline.config import TransformerConfig, dataclass_from_dict
 from pipeline.scaling.chinchilla import FitError
 from pipeline.scaling.sweep import SweepConfig, _base, load_sweep, samples_per_step
 
 MIN_STEPS = 10  # a run shorter than this is mostly warm-up: its loss says little about its size
-CHINCHILLA_TOKENS_PER_PARAM = 20.0
 
 
 @dataclass
@@ -145,12 +144,17 @@ def to_yaml(sweep: SweepConfig, runs: list[DesignedRun], how: str) -> str:
 
 
 def design_command(template: str, compute: tuple[float, float], budgets: int, sizes: int, spread: float,
-                   aspect: float, name: Optional[str], tokens_per_param: float,
+                   aspect: float, name: Optional[str], tokens_per_param: Optional[float],
                    prior: Optional[Callable[[float], float]], out: str, how: str) -> str:
-    """Write the designed sweep to `out` (refusing to overwrite) and return its table."""
+    """Write the designed sweep to `out` (refusing to overwrite) and return its table.
+    Without a `prior`, the first guess trains `tokens_per_param` tokens per parameter
+    (None: the plan's Chinchilla ratio, `plan.TOKENS_PER_PARAM`)."""
     import os
 
+    import yaml
+
     from pipeline import storage
+    from pipeline.plan import TOKENS_PER_PARAM
 
     lo, hi = compute
     if not 0 < lo <= hi:
@@ -164,22 +168,13 @@ def design_command(template: str, compute: tuple[float, float], budgets: int, si
         raise FitError(f"{template}: an isoFLOP design is for pretrain_gpt sweeps (C = 6ND), not {sweep.stage}")
     base = _base(sweep, sweep.name)
     sweep = dataclasses.replace(sweep, name=name or f"{sweep.name}-isoflop")
-    runs = design(list(np.geomspace(lo, hi, budgets)), sizes, spread, aspect, prior or ratio_prior(tokens_per_param),
+    runs = design(list(np.geomspace(lo, hi, budgets)), sizes, spread, aspect, prior or ratio_prior(tokens_per_param or TOKENS_PER_PARAM),
                   gpt_counter(base.tokenize.vocab_size, base.tokenize.seq_len), samples_per_step(base, sweep.stage))
     text = to_yaml(sweep, runs, how)
-    load_sweep_text(text)  # what it writes, it reads back
+    dataclass_from_dict(SweepConfig, yaml.safe_load(text), "")  # what it writes, it reads back
     storage.write_bytes_atomic(out, text.encode())
     rows = [f"{'C (FLOPs)':>10} {'layers':>6} {'d_model':>7} {'N':>12} {'N/N*':>5} {'tokens':>12}"]
     rows += [f"{r.budget:>10.3g} {r.size.n_layer:>6} {r.size.d_model:>7} {r.params:>12,} {r.params / r.guess:>5.2f} {r.tokens:>12,}"
              for r in runs]
     return "\n".join(rows) + f"\n{len(runs)} runs, {sum(r.flops for r in runs):.3g} FLOPs in all; written to {out}"
-
-
-def load_sweep_text(text: str) -> SweepConfig:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(text)
-        f.flush()
-        return load_sweep(f.name)
 

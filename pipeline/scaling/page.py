@@ -62,9 +62,9 @@ def markdown(out: dict, runs: int, largest: float, plots: list[str], holdout: li
     a3, a3_ci = out["compute_optimal"]["a"], out.get("compute_optimal_a_ci95")
     iso = out.get("isoflop")
     lines += ["", "## N*(C) ∝ C^a: both approaches", "", "| approach | a | 95% interval |", "|---|---|---|",
-              f"| 3 (the law's minimum along 6ND = C) | {a3:.3f} | {_span(a3_ci)} |"]
+              f"| 3 (the law's minimum along 6ND = C) | {a3:.3f} | {span(a3_ci)} |"]
     if iso:
-        lines.append(f"| 2 (isoFLOP vertices, {len(iso['budgets'])} budgets) | {iso['a']:.3f} | {_span(iso.get('a_ci95'))} |")
+        lines.append(f"| 2 (isoFLOP vertices, {len(iso['budgets'])} budgets) | {iso['a']:.3f} | {span(iso.get('a_ci95'))} |")
         if a3_ci and iso.get("a_ci95"):
             agree = iso["a_ci95"][0] <= a3_ci[1] and a3_ci[0] <= iso["a_ci95"][1]
             lines += ["", f"The two intervals {'overlap: the approaches agree' if agree else 'do not overlap: they disagree'}."]
@@ -92,5 +92,6 @@ def markdown(out: dict, runs: int, largest: float, plots: list[str], holdout: li
     return "\n".join(lines) + "\n"
 
 
-def _span(ci) -> str:
+def span(ci) -> str:
+    """A 95% interval of an exponent as the page and the fit's text print it."""
     return f"{ci[0]:.3f} .. {ci[1]:.3f}" if ci else "-"
