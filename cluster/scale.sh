@@ -8,8 +8,8 @@ cat <<'HEAD'
 Written by `bash cluster/scale.sh > cluster/SCALE.md` from the presets in
 `configs/cluster/`, each at its own ZeRO stage, micro-batch, accumulation and sequence
 length, with the overlap its stage's ZeRO config sets (`pipeline/train/zero_configs/`).
-Assumed: bf16, an H100's 989 TFLOP/s dense bf16 peak, 23% MFU for the compute alone
-(what the pipeline's own training path measured for GPT-350M on one H200, against 43.6%
+Assumed: bf16, an H100's 989 TFLOP/s dense bf16 peak, 40% MFU for the compute alone
+(what the pipeline's own training path measured for GPT-350M on one H200, against 43.5%
 for a plain PyTorch loop on the same GPU: bench/RESULTS.md, 2026-11-27; pass `--mfu` to
 plan for another figure), 400 Gb/s per GPU between nodes (a p5's 3,200 Gb/s of EFA over
 8 GPUs), NVLink inside one node, $4.00 per GPU-hour. Memory is the ZeRO paper's
@@ -21,7 +21,7 @@ a step takes the longer of compute and communication; in series, their sum. Esti
 to size a run before renting it: not measurements (`pipeline/plan.py` says how each is
 counted). Re-measure the MFU with `bench/gpu.py` when a GPU is at hand.
 
-At an assumed 40% MFU, the 7B preset was ZeRO-3 at micro-batch 2 x 4 accumulation: 159
+At an assumed 40% MFU (an earlier guess, now the measured figure), the 7B preset was ZeRO-3 at micro-batch 2 x 4 accumulation: 159
 GB a step through each GPU, 3.2 s against 1.8 s of compute, a 14% ceiling with overlap
 off (22% on). It is now ZeRO-2, whose 67 GB overlap hides. The 1.3B preset keeps ZeRO-2;
 overlap on lifted it from a 30% ceiling to 40%. Overlap is on in the stage 2 and 3 configs.

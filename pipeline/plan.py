@@ -42,10 +42,10 @@ TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal data is about 20 
 # One recomputed forward (2N of the 6N per token) on top of the usual forward and backward.
 RECOMPUTE_FACTOR = 8 / 6
 GiB = 1024 ** 3
-# The MFU the pipeline's own training path measured: GPT-350M, ZeRO-1, bf16, one H200
-# (bench/RESULTS.md, 2026-11-27; a plain PyTorch loop reached 43.6% there). Measured
-# before the two DeepSpeed settings that profile led to; re-measure with bench/gpu.py.
-MEASURED_MFU = 0.23
+# The MFU the pipeline's own training path measured: GPT-350M, Ray Train + DeepSpeed
+# ZeRO-1, bf16, one H200 (bench/RESULTS.md, 2026-11-27, second run: 40.5%; a plain
+# PyTorch loop reached 43.5% there). One GPU: no gradient traffic is in this figure.
+MEASURED_MFU = 0.40
 
 
 @dataclass(frozen=True)

@@ -125,3 +125,13 @@ def test_on_a_noisy_designed_sweep_both_approaches_agree_within_their_intervals(
     assert a3_lo <= truth <= a3_hi and a2_lo <= truth <= a2_hi
     assert a2_lo <= a3_hi and a3_lo <= a2_hi  # they agree
     assert a3_hi - a3_lo < 0.15 and a2_hi - a2_lo < 0.25  # and say something
+
+
+def test_a_sweep_launches_only_the_runs_that_fit_at_once():
+    from pipeline.config import TrainConfig
+    from pipeline.scaling.sweep import runs_at_once
+
+    assert runs_at_once({"CPU": 2.0}, TrainConfig(num_workers=1)) == 2
+    assert runs_at_once({"CPU": 2.0}, TrainConfig(num_workers=2)) == 1
+    assert runs_at_once({"CPU": 16.0, "GPU": 8.0}, TrainConfig(num_workers=2, use_gpu=True)) == 4
+    assert runs_at_once({"CPU": 1.0}, TrainConfig(num_workers=2)) == 1  # too small still runs them, one by one

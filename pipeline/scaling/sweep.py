@@ -148,14 +148,29 @@ def run_sweep(path: str, workdir: Optional[str] = None) -> str:
     run_pipeline(base, list(STAGES[sweep.stage].deps), workdir)  # the data, once, before the runs that share it
     ensure_ray(base.ray)
     task = ray.remote(num_cpus=0)(run_pipeline)  # a launcher: its Ray Train workers hold the resources
-    pending = {task.remote(config, [sweep.stage], workdir): n for n, config in enumerate(points)}
+    at_once = runs_at_once(ray.cluster_resources(), getattr(base, sweep.stage).train)
+    waiting = list(enumerate(points))
+    pending: dict = {}
     records: list[dict] = [{}] * len(points)
     with progress(len(points), f"sweep {sweep.name}", "run", leave=True) as bar:
-        while pending:
+        while waiting or pending:
+            # Only as many launchers as can train: each waiting one is a Ray Train
+            # controller polling for resources, and on a small machine their polling
+            # and start-up starve the runs that do train.
+            while waiting and len(pending) < at_once:
+                n, config = waiting.pop(0)
+                pending[task.remote(config, [sweep.stage], workdir)] = n
             [ready], _ = ray.wait(list(pending), num_returns=1)
             records[pending.pop(ready)] = ray.get(ready)["stages"][sweep.stage]
             bar.update(1)
     return format_sweep(points, records, sweep.stage)
+
+
+def runs_at_once(cluster: dict[str, float], train) -> int:
+    """How many of a sweep's runs the cluster can train side by side: each takes
+    `num_workers` GPUs (or CPUs, without `use_gpu`)."""
+    unit = "GPU" if train.use_gpu else "CPU"
+    return max(1, int(cluster.get(unit, 0) // train.num_workers))
 
 
 def _base(sweep: SweepConfig, tag: str, overrides: tuple[str, ...] = ()) -> RunConfig:
