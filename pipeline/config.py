@@ -41,8 +41,10 @@ def run_time(default: Any) -> Any:
 def identity_dict(section: Any) -> Any:
     """`section` as plain data without its run-time fields: what a stage's fingerprint hashes."""
     if dataclasses.is_dataclass(section):
-        return {f.name: identity_dict(getattr(section, f.name)) for f in dataclasses.fields(section)
+        kept = {f.name: identity_dict(getattr(section, f.name)) for f in dataclasses.fields(section)
                 if not f.metadata.get("run_time")}
+        derived = getattr(section, "derived_identity", None)  # what run-time fields fix together
+        return {**kept, **(derived() if derived else {})}
     if isinstance(section, (list, tuple)):
         return [identity_dict(v) for v in section]
     if isinstance(section, dict):
@@ -214,20 +216,23 @@ class PatchifyConfig:
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
+    # How the global batch is laid out over workers, micro-batches and accumulation is
+    # run-time (a run resumes at another world size); the global batch itself is part
+    # of the fingerprint (`derived_identity`).
+    num_workers: int = run_time(2)
+    use_gpu: bool = run_time(False)
     zero_stage: int = 2
     offload_optimizer: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
-    micro_batch_size: int = 32
-    grad_accum: int = 1
+    micro_batch_size: int = run_time(32)
+    grad_accum: int = run_time(1)
     max_steps: int = 200
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    log_every: int = 10
+    log_every: int = run_time(10)
     # Validation loss and accuracy every this many steps and at the end (0: never).
     eval_every: int = 0
     eval_samples: int = 512  # validation samples, the first of the validation shards
@@ -252,6 +257,14 @@ class TrainConfig:
     # recomputes in its backward pass: none, full or selective (pipeline/models/recompute.py).
     compile: bool = run_time(False)
     activation_checkpointing: Literal["none", "full", "selective"] = run_time("none")
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, over all workers."""
+        return self.micro_batch_size * self.grad_accum * self.num_workers
+
+    def derived_identity(self) -> dict[str, int]:
+        return {"global_batch": self.global_batch}
 
     def validate(self, key: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

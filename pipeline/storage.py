@@ -86,6 +86,13 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
+def glob(pattern: str) -> list[str]:
+    """Paths matching `pattern`, sorted, in the pattern's own form (a URL stays a URL)."""
+    fs, p = _fs(pattern)
+    found = fs.glob(p)
+    return sorted(found if isinstance(fs, LocalFileSystem) else [fs.unstrip_protocol(f) for f in found])
+
+
 def makedirs(path: str) -> None:
     fs, p = _fs(path)
     fs.makedirs(p, exist_ok=True)

@@ -121,5 +121,12 @@ def test_run_time_settings_leave_the_stage_fingerprint_alone():
     assert of("pretrain_gpt.train.compile=true", "pretrain_gpt.train.activation_checkpointing=selective",
               "pretrain_gpt.train.loader_workers=3", "pretrain_gpt.train.peak_flops_per_worker=1e15") == plain
     assert of("pretrain_gpt.train.lr=2e-3") != plain
+    # the same global batch on fewer workers (a cluster that lost a node) is the same stage;
+    # another global batch is another model
+    smoke = load_config(SMOKE).pretrain_gpt.train
+    assert smoke.num_workers == 2 and smoke.grad_accum == 1
+    assert of("pretrain_gpt.train.num_workers=1", "pretrain_gpt.train.grad_accum=2", "pretrain_gpt.train.log_every=7") == plain
+    assert of("pretrain_gpt.train.num_workers=1", f"pretrain_gpt.train.micro_batch_size={2 * smoke.micro_batch_size}") == plain
+    assert of("pretrain_gpt.train.num_workers=1") != plain
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         of("pretrain_gpt.train.activation_checkpointing=some")

@@ -5,6 +5,8 @@ shifts come from each sample's key and epoch, so they need no saved RNG)."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,8 +59,9 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
 
 
 def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path, zero2_reference):
-    """Stopped at 2 workers, resumed at 1 worker with grad_accum 2: the same global
-    batches, and the final loss of the uninterrupted run to 1e-4 relative.
+    """Stopped at 2 workers, run again at 1 worker with grad_accum 2: it continues from
+    the newest checkpoint with the same global batches, and ends at the uninterrupted
+    run's final loss to 1e-4 relative.
 
     ZeRO-2: DeepSpeed's universal checkpoint restores it exactly enough. Its ZeRO-3
     universal load leaves a drift of ~3e-4 after one step (see launch.prepare_resume)."""
@@ -70,9 +73,17 @@ def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path, zer
         return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"], train,
                               str(tmp_path / f"{name}.safetensors"), resume_from=resume_from)
 
+    # The run directory of a 2-worker run that died after its step-6 checkpoint: the
+    # reference's, copied without its step-12 checkpoint. Run again on 1 worker (what a
+    # user does after losing a node: the stage's fingerprint is the same), `fit` finds
+    # the step-6 checkpoint itself, converts it and continues under a new Ray run name.
+    reference_dir, died = Path(full["checkpoints_by_step"][6]).parents[1], tmp_path / "died"
+    shutil.copytree(reference_dir, died)
+    shutil.rmtree(died / Path(full["checkpoints_by_step"][12]).relative_to(reference_dir))
     one_worker = dataclasses.replace(base, num_workers=1, grad_accum=2)
-    elastic = fit(spec("elastic", one_worker, full["checkpoints_by_step"][6]), str(tmp_path / "elastic"))
+    elastic = fit(spec("elastic", one_worker), str(died))
     assert sorted(elastic["checkpoints_by_step"]) == [12]
+    assert "/ray-1-workers-from-step-6/" in elastic["checkpoint"]
     # The last step's global batch is the same set of samples (digest of its keys)...
     assert elastic["metrics"]["batch_digest"] == full["metrics"]["batch_digest"]
     # ...and training went the same way: same loss, up to float summation order.

@@ -246,6 +246,10 @@ def test_vit_sweep_fit_reads_vit_runs_and_fits_the_saturating_law(tmp_path, caps
         log_training_run(client, experiment, "pretrain_vit", params, images,
                          np.maximum(a * (flops + d) ** -b + c, floor), sweep="vit")
     log_training_run(client, experiment, "pretrain_gpt", 1e5, np.geomspace(1e3, 1e5, 8), np.full(8, 0.001), sweep="vit")
+    # held out: 4x the sweep's largest compute, 3% above the law, and not part of the fit
+    held_images = np.geomspace(4e4, 4e5, 5)
+    log_training_run(client, experiment, "pretrain_vit", 6.4e5, held_images,
+                     1.03 * (a * (6 * 6.4e5 * held_images + d) ** -b + c), sweep="vit-holdout")
 
     assert main(["scaling", "fit", "--stage", "pretrain_vit", "--experiment", "vit", "--sweep", "vit",
                  "--tracking-uri", uri, "--json", "--plots", str(tmp_path / "plots")]) == 0
@@ -255,6 +259,10 @@ def test_vit_sweep_fit_reads_vit_runs_and_fits_the_saturating_law(tmp_path, caps
     # the frontier is a staircase between evaluations, so c and b trade off a little: judge the extrapolation
     beyond = 10 * 6 * 6.4e5 * 1e5
     assert law["a"] * (beyond + law["d"]) ** -law["b"] + law["c"] == pytest.approx(a * (beyond + d) ** -b + c, rel=0.03)
+    [held] = out["holdout"]  # read back as logged, predicted by the fitted law at its own compute
+    truth = a * (held["flops"] + d) ** -b + c
+    assert held["flops"] == pytest.approx(4 * 6 * 6.4e5 * 1e5) and held["measured"] == pytest.approx(1.03 * truth)
+    assert held["predicted"] == pytest.approx(truth, rel=0.03) and held["predicted"] != pytest.approx(held["measured"], rel=1e-3)
     fit_run = client.get_run(out["mlflow_run_id"])
     assert fit_run.data.metrics["saturating_b"] == pytest.approx(law["b"]) and fit_run.data.tags["stage"] == "scaling_fit"
     assert _is_png(open(out["plots"][0], "rb").read())

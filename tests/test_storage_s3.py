@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from localcluster import free_port
@@ -140,9 +141,16 @@ def test_a_checkpoint_in_a_bucket_converts_for_another_world_size(s3_env, zero2_
     local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in (tmp_path / "local").rglob("*") if p.is_file()}
     assert any(name.endswith(".pt") for name in local) and len(local) > 5
     with storage.local_copy(converted) as downloaded:
-        from pathlib import Path
-
         remote_files = {str(p.relative_to(downloaded)): p.read_bytes() for p in Path(downloaded).rglob("*") if p.is_file()}
         assert read_data_state(downloaded) == read_data_state(checkpoint)
     assert remote_files.keys() == local.keys()
     assert [name for name in local if remote_files[name] != local[name]] == []
+
+    # A run directory in the bucket: `fit` finds the newest checkpoint Ray registered there.
+    from pipeline.train.launch import newest_checkpoint
+
+    run_dir = Path(checkpoint).parents[1]
+    storage.upload_tree(str(run_dir), f"s3://{BUCKET}/run-dir")
+    directory, state = newest_checkpoint(f"s3://{BUCKET}/run-dir")
+    assert directory == f"s3://{BUCKET}/run-dir/{Path(full['checkpoints_by_step'][12]).relative_to(run_dir)}"
+    assert state == read_data_state(full["checkpoints_by_step"][12]) and state["step"] == 12

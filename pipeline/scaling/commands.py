@@ -146,15 +146,38 @@ def _holdout(result: ChinchillaFit, experiment: str, tracking_uri: Optional[str]
             for r in runs]
 
 
+def vit_law(experiment: str, tracking_uri: Optional[str], sweep: Optional[str]):
+    """A ViT sweep's runs, the compute frontier of their validation curves, and Zhai et
+    al.'s saturating law fitted to it."""
+    runs = read_runs(experiment, tracking_uri, stage="pretrain_vit", sweep=sweep)
+    grid, frontier = laws.compute_frontier([r.curve for r in runs])
+    return runs, (grid, frontier), laws.fit_saturating(grid, frontier)
+
+
+def vit_holdout(law: laws.SaturatingFit, experiment: str, tracking_uri: Optional[str], sweep: str) -> list[dict]:
+    """The ViT sweep's held-out runs (tagged `<sweep>-holdout`): final validation loss
+    against the frontier law at the run's training compute."""
+    try:
+        runs = read_runs(experiment, tracking_uri, stage="pretrain_vit", sweep=f"{sweep}-holdout")
+    except FitError:
+        return []
+    return [{"params": r.params, "images": r.tokens, "flops": r.flops, "measured": r.val_loss,
+             "predicted": float(law.error(r.flops))} for r in runs]
+
+
 def fit_vit_command(experiment: str, tracking_uri: Optional[str], sweep: Optional[str], as_json: bool,
                     plots: Optional[str] = None) -> str:
     """Zhai et al.'s saturating law on the compute frontier of a ViT sweep's validation curves."""
-    runs = read_runs(experiment, tracking_uri, stage="pretrain_vit", sweep=sweep)
-    grid, frontier = laws.compute_frontier([r.curve for r in runs])
-    law = laws.fit_saturating(grid, frontier)
+    runs, (grid, frontier), law = vit_law(experiment, tracking_uri, sweep)
     out = {"saturating": {"a": law.a, "b": law.b, "c": law.c, "d": law.d}}
     lines = _runs_table(runs, "pretrain_vit") + ["", f"Zhai's saturating law on the compute frontier of {len(runs)} ViT runs: "
                                                 f"L(C) = {law.a:.4g}·(C + {law.d:.3g})^-{law.b:.4f} + {law.c:.4g}"]
+    holdout = vit_holdout(law, experiment, tracking_uri, sweep) if sweep else []
+    if holdout:
+        out["holdout"] = holdout
+        lines += [f"held-out run: N = {h['params']:,}, {h['images']:,.0f} images, C = {h['flops']:.3g} FLOPs: "
+                  f"predicted {h['predicted']:.4f}, measured {h['measured']:.4f} "
+                  f"({100 * (h['predicted'] / h['measured'] - 1):+.1f}%)" for h in holdout]
     pngs = {}
     if plots or experiment:
         from pipeline.scaling import plots as draw

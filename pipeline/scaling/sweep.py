@@ -189,11 +189,11 @@ def run_holdout(path: str, workdir: Optional[str] = None, bootstrap: int = 200) 
     sweep = load_sweep(path)
     if sweep.holdout is None:
         raise ConfigError(f"{path} has no holdout: add holdout: {{size: {{...}}, budget: N}}")
-    if sweep.stage != "pretrain_gpt":
-        raise ConfigError(f"holdout checks predict with Chinchilla's L(N, D): stage must be pretrain_gpt, got {sweep.stage}")
     base = _base(sweep, f"{sweep.name}-holdout", tuple(sweep.holdout.overrides))
     config = point_config(base, sweep, sweep.holdout.size, sweep.holdout.budget)
     summary = run_pipeline(config, [sweep.stage], workdir or base.workdir)
+    if sweep.stage == "pretrain_vit":
+        return _vit_holdout_line(sweep, summary["tracking_uri"])
     record = summary["stages"][sweep.stage]
     params = float(record["params"][Param.PARAMS_NON_EMBEDDING])
     tokens = float(config.pretrain_gpt.train.max_steps * samples_per_step(config, sweep.stage))
@@ -204,6 +204,19 @@ def run_holdout(path: str, workdir: Optional[str] = None, bootstrap: int = 200) 
     return (f"held-out run: N = {params:,.0f}, D = {tokens:,.0f} tokens, C = {6 * params * tokens:.3g} FLOPs\n"
             f"  predicted {predicted['loss']:.4f} (95% interval {predicted['ci95'][0]:.4f} .. {predicted['ci95'][1]:.4f}), "
             f"measured {actual:.4f}: {100 * error:+.1f}%")
+
+
+def _vit_holdout_line(sweep: SweepConfig, tracking_uri: str) -> str:
+    """A ViT has no L(N, D) to predict with: its held-out run is checked against Zhai's
+    law on the sweep's compute frontier, at the run's own training compute."""
+    from pipeline.scaling.commands import vit_holdout, vit_law
+
+    _, _, law = vit_law(sweep.experiment, tracking_uri, sweep.name)
+    [run] = vit_holdout(law, sweep.experiment, tracking_uri, sweep.name)[-1:]
+    error = run["predicted"] / run["measured"] - 1
+    return (f"held-out run: N = {run['params']:,}, {run['images']:,.0f} images, C = {run['flops']:.3g} FLOPs\n"
+            f"  predicted {run['predicted']:.4f} (Zhai's law on the sweep's frontier), measured {run['measured']:.4f}: "
+            f"{100 * error:+.1f}%")
 
 
 def format_sweep(points: list[RunConfig], records: list[dict[str, Any]], stage: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Optional
 
 from pipeline import storage
 from pipeline.train import checkpoint as ckpt
@@ -63,19 +63,66 @@ def prepare_resume(spec: TrainSpec, run_dir: str) -> TrainSpec:
         # step's loss drifts ~3e-4 relative from an uninterrupted run; from ZeRO-2 it matched.
         print(f"warning: resuming a ZeRO-3 checkpoint at world size {spec.train.num_workers} "
               f"(saved at {state['world_size']}): DeepSpeed's universal load is close, not exact", flush=True)
-    target = storage.join(storage.absolute(run_dir), f"universal-from-world-size-{state['world_size']}")
+    target = storage.join(storage.absolute(run_dir), f"universal-from-world-size-{state['world_size']}-step-{state['step']}")
     ray.get(ray.remote(num_cpus=1)(_to_universal).remote(spec.resume_from, target))
     deepspeed = {**spec.deepspeed, "checkpoint": {"load_universal": True}}
     return dataclasses.replace(spec, resume_from=target, deepspeed=deepspeed)
 
 
+RAY_RUN = "ray"  # Ray Train's run name inside a run directory, for a run's first world size
+
+
+# Ray Train's record, per run name, of the checkpoints it registered: those every rank
+# finished uploading (a rank's upload cut short leaves a folder Ray never registered).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def newest_checkpoint(run_dir: str) -> Optional[tuple[str, dict]]:
+    """The latest complete checkpoint any earlier attempt of this run reported (under
+    every Ray run name in `run_dir`), with its data state; None before the first."""
+    found = []
+    for snapshot in storage.glob(storage.join(storage.absolute(run_dir), "*", RAY_SNAPSHOT)):
+        run = snapshot[: -len(RAY_SNAPSHOT) - 1]
+        for result in storage.read_json(snapshot).get("checkpoint_results", []):
+            directory = storage.join(run, result["checkpoint_dir_name"])
+            if storage.exists(storage.join(directory, ckpt.DATA_STATE)):
+                found.append((ckpt.read_data_state(directory)["step"], directory))
+    if not found:
+        return None
+    _, directory = max(found)
+    return directory, ckpt.read_data_state(directory)
+
+
+def continue_run(spec: TrainSpec, run_dir: str) -> tuple[TrainSpec, str]:
+    """The spec and Ray run name that continue whatever this run directory holds.
+
+    Ray restores a run of the same name by itself, at the world size it was saved at.
+    When the newest checkpoint was written at another world size (the cluster lost or
+    gained nodes and the stage was run again with another `num_workers`, which leaves
+    its fingerprint unchanged), the run continues under a new name from that
+    checkpoint, converted to DeepSpeed's universal format by `prepare_resume`.
+    """
+    if spec.resume_from:
+        return prepare_resume(spec, run_dir), RAY_RUN
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        return spec, RAY_RUN
+    directory, state = newest
+    if state["world_size"] == spec.train.num_workers:
+        return spec, storage.relative(storage.absolute(run_dir), directory).split("/")[0]
+    print(f"continuing from step {state['step']} ({directory}), saved at world size {state['world_size']}, "
+          f"on {spec.train.num_workers} workers", flush=True)
+    name = f"{RAY_RUN}-{spec.train.num_workers}-workers-from-step-{state['step']}"
+    return prepare_resume(dataclasses.replace(spec, resume_from=directory), run_dir), name
+
+
 def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
-    """Train under Ray; return the checkpoint path and the last reported metrics."""
+    """Train under Ray, continuing from what `run_dir` holds (`continue_run`); return the
+    checkpoint path and the last reported metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if spec.resume_from:
-        spec = prepare_resume(spec, run_dir)
+    spec, ray_run = continue_run(spec, run_dir)
     train = spec.train
     run_dir = storage.absolute(run_dir)
     spec = dataclasses.replace(spec, stop_file=storage.join(run_dir, preemption.STOP_FILE))
@@ -86,7 +133,7 @@ def fit(spec: TrainSpec, run_dir: str) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=RunConfig(
-            name="ray",
+            name=ray_run,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=train.max_failures),
