@@ -33,8 +33,8 @@ def _require_positive(section: Any, key: str, *names: str) -> None:
 
 def run_time(default: Any) -> Any:
     """A field that says how a run executes, not what it computes (compilation,
-    recomputation, loader processes, retries): it is left out of the stage's
-    fingerprint, so changing it reuses or resumes the same stage."""
+    recomputation, loader processes, retries, the batch's layout over workers): it is
+    left out of the stage's fingerprint, so changing it reuses or resumes the same stage."""
     return field(default=default, metadata={"run_time": True})
 
 

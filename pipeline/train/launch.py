@@ -1,7 +1,9 @@
 """Driver side of training: a Ray Train `TorchTrainer` around `train_worker`.
 
-Before workers start, an explicit resume is checked against this run's data
-(fingerprint, global batch), so a mismatch fails in seconds with a clear line.
+A run directory that already holds checkpoints (a stage run again after a crash,
+a preemption or the loss of a node) continues from the newest one (`continue_run`).
+Before workers start, a resume is checked against this run's data (fingerprint,
+global batch), so a mismatch fails in seconds with a clear line.
 A checkpoint written at another world size is first converted to DeepSpeed's
 universal format (in a Ray task, not on the driver), which any world size loads; one
 in a bucket is downloaded for the conversion, and the conversion uploaded beside the run.
