@@ -161,7 +161,7 @@ def vit_holdout(law: laws.SaturatingFit, experiment: str, tracking_uri: Optional
         runs = read_runs(experiment, tracking_uri, stage="pretrain_vit", sweep=f"{sweep}-holdout")
     except FitError:
         return []
-    return [{"params": r.params, "images": r.tokens, "flops": r.flops, "measured": r.val_loss,
+    return [{"run_id": r.run_id, "params": r.params, "images": r.tokens, "flops": r.flops, "measured": r.val_loss,
              "predicted": float(law.error(r.flops))} for r in runs]
 
 

@@ -193,7 +193,7 @@ def run_holdout(path: str, workdir: Optional[str] = None, bootstrap: int = 200) 
     config = point_config(base, sweep, sweep.holdout.size, sweep.holdout.budget)
     summary = run_pipeline(config, [sweep.stage], workdir or base.workdir)
     if sweep.stage == "pretrain_vit":
-        return _vit_holdout_line(sweep, summary["tracking_uri"])
+        return _vit_holdout_line(sweep, summary["tracking_uri"], summary["stages"][sweep.stage]["mlflow_run_id"])
     record = summary["stages"][sweep.stage]
     params = float(record["params"][Param.PARAMS_NON_EMBEDDING])
     tokens = float(config.pretrain_gpt.train.max_steps * samples_per_step(config, sweep.stage))
@@ -206,13 +206,14 @@ def run_holdout(path: str, workdir: Optional[str] = None, bootstrap: int = 200) 
             f"measured {actual:.4f}: {100 * error:+.1f}%")
 
 
-def _vit_holdout_line(sweep: SweepConfig, tracking_uri: str) -> str:
-    """A ViT has no L(N, D) to predict with: its held-out run is checked against Zhai's
-    law on the sweep's compute frontier, at the run's own training compute."""
+def _vit_holdout_line(sweep: SweepConfig, tracking_uri: str, run_id: str) -> str:
+    """A ViT has no L(N, D) to predict with: its held-out run (MLflow `run_id`) is
+    checked against Zhai's law on the sweep's compute frontier, at the run's own
+    training compute."""
     from pipeline.scaling.commands import vit_holdout, vit_law
 
     _, _, law = vit_law(sweep.experiment, tracking_uri, sweep.name)
-    [run] = vit_holdout(law, sweep.experiment, tracking_uri, sweep.name)[-1:]
+    [run] = [r for r in vit_holdout(law, sweep.experiment, tracking_uri, sweep.name) if r["run_id"] == run_id]
     error = run["predicted"] / run["measured"] - 1
     return (f"held-out run: N = {run['params']:,}, {run['images']:,.0f} images, C = {run['flops']:.3g} FLOPs\n"
             f"  predicted {run['predicted']:.4f} (Zhai's law on the sweep's frontier), measured {run['measured']:.4f}: "
