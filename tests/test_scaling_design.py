@@ -11,11 +11,11 @@ import pytest
 from test_scaling import TRUE, true_loss
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, TransformerConfig
+from pipeline.config import ConfigError, TrainConfig, TransformerConfig
 from pipeline.scaling.chinchilla import FitError, compute_optimal
 from pipeline.scaling.design import MIN_STEPS, design, ratio_prior
 from pipeline.scaling.laws import isoflop_profiles
-from pipeline.scaling.sweep import load_sweep
+from pipeline.scaling.sweep import load_sweep, runs_at_once
 
 TEMPLATE = "configs/scaling/gpt-cpu.yaml"
 
@@ -128,9 +128,6 @@ def test_on_a_noisy_designed_sweep_both_approaches_agree_within_their_intervals(
 
 
 def test_a_sweep_launches_only_the_runs_that_fit_at_once():
-    from pipeline.config import TrainConfig
-    from pipeline.scaling.sweep import runs_at_once
-
     assert runs_at_once({"CPU": 2.0}, TrainConfig(num_workers=1)) == 2
     assert runs_at_once({"CPU": 2.0}, TrainConfig(num_workers=2)) == 1
     assert runs_at_once({"CPU": 16.0, "GPU": 8.0}, TrainConfig(num_workers=2, use_gpu=True)) == 4
