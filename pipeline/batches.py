@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data import shards
-from pipeline.data.order import BatchLayout, DataOrderError, batch_digest, split_global_batch
+from pipeline.data.order import DataOrderError, batch_digest, split_global_batch
 from pipeline.train.data import TrainingData
 
 def parse_steps(text: str) -> range:
@@ -39,9 +39,8 @@ def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[i
     kind = trained[stage]
     train = kind.section(config).train
     world = world_size or train.num_workers
-    global_batch = BatchLayout(train.micro_batch_size, train.grad_accum, train.num_workers).global_batch
     try:
-        layout = split_global_batch(global_batch, world, train.micro_batch_size)
+        layout = split_global_batch(train.global_batch, world, train.micro_batch_size)
     except DataOrderError as e:
         raise ConfigError(f"--world-size {world}: {e}") from None
 

@@ -136,14 +136,18 @@ def fit_command(points: Optional[str], experiment: Optional[str], tracking_uri: 
     return _publish(out, lines, pngs, plots, experiment, tracking_uri, sweep, as_json, report)
 
 
-def _holdout(result: ChinchillaFit, experiment: str, tracking_uri: Optional[str], sweep: str) -> list[dict]:
-    """The sweep's held-out runs (tagged `<sweep>-holdout`), each against the law."""
+def _held_out_runs(experiment: str, tracking_uri: Optional[str], sweep: str, stage: str) -> list[TrainingRun]:
+    """The sweep's held-out runs (tagged `<sweep>-holdout`, so no fit reads them); none yet is no error."""
     try:
-        runs = read_runs(experiment, tracking_uri, sweep=f"{sweep}-holdout")
+        return read_runs(experiment, tracking_uri, stage=stage, sweep=f"{sweep}-holdout")
     except FitError:
         return []
+
+
+def _holdout(result: ChinchillaFit, experiment: str, tracking_uri: Optional[str], sweep: str) -> list[dict]:
+    """The GPT sweep's held-out runs, each against the law."""
     return [{"params": r.params, "tokens": r.tokens, "measured": r.val_loss, "predicted": float(result.loss(r.params, r.tokens))}
-            for r in runs]
+            for r in _held_out_runs(experiment, tracking_uri, sweep, "pretrain_gpt")]
 
 
 def vit_law(experiment: str, tracking_uri: Optional[str], sweep: Optional[str]):
@@ -155,14 +159,10 @@ def vit_law(experiment: str, tracking_uri: Optional[str], sweep: Optional[str]):
 
 
 def vit_holdout(law: laws.SaturatingFit, experiment: str, tracking_uri: Optional[str], sweep: str) -> list[dict]:
-    """The ViT sweep's held-out runs (tagged `<sweep>-holdout`): final validation loss
-    against the frontier law at the run's training compute."""
-    try:
-        runs = read_runs(experiment, tracking_uri, stage="pretrain_vit", sweep=f"{sweep}-holdout")
-    except FitError:
-        return []
+    """The ViT sweep's held-out runs: final validation loss against the frontier law at
+    the run's training compute."""
     return [{"run_id": r.run_id, "params": r.params, "images": r.tokens, "flops": r.flops, "measured": r.val_loss,
-             "predicted": float(law.error(r.flops))} for r in runs]
+             "predicted": float(law.error(r.flops))} for r in _held_out_runs(experiment, tracking_uri, sweep, "pretrain_vit")]
 
 
 def fit_vit_command(experiment: str, tracking_uri: Optional[str], sweep: Optional[str], as_json: bool,

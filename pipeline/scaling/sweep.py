@@ -114,7 +114,7 @@ def samples_per_step(config: RunConfig, stage: str) -> int:
     """Tokens (GPT) or images (ViT) one optimizer step consumes."""
     kind = by_stage()[stage]
     train = kind.section(config).train
-    return int(train.micro_batch_size * train.grad_accum * train.num_workers * kind.planned_units_per_sample(config))
+    return int(train.global_batch * kind.planned_units_per_sample(config))
 
 
 def point_config(base: RunConfig, sweep: SweepConfig, size: TransformerConfig, budget: int) -> RunConfig:

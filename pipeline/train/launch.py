@@ -82,17 +82,17 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 def newest_checkpoint(run_dir: str) -> Optional[tuple[str, dict]]:
     """The latest complete checkpoint any earlier attempt of this run reported (under
     every Ray run name in `run_dir`), with its data state; None before the first."""
-    found = []
+    states = {}  # checkpoint directory -> its data state, for those still there
     for snapshot in storage.glob(storage.join(storage.absolute(run_dir), "*", RAY_SNAPSHOT)):
         run = snapshot[: -len(RAY_SNAPSHOT) - 1]
         for result in storage.read_json(snapshot).get("checkpoint_results", []):
             directory = storage.join(run, result["checkpoint_dir_name"])
             if storage.exists(storage.join(directory, ckpt.DATA_STATE)):
-                found.append((ckpt.read_data_state(directory)["step"], directory))
-    if not found:
+                states[directory] = ckpt.read_data_state(directory)
+    if not states:
         return None
-    _, directory = max(found)
-    return directory, ckpt.read_data_state(directory)
+    newest = max(states, key=lambda directory: (states[directory]["step"], directory))
+    return newest, states[newest]
 
 
 def continue_run(spec: TrainSpec, run_dir: str) -> tuple[TrainSpec, str]:
