@@ -131,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("images", nargs="+", metavar="IMAGE", help="grid images (PNG)")
     read.add_argument("--json", action="store_true", help='one JSON object per image: {"image": PATH, "rows": ["37", "_1"]}')
     read.add_argument("--batch-size", type=int, default=64, help="images decoded at once (default 64)")
+    compose = sub.add_parser("compose", help="a grid image of chosen text, from a split's real digits (for predict)",
+                             description="Write a grid image (PNG, the convention predict reads) whose rows read "
+                                         "ROW ...: a digit or '_' (blank) per cell, each digit cell a different digit "
+                                         "of that class from DIGITS, a split's digit shards as the shard stage wrote "
+                                         "them (the run summary's stages.shard.outputs.mnist_test, for instance).")
+    compose.add_argument("--digits", required=True, metavar="DIR", help="a split's digit shards (<shard stage>/mnist/test)")
+    compose.add_argument("--out", required=True, metavar="PNG", help="the image to write; must not exist")
+    compose.add_argument("--times", type=int, default=1, help="repeat the rows this many times (default 1)")
+    compose.add_argument("--skip", type=int, default=0, help="start each class this many digits in (default 0)")
+    compose.add_argument("rows", nargs="+", metavar="ROW", help="a row's text: digits and '_', e.g. 0123456789")
     report = sub.add_parser("report", help="the latest pipeline run's stages and metrics, or two runs compared, from MLflow",
                             description="Read the tracking store: the latest pipeline run of an experiment as a table "
                                         "of stages (status, seconds, headline metrics; a cached stage shows the run that "
@@ -177,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        from pipeline.compose import ComposeError
         from pipeline.export import ExportError
         from pipeline.predict import ImageError
         from pipeline.report import ReportError
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, ConfigError):
             print(f"config error: {e}", file=sys.stderr)
-        elif isinstance(e, (ImageError, CheckpointError, ExportError, ReportError)):
+        elif isinstance(e, (ImageError, CheckpointError, ExportError, ReportError, ComposeError)):
             print(f"{argv[0] if argv else 'pipeline'}: {e}", file=sys.stderr)
         elif isinstance(e, FitError):
             print(f"scaling: {e}", file=sys.stderr)
@@ -212,7 +223,7 @@ def _main(argv: list[str]) -> int:
     # Overrides may come after the options too (`run CFG --workdir W a.b=1`): argparse
     # leaves those in `extra`.
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("scaling", "predict", "export", "report", "ui") and extra:
+    if args.command in ("scaling", "predict", "compose", "export", "report", "ui") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "scaling":
         return _scaling(args, ray_was_up)
@@ -220,6 +231,11 @@ def _main(argv: list[str]) -> int:
         from pipeline.predict import predict_command
 
         print(predict_command(args.checkpoint, args.images, args.json, args.batch_size))
+        return 0
+    if args.command == "compose":
+        from pipeline.compose import compose_command
+
+        print(compose_command(args.digits, args.rows * args.times, args.out, args.skip))
         return 0
     if args.command == "report":
         from pipeline import report

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from pipeline.compose import ComposeError, compose
 from pipeline.config import TrainConfig, load_config
 from pipeline.evaluate import unigram_entropy
 from pipeline.models.captioner import decode_ids
@@ -58,6 +59,21 @@ def test_stray_special_tokens_are_written_not_dropped():
     assert decode_ids([*ids[:3], BOS, *ids[3:]]) == f"12\n{STRAY}34"
     assert decode_ids([*ids, PAD, PAD]) == "12\n34"  # padding after EOS is not text
     assert decode_ids(ids[:-1]) == "12\n34" and EOS not in ids[:-1]  # cut off before EOS: what was written
+
+
+def test_compose_draws_each_cell_from_its_class_and_never_reuses_a_digit():
+    labels = np.array([3, 1, 3, 0, 1, 3, 0])
+    images = (np.arange(len(labels), dtype=np.uint8) + 1)[:, None, None] * np.ones((1, 28, 28), np.uint8)  # digit i is all i+1
+    picture, used = compose(images, labels, ["31_", "303"])
+    assert picture.shape == (56, 84)
+    assert [labels[i] for i in used] == [3, 1, 3, 0, 3] and len(set(used)) == 5  # class order, each digit once
+    cells = picture.reshape(2, 28, 3, 28).transpose(0, 2, 1, 3)
+    assert [int(c.max()) for c in cells.reshape(6, 28, 28)] == [1, 2, 0, 3, 4, 6]  # blank stays dark
+    assert compose(images, labels, ["3"], skip=1)[1] == [2]
+    with pytest.raises(ComposeError, match="holds 3 digits of class 3"):
+        compose(images, labels, ["3333"])
+    with pytest.raises(ComposeError, match="a grid is a rectangle"):
+        compose(images, labels, ["31", "3"])
 
 
 def test_unigram_entropy():

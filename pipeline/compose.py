@@ -1,0 +1,74 @@
+"""`pipeline compose`: a grid image of chosen text, drawn from one split's digit shards.
+
+The picture a person hands to `pipeline predict` to see the captioner read something
+they chose: row by row, a digit or `_` (blank) per cell, each digit cell a different
+real digit of that class from the split (the split's digits in shard order; `--skip N`
+starts each class N digits in). The image follows the grid convention `predict` reads.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.geometry import BLANK, CELL
+from pipeline.models.captioner import MAX_GRID
+
+
+class ComposeError(ValueError):
+    """Text that no grid image can show, or a split without enough digits for it."""
+
+
+def check_rows(rows: list[str]) -> None:
+    if not rows or len(rows) > MAX_GRID:
+        raise ComposeError(f"{len(rows)} rows; a grid has 1 to {MAX_GRID}")
+    for n, row in enumerate(rows, 1):
+        if not 1 <= len(row) <= MAX_GRID:
+            raise ComposeError(f"row {n} {row!r} has {len(row)} cells; a row has 1 to {MAX_GRID}")
+        if len(row) != len(rows[0]):
+            raise ComposeError(f"row {n} {row!r} has {len(row)} cells, row 1 has {len(rows[0])}; a grid is a rectangle")
+        wrong = sorted(set(row) - set("0123456789" + BLANK))
+        if wrong:
+            raise ComposeError(f"row {n} {row!r}: {wrong[0]!r} is not a digit or {BLANK!r}")
+
+
+def compose(images: np.ndarray, labels: np.ndarray, rows: list[str], skip: int = 0) -> tuple[np.ndarray, list[int]]:
+    """(28R, 28C) uint8 pixels showing `rows`, and the index into `images` of each
+    digit cell, row-major. No digit is used twice."""
+    check_rows(rows)
+    by_class = {d: np.flatnonzero(labels == d) for d in range(10)}
+    taken = {d: skip for d in range(10)}
+    picture = np.zeros((len(rows) * CELL, len(rows[0]) * CELL), dtype=np.uint8)
+    used = []
+    for r, row in enumerate(rows):
+        for c, char in enumerate(row):
+            if char == BLANK:
+                continue
+            d = int(char)
+            if taken[d] >= len(by_class[d]):
+                raise ComposeError(f"the split holds {len(by_class[d])} digits of class {d}; "
+                                   f"this grid needs {taken[d] + 1 - skip} from digit {skip} on")
+            index = int(by_class[d][taken[d]])
+            taken[d] += 1
+            picture[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL] = images[index]
+            used.append(index)
+    return picture, used
+
+
+def compose_command(digits_dir: str, rows: list[str], out: str, skip: int = 0) -> str:
+    from PIL import Image
+
+    from pipeline.data.sources import load_digit_shards
+
+    check_rows(rows)  # before reading any shard
+    if os.path.exists(out):
+        raise ComposeError(f"{out} exists; compose writes a new image")
+    images, labels, _ = load_digit_shards(digits_dir)
+    picture, used = compose(images, labels, rows, skip)
+    buffer = io.BytesIO()
+    Image.fromarray(picture, mode="L").save(buffer, format="PNG")
+    storage.write_bytes_atomic(out, buffer.getvalue())
+    return f"{out}: a {len(rows)}x{len(rows[0])} grid of {len(used)} digits from {digits_dir}"
