@@ -14,7 +14,8 @@ import os
 import numpy as np
 
 from pipeline import storage
-from pipeline.geometry import BLANK, CELL
+from pipeline.data.sources import compose_grid, load_digit_shards
+from pipeline.geometry import BLANK
 from pipeline.models.captioner import MAX_GRID
 
 
@@ -41,27 +42,22 @@ def compose(images: np.ndarray, labels: np.ndarray, rows: list[str], skip: int =
     check_rows(rows)
     by_class = {d: np.flatnonzero(labels == d) for d in range(10)}
     taken = {d: skip for d in range(10)}
-    picture = np.zeros((len(rows) * CELL, len(rows[0]) * CELL), dtype=np.uint8)
-    used = []
-    for r, row in enumerate(rows):
-        for c, char in enumerate(row):
-            if char == BLANK:
-                continue
-            d = int(char)
-            if taken[d] >= len(by_class[d]):
-                raise ComposeError(f"the split holds {len(by_class[d])} digits of class {d}; "
-                                   f"this grid needs {taken[d] + 1 - skip} from digit {skip} on")
-            index = int(by_class[d][taken[d]])
-            taken[d] += 1
-            picture[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL] = images[index]
-            used.append(index)
-    return picture, used
+    blank = np.array([[char == BLANK for char in row] for row in rows])
+    index = np.zeros(blank.shape, dtype=np.int64)
+    for (r, c), char in np.ndenumerate(np.array([list(row) for row in rows])):
+        if char == BLANK:
+            continue
+        d = int(char)
+        if taken[d] >= len(by_class[d]):
+            raise ComposeError(f"the split holds {len(by_class[d])} digits of class {d}; "
+                               f"this grid needs {taken[d] + 1 - skip} from digit {skip} on")
+        index[r, c] = by_class[d][taken[d]]
+        taken[d] += 1
+    return compose_grid(images[index], blank), [int(i) for i in index[~blank]]
 
 
 def compose_command(digits_dir: str, rows: list[str], out: str, skip: int = 0) -> str:
     from PIL import Image
-
-    from pipeline.data.sources import load_digit_shards
 
     check_rows(rows)  # before reading any shard
     if os.path.exists(out):
