@@ -40,6 +40,8 @@ def compose(images: np.ndarray, labels: np.ndarray, rows: list[str], skip: int =
     """(28R, 28C) uint8 pixels showing `rows`, and the index into `images` of each
     digit cell, row-major. No digit is used twice."""
     check_rows(rows)
+    if skip < 0:
+        raise ComposeError(f"--skip {skip}: the digits to skip of each class is a count, >= 0")
     by_class = {d: np.flatnonzero(labels == d) for d in range(10)}
     taken = {d: skip for d in range(10)}
     blank = np.array([[char == BLANK for char in row] for row in rows])

@@ -72,6 +72,8 @@ def test_compose_draws_each_cell_from_its_class_and_never_reuses_a_digit():
     assert compose(images, labels, ["3"], skip=1)[1] == [2]
     with pytest.raises(ComposeError, match="holds 3 digits of class 3"):
         compose(images, labels, ["3333"])
+    with pytest.raises(ComposeError, match="--skip -1"):
+        compose(images, labels, ["3"], skip=-1)
     with pytest.raises(ComposeError, match="a grid is a rectangle"):
         compose(images, labels, ["31", "3"])
 
