@@ -23,7 +23,9 @@ class ComposeError(ValueError):
     """Text that no grid image can show, or a split without enough digits for it."""
 
 
-def check_rows(rows: list[str]) -> None:
+def check_request(rows: list[str], skip: int = 0) -> None:
+    if skip < 0:
+        raise ComposeError(f"--skip {skip}: the digits to skip of each class is a count, >= 0")
     if not rows or len(rows) > MAX_GRID:
         raise ComposeError(f"{len(rows)} rows; a grid has 1 to {MAX_GRID}")
     for n, row in enumerate(rows, 1):
@@ -39,9 +41,7 @@ def check_rows(rows: list[str]) -> None:
 def compose(images: np.ndarray, labels: np.ndarray, rows: list[str], skip: int = 0) -> tuple[np.ndarray, list[int]]:
     """(28R, 28C) uint8 pixels showing `rows`, and the index into `images` of each
     digit cell, row-major. No digit is used twice."""
-    check_rows(rows)
-    if skip < 0:
-        raise ComposeError(f"--skip {skip}: the digits to skip of each class is a count, >= 0")
+    check_request(rows, skip)
     by_class = {d: np.flatnonzero(labels == d) for d in range(10)}
     taken = {d: skip for d in range(10)}
     blank = np.array([[char == BLANK for char in row] for row in rows])
@@ -61,7 +61,7 @@ def compose(images: np.ndarray, labels: np.ndarray, rows: list[str], skip: int =
 def compose_command(digits_dir: str, rows: list[str], out: str, skip: int = 0) -> str:
     from PIL import Image
 
-    check_rows(rows)  # before reading any shard
+    check_request(rows, skip)  # before reading any shard
     if os.path.exists(out):
         raise ComposeError(f"{out} exists; compose writes a new image")
     images, labels, _ = load_digit_shards(digits_dir)
