@@ -8,12 +8,12 @@ starts each class N digits in). The image follows the grid convention `predict` 
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 
 from pipeline import storage
+from pipeline.data.shards import encode_png
 from pipeline.data.sources import compose_grid, load_digit_shards
 from pipeline.geometry import BLANK
 from pipeline.models.captioner import MAX_GRID
@@ -59,14 +59,10 @@ def compose(images: np.ndarray, labels: np.ndarray, rows: list[str], skip: int =
 
 
 def compose_command(digits_dir: str, rows: list[str], out: str, skip: int = 0) -> str:
-    from PIL import Image
-
     check_request(rows, skip)  # before reading any shard
     if os.path.exists(out):
         raise ComposeError(f"{out} exists; compose writes a new image")
     images, labels, _ = load_digit_shards(digits_dir)
     picture, used = compose(images, labels, rows, skip)
-    buffer = io.BytesIO()
-    Image.fromarray(picture, mode="L").save(buffer, format="PNG")
-    storage.write_bytes_atomic(out, buffer.getvalue())
+    storage.write_bytes_atomic(out, encode_png(picture))
     return f"{out}: a {len(rows)}x{len(rows[0])} grid of {len(used)} digits from {digits_dir}"

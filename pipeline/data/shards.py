@@ -28,15 +28,20 @@ class ShardFormatError(ValueError):
     """A shard or manifest is missing, corrupt, or holds a disallowed member."""
 
 
+def encode_png(image) -> bytes:
+    """A uint8 grey (H, W) or colour (H, W, C) array as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _encode(ext: str, value: Any) -> bytes:
     if ext == "npy":
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
         return buf.getvalue()
     if ext == "png":
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(value, dtype=np.uint8)).save(buf, format="PNG")
-        return buf.getvalue()
+        return encode_png(value)
     if ext == "txt":
         return str(value).encode("utf-8")
     if ext == "json":
