@@ -9,11 +9,13 @@ WORKDIR ?= runs/smoke
 .PHONY: setup smoke digits test test-fast bench browser
 
 # torch is pinned and installed first: a bare `torch` requirement would pull
-# several GB of CUDA wheels instead of the CPU build.
+# several GB of CUDA wheels instead of the CPU build. The rest goes through uv, which
+# keeps the torch already there and resolves the same versions as pip: 54 s on a fresh
+# clone here against pip's 4 min 8 s (2026-11-28).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev,hf]"
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 uv
+	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -e ".[dev,hf]"
 	touch $@
 
 setup: $(VENV)/.installed

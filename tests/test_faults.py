@@ -39,7 +39,6 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_ends_exactly(run_tiny
         return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"], train,
                               str(tmp_path / f"{name}.safetensors"), hang_at_step=hang_at_step)
 
-
     # The last rank stops at step 9 (after the step-6 checkpoint) until killed: a run that
     # restarted from scratch instead of from the checkpoint would stop there again and time out.
     result: dict = {}
@@ -60,7 +59,7 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_ends_exactly(run_tiny
     finally:
         for pid in _alive_train_workers() if runner.is_alive() else []:
             os.kill(pid, signal.SIGKILL)
-    assert sorted(result["checkpoints_by_step"]) == [6, 12]
+    assert sorted(result["checkpoints_by_step"]) == [6, 12] and result["metrics"]["started_at"] == 6
     assert not set(victims) & set(_alive_train_workers())
     _assert_same_weights(full_weights, tmp_path / "killed.safetensors")
 

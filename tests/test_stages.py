@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import VENV_BIN
 
 from pipeline import storage
 from pipeline.config import ConfigError
@@ -260,6 +263,43 @@ def test_evaluate(run_tiny):
     assert both["gpt_val_loss"] == pytest.approx(metrics["gpt_val_loss"], rel=1e-5)
     with pytest.raises(ConfigError, match="evaluate.num_cpus is 3 but the Ray cluster has 2 CPUs"):
         run_tiny(["evaluate_gpt"], "evaluate.num_cpus=3")
+
+
+def test_a_changed_stage_reruns_with_what_depends_on_it_and_report_reads_both_runs(run_tiny, tiny_workdir):
+    """A change to the fine-tune's config re-runs the fine-tune and the evaluation that reads
+    it, nothing upstream. `pipeline report`: the latest run's table, cached stages with their
+    producer's numbers; `--compare`: the config key and the metrics that differ, nothing else."""
+    from pipeline.runner import PIPELINE_ORDER
+
+    first = run_tiny(PIPELINE_ORDER)
+    changed = run_tiny(PIPELINE_ORDER, "finetune.train.max_steps=7")  # 7: no other test trains it
+    ran = {"finetune", "evaluate"}
+    assert {name: s["status"] for name, s in changed["stages"].items()} == {
+        name: "ran" if name in ran else "cached" for name in PIPELINE_ORDER}
+    assert changed["stages"]["finetune"]["outputs"]["checkpoint"] != first["stages"]["finetune"]["outputs"]["checkpoint"]
+
+    def report(*args):
+        done = subprocess.run([str(VENV_BIN / "pipeline"), "report", "--workdir", tiny_workdir, *args],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    table = report()
+    assert changed["mlflow_run_id"] in table.splitlines()[0]  # the latest pipeline run
+    rows = {line.split()[0]: line for line in table.splitlines()[4:]}  # after the title, a blank line, the header
+    assert list(rows) == PIPELINE_ORDER
+    finetune_loss = changed["stages"]["finetune"]["metrics"]["final_loss"]
+    assert rows["finetune"].split()[1] == "ran" and f"final_loss={finetune_loss:.4g}" in rows["finetune"]
+    gpt_loss = first["stages"]["pretrain_gpt"]["metrics"]["final_loss"]
+    assert rows["pretrain_gpt"].split()[1] == "cached" and f"final_loss={gpt_loss:.4g}" in rows["pretrain_gpt"]
+    assert f"made by {first['stages']['pretrain_gpt']['mlflow_run_id'][:8]}" in rows["pretrain_gpt"]
+
+    diff = report("--compare", first["mlflow_run_id"], changed["mlflow_run_id"])
+    config_rows = [line.split() for line in diff.split("\n\n")[1].splitlines()[2:]]
+    assert config_rows == [["finetune.train.max_steps", "30", "7"]]
+    metric_rows = {line.split()[0] for line in diff.split("\n\n")[2].splitlines()[2:]}
+    assert "finetune/final_loss" in metric_rows and "evaluate/captioner_per_digit_accuracy" in metric_rows
+    assert not {m for m in metric_rows if m.startswith(("pretrain_", "shard/", "evaluate_gpt/"))}, metric_rows
 
 
 def test_failed_stage_leaves_no_output(run_local):

@@ -53,7 +53,7 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     sample_flops: float
-    resumed: bool
+    started_at: int  # the step this attempt began at: 0 for a fresh run, a checkpoint's step for a resumed one
     tracker: Any = None  # rank 0's MlflowTracker, when the stage has a run it can reach (logs in the background)
     metrics: dict[str, float] = field(default_factory=dict)  # latest logged values, reported with checkpoints
     stop_requested: bool = False  # set by StopWatcher: checkpoint now, then end the loop
@@ -73,7 +73,7 @@ class FaultDrill:
     stops at `hang_at_step` until something kills it."""
 
     def after_step(self, run: Run, step: int, loss: torch.Tensor, digest: int) -> None:
-        if run.resumed or run.rank != run.world - 1:
+        if run.started_at or run.rank != run.world - 1:
             return
         if step == run.spec.fail_at_step:
             raise InjectedFault(f"fault drill: rank {run.rank} fails at step {step}")
@@ -197,12 +197,13 @@ class Checkpointer:
             ckpt.save_engine(run.engine, directory, run.data.state(step), run.rank)
             if final:
                 ckpt.export_weights(run.engine, train.zero_stage, run.spec.weights_out, run.rank)
-            report = {**run.metrics, "step": step, "stopped": float(run.stop_requested and not final)}
+            report = {**run.metrics, "step": step, "started_at": run.started_at,
+                      "stopped": float(run.stop_requested and not final)}
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _resume(engine, data: TrainingData, spec: TrainSpec) -> int | None:
-    """The step a restored checkpoint continues from, or None for a fresh run."""
+def _resume(engine, data: TrainingData, spec: TrainSpec) -> int:
+    """The step a restored checkpoint continues from, or 0 for a fresh run."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -210,7 +211,7 @@ def _resume(engine, data: TrainingData, spec: TrainSpec) -> int | None:
         filesystem, path = storage.arrow_filesystem(spec.resume_from)
         checkpoint = ray.train.Checkpoint(path, filesystem)
     if checkpoint is None:
-        return None
+        return 0
     with checkpoint.as_directory() as directory:
         step = data.check_resume(ckpt.read_data_state(directory))
         ckpt.load_engine(engine, directory)
@@ -241,14 +242,13 @@ def train_worker(loop_config: dict) -> None:
 
     groups = kind.param_groups(spec, model)
     engine, _, scheduler = initialize(model, groups, train, ds_config)
-    resumed_at = _resume(engine, data, spec)
-    step = resumed_at or 0
+    step = _resume(engine, data, spec)
     tracker = None
     if rank == 0 and spec.tracking_uri and spec.mlflow_run_id:
         from pipeline.tracking import MlflowTracker
 
         tracker = MlflowTracker(spec.tracking_uri)
-    run = Run(spec, kind, engine, scheduler, data, rank, world, device, dtype, sample_flops, resumed_at is not None, tracker)
+    run = Run(spec, kind, engine, scheduler, data, rank, world, device, dtype, sample_flops, step, tracker)
     callbacks = [FaultDrill(), MetricsLogger(run), Validator(run), StopWatcher(), Checkpointer()]
 
     batches = iter(data.loader(rank, step, train.max_steps, kind.fields, kind.transform(spec), train))
