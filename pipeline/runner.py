@@ -52,7 +52,9 @@ def start_local_ray(num_cpus: Optional[int], **options: Any) -> None:
 
     Ray Train's controller polls its workers every 2 s by default, so a finished
     stage waited about 4 s more to be seen finished; on one machine the poll is a
-    local call and 0.25 s costs nothing (the workers inherit this environment)."""
+    local call and 0.25 s costs nothing (the workers inherit this environment). Its
+    preemption watcher, an actor per run that polls the nodes for a cloud's notice that
+    one is about to go, has nothing to watch on one machine: it is off here."""
     import socket
 
     import ray
@@ -62,6 +64,7 @@ def start_local_ray(num_cpus: Optional[int], **options: Any) -> None:
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_POLL_INTERVAL_S))
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     options.setdefault("log_to_driver", True)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **options)
 
