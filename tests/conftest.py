@@ -108,6 +108,11 @@ def run_tiny(ray_cluster, tiny_config, tiny_workdir):
     return run
 
 
+def stage_fingerprint(stage: str, path: str) -> str:
+    """The fingerprint a stage's output `path` lies under (`<workdir>/<stage>/<fingerprint>/...`)."""
+    return path.split(f"/{stage}/")[1].split("/")[0]
+
+
 def small_vit_spec(train_data: str, train, weights_out: str, **extra):
     """A TrainSpec of a small ViT (2 layers of 64) on `train_data` with one-pixel shifts,
     for tests that drive `train.launch.fit` directly."""

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, SMOKE, TINY_OVERRIDES, VENV_BIN, resume_train, small_vit_spec
+from conftest import REPO, SMOKE, TINY_OVERRIDES, VENV_BIN, resume_train, small_vit_spec, stage_fingerprint
 from test_resume import _assert_same_weights
 
 from pipeline.train.launch import fit
@@ -116,7 +116,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_exactly(run_tiny, tmp_
     # The same stage uninterrupted: the tiny workdir's, in this process (trained once for the
     # suite, usually by an earlier test; no third CLI start with its own Ray)
     clean = run_tiny(["pretrain_vit"])["stages"]["pretrain_vit"]
-    assert clean["outputs"]["checkpoint"].split("/pretrain_vit/")[1].split("/")[0] == os.path.basename(stage_dir)
+    assert stage_fingerprint("pretrain_vit", clean["outputs"]["checkpoint"]) == os.path.basename(stage_dir)
     _assert_same_weights(clean["outputs"]["weights"], resumed)
     print(f"preemption drill: {time.time() - started:.0f}s")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VENV_BIN
+from conftest import VENV_BIN, stage_fingerprint
 
 from pipeline import storage
 from pipeline.config import ConfigError
@@ -318,11 +318,10 @@ def test_ray_tasks_write_what_the_local_fan_out_writes(run_local, run_tiny):
     """The fast seam changes where the data stages run, not what they write: the same
     fingerprints and the same bytes (every shard's sha256) under real Ray tasks."""
     local, ray = run_local(["patchify", "tokenize"])["stages"], run_tiny(["patchify", "tokenize"])["stages"]
-    fingerprint = lambda stage, path: path.split(f"/{stage}/")[1].split("/")[0]  # noqa: E731
     for stage in ("shard", "patchify", "tokenize"):
         assert local[stage]["outputs"].keys() == ray[stage]["outputs"].keys()
         for name, path in local[stage]["outputs"].items():
-            assert fingerprint(stage, path) == fingerprint(stage, ray[stage]["outputs"][name])
+            assert stage_fingerprint(stage, path) == stage_fingerprint(stage, ray[stage]["outputs"][name])
             if name == "tokenizer":
                 assert open(path).read() == open(ray[stage]["outputs"][name]).read()
                 continue
