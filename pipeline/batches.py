@@ -15,7 +15,8 @@ import sys
 from typing import Any, Optional
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data import shards
+from pipeline.data import readers, shards
+from pipeline.data.loader import make_loader
 from pipeline.data.order import DataOrderError, batch_digest, split_global_batch
 from pipeline.train.data import TrainingData
 
@@ -29,7 +30,9 @@ def parse_steps(text: str) -> range:
     return range(first, stop)
 
 
-def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[int], workdir: Optional[str]) -> list[dict[str, Any]]:
+def _training_data(config: RunConfig, stage: str, world_size: Optional[int], workdir: Optional[str]):
+    """The stage's training data as a run of `world_size` ranks opens it (the data stages
+    it depends on run or come from cache), and the loader workers per rank."""
     from pipeline.kinds import by_stage
     from pipeline.runner import run_pipeline
 
@@ -49,11 +52,15 @@ def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[i
     outputs = {name: s["outputs"] for name, s in summary["stages"].items()}
     train = dataclasses.replace(train, micro_batch_size=layout.micro_batch, grad_accum=layout.grad_accum)
     train_dir, _ = kind.shards(outputs)
-    data = TrainingData.open(train_dir, train, world, _skipped_shards(config, train_dir))
+    return TrainingData.open(train_dir, train, world, _skipped_shards(config, train_dir)), train.loader_workers
 
+
+def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[int], workdir: Optional[str]) -> list[dict[str, Any]]:
+    data, _ = _training_data(config, stage, world_size, workdir)
+    layout, world = data.layout, data.layout.world_size
     ranks = []
     for rank in range(world):
-        micro_batches = iter(data.stream(rank, steps.start - 1, steps.stop - 1, fields={}))
+        micro_batches = iter(make_loader(data.stream(rank, steps.start - 1, steps.stop - 1, fields={}), 0, 0, False))
         ranks.append([sum((next(micro_batches)["__key__"] for _ in range(layout.grad_accum)), []) for _ in steps])
     return [
         {
@@ -64,6 +71,14 @@ def describe(config: RunConfig, stage: str, steps: range, world_size: Optional[i
         }
         for i, step in enumerate(steps)
     ]
+
+
+def reads(config: RunConfig, stage: str, world_size: Optional[int], workdir: Optional[str], epoch: int = 0) -> list[dict[str, int]]:
+    """Per reader (rank x loader worker): shards, bytes and read requests of one epoch, as
+    the loader plans them (cache off)."""
+    data, workers = _training_data(config, stage, world_size, workdir)
+    return [readers.reader_io(data.order, data.layout, data.entries, rank, worker, workers, epoch)
+            for rank in range(data.layout.world_size) for worker in range(max(workers, 1))]
 
 
 def _skipped_shards(config: RunConfig, directory: str) -> tuple[str, ...]:

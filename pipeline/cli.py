@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", choices=["gpt", "vit", "both"], default="both", help="which model to pretrain (default both)")
         if name == "batches":
             p.add_argument("--stage", required=True, help="pretrain_gpt, pretrain_vit or finetune")
-            p.add_argument("--steps", required=True, help="A:B, steps A to B-1, numbered as in the training logs (from 1)")
+            p.add_argument("--steps", help="A:B, steps A to B-1, numbered as in the training logs (from 1)")
+            p.add_argument("--io", action="store_true",
+                           help="instead of steps: per reader (rank x loader worker), the shards, bytes and read requests of epoch 0")
             p.add_argument("--world-size", type=int, help="split the global batch this many ways (default: the config's num_workers)")
             p.add_argument("--json", action="store_true", help="one JSON object per step")
 
@@ -294,6 +296,16 @@ def _main(argv: list[str]) -> int:
 def _batches(config, args, ray_was_up: bool) -> int:
     from pipeline import batches
 
+    if args.io:
+        per_reader = batches.reads(config, args.stage, args.world_size, args.workdir)
+        _stop_local_ray(ray_was_up)
+        for reader in per_reader:
+            print(json.dumps(reader) if args.json else
+                  f"rank {reader['rank']} worker {reader['worker']}: {reader['shards']} shards, "
+                  f"{reader['bytes']} bytes, {reader['requests']} requests")
+        return 0
+    if not args.steps:
+        raise ConfigError("pipeline batches needs --steps A:B (or --io)")
     steps = batches.parse_steps(args.steps)
     described = batches.describe(config, args.stage, steps, args.world_size, args.workdir)
     _stop_local_ray(ray_was_up)

@@ -238,10 +238,14 @@ class TrainConfig:
     eval_samples: int = 512  # validation samples, the first of the validation shards
     checkpoint_every: int = 0  # 0: only at the end
     # Loader: DataLoader worker processes per rank (0: read in the training process),
-    # batches each worker prepares ahead, and the shuffle block of the global order
-    # (samples; much larger than a shard, and what bounds a worker's memory).
+    # batches each worker prepares ahead, and the global order (data/order.py): its parts,
+    # fixed when the world size changes (with num_workers x loader_workers dividing them,
+    # each loader worker reads only its own parts' shards, about corpus / readers per epoch;
+    # 1: every reader reads every shard), and the shuffle block within a part (samples;
+    # larger than a shard; a worker holds about a block of each part it reads).
     loader_workers: int = run_time(1)
     prefetch: int = run_time(2)
+    data_partitions: int = 1
     shuffle_block: int = 16384
     # A training set whose decoded arrays fit this budget (per loader worker) is decoded
     # once and reused every epoch; a larger one is streamed. 0: always stream.
@@ -272,7 +276,7 @@ class TrainConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError(f"{key}.offload_optimizer needs {key}.zero_stage >= 1")
         _require_positive(self, key, "num_workers", "micro_batch_size", "grad_accum", "max_steps", "log_every",
-                          "eval_samples", "prefetch", "shuffle_block")
+                          "eval_samples", "prefetch", "shuffle_block", "data_partitions")
         for name in ("eval_every", "checkpoint_every", "loader_workers", "max_failures", "loader_cache_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")

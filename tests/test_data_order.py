@@ -31,27 +31,29 @@ def class_sorted_shards(tmp_path_factory):
     return d
 
 
-def _epoch_stream(directory, world, workers, steps, first_step=0, block=BLOCK):
+def _epoch_stream(directory, world, workers, steps, first_step=0, block=BLOCK, partitions=1):
     """{step: [keys of rank 0, keys of rank 1, ...]} as the loaders of `world` ranks yield them."""
     entries = shards.shard_entries(directory)
-    order = GlobalOrder([e["samples"] for e in entries], seed=7, block=block)
+    order = GlobalOrder([e["samples"] for e in entries], seed=7, block=block, partitions=partitions)
     layout = split_global_batch(GLOBAL_BATCH, world, MICRO)
     per_step: dict[int, list[list[str]]] = {s: [[] for _ in range(world)] for s in range(first_step, steps)}
     for rank in range(world):
-        stream = ShardStream(entries, order, layout, rank, first_step * layout.grad_accum, steps * layout.grad_accum,
-                             {"cls": int})
+        stream = ShardStream(entries, order, layout, rank, first_step, steps, {"cls": int})
         for n, batch in enumerate(make_loader(stream, workers, prefetch=2, pin_memory=False)):
             assert len(batch["__key__"]) == MICRO and batch["cls"].shape == (MICRO,)
             per_step[first_step + n // layout.grad_accum][rank] += batch["__key__"]
     return per_step
 
 
-def test_every_sample_once_per_epoch_and_same_batches_at_any_world_size(class_sorted_shards):
+# 4 parts: 4 whole parts per rank at 1 rank, 1 at 4 ranks (fewer than 2 loader workers, who
+# then take micro-batches in turn): both ways of sharing a rank's reads are covered.
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_every_sample_once_per_epoch_and_same_batches_at_any_world_size(class_sorted_shards, partitions):
     total = sum(SIZES)
     steps = -(-2 * total // GLOBAL_BATCH)  # two whole epochs
     reference = None
     for world, workers in itertools.product((1, 2, 4), (0, 1, 2)):
-        per_step = _epoch_stream(class_sorted_shards, world, workers, steps)
+        per_step = _epoch_stream(class_sorted_shards, world, workers, steps, partitions=partitions)
         # An equal share per rank in every step.
         assert all(len(keys) == GLOBAL_BATCH // world for ranks in per_step.values() for keys in ranks)
         stream = [None] * (steps * GLOBAL_BATCH)

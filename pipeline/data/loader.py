@@ -1,28 +1,35 @@
 """Streaming training batches from WebDataset shards, in the global order.
 
-`ShardStream` yields one rank's micro-batches, already collated, starting at
-any micro-batch index: a resumed run recomputes where it is from a counter, not
-from iterator state. Under a torch DataLoader with K workers, worker w builds
-micro-batches w, w+K, w+2K, ...; the DataLoader collects them round-robin, so
-they come out in order whatever K is.
+`ShardStream` serves one rank's steps, starting at any step: a resumed run
+recomputes where it is from a counter, not from iterator state. Under a torch
+DataLoader with K workers, every worker yields one part per step: the samples of
+that step it reads (`readers.worker_of`: whole parts of the global order when
+there are enough, else whole micro-batches in turn), collated and augmented.
+The DataLoader collects parts round-robin, so each step's K parts arrive
+together; `MicroBatches` puts the step's samples back in stream order and cuts
+the micro-batches, which are therefore the same whatever K is.
 
-A worker reads one block of the global order at a time: it streams the
-block's shards through (hashing every byte against the manifest), decodes only
-the samples its micro-batches need, and keeps them until they are batched.
+A worker reads one block row of the global order at a time: it streams the
+shards holding its samples in that row through (hashing every byte against the
+manifest), decodes only those samples, and keeps them until they are batched.
 Memory is bounded by the block size, never by the corpus.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data import readers
 from pipeline.data.order import BatchLayout, GlobalOrder
 from pipeline.data.shards import ShardFormatError, decode_field, iter_raw_shard, refuse_extension
+
+# Bookkeeping of a worker's part, not passed on in micro-batches: the stream positions of its
+# samples, the unpadded lengths of padded fields, and the shards it read for it.
+POSITION, LENGTHS, READ = "__position__", "__lengths__", "__read__"
 
 # extension -> converter of the decoded value to a numpy array or scalar
 Fields = dict[str, Callable[[Any], Any]]
@@ -33,7 +40,8 @@ Transform = Callable[[dict[str, Any], np.ndarray], dict[str, Any]]
 def collate(samples: list[dict[str, Any]], fields: Fields) -> dict[str, Any]:
     """Stack each numeric field into one tensor (dtype kept: token ids stay uint16);
     keys and text stay lists. Arrays whose first dimension differs (the patches of
-    grids of different shapes) are zero-padded to the longest."""
+    grids of different shapes) are zero-padded to the longest, and their lengths kept
+    under `__lengths__`."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
     for field in fields:
         values = [np.asarray(s[field]) for s in samples]
@@ -42,6 +50,7 @@ def collate(samples: list[dict[str, Any]], fields: Fields) -> dict[str, Any]:
             continue
         longest = max(len(v) for v in values) if values[0].ndim else 0
         if any(v.ndim and len(v) != longest for v in values):
+            batch.setdefault(LENGTHS, {})[field] = torch.tensor([len(v) for v in values])
             values = [np.concatenate([v, np.zeros((longest - len(v), *v.shape[1:]), v.dtype)]) for v in values]
         batch[field] = torch.from_numpy(np.stack(values))
     return batch
@@ -62,53 +71,59 @@ def decode_fields(raw: dict[str, Any], fields: Fields, where: str) -> dict[str, 
 
 
 class ShardStream(IterableDataset):
-    """Rank `rank`'s micro-batches `first_micro` .. `stop_micro - 1` (index = step * grad_accum + micro)."""
+    """Rank `rank`'s steps `first_step` .. `stop_step - 1`, as parts: one per step and loader worker."""
 
     def __init__(self, entries: list[dict], order: GlobalOrder, layout: BatchLayout, rank: int,
-                 first_micro: int, stop_micro: int, fields: Fields, transform: Optional[Transform] = None,
+                 first_step: int, stop_step: int, fields: Fields, transform: Optional[Transform] = None,
                  cache_bytes: int = 0):
         self.entries, self.order, self.layout, self.rank = entries, order, layout, rank
-        self.first_micro, self.stop_micro = first_micro, stop_micro
+        self.first_step, self.stop_step = first_step, stop_step
         self.fields, self.transform = fields, transform
         # A training set that fits the cache (decoded arrays may take ~2x the tar bytes:
         # float16 patches become float32) is decoded once per worker and reused every
         # epoch. A larger one is streamed block by block, never cached.
         self.cache_all = 2 * sum(e["bytes"] for e in entries) <= cache_bytes
         self._cache: dict[int, dict[int, dict[str, Any]]] = {}  # shard -> {index: sample}
+        self._read_since_last_part: list[int] = []  # shards, once per whole read
+
+    def _mine(self, step: int, worker: int, workers: int) -> np.ndarray:
+        positions = readers.step_positions(self.layout, self.rank, step)
+        return positions[readers.worker_of(self.order, self.layout, self.rank, workers, positions) == worker]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = range(self.first_micro + worker, self.stop_micro, workers)
         ready: dict[int, dict[str, Any]] = {}  # stream position -> decoded sample
-        loaded_to = None  # every block before this stream position has been read
-        for n, micro in enumerate(mine):
-            positions = self.layout.micro_positions(self.rank, micro)
-            if loaded_to is None:
-                loaded_to = self.order.block_span(*self.order.block_of(int(positions[0])))[0]
-            while positions.max() >= loaded_to:
+        # every block row before this stream position has been read
+        loaded_to = self.order.block_span(*self.order.block_of(self.first_step * self.layout.global_batch))[0]
+        for step in range(self.first_step, self.stop_step):
+            positions = self._mine(step, worker, workers)
+            while len(positions) and positions.max() >= loaded_to:
                 start, stop = self.order.block_span(*self.order.block_of(loaded_to))
-                ready.update(self._read(self._needed(mine[n:], start, stop)))
+                ready.update(self._read(self._needed(step, worker, workers, start, stop)))
                 loaded_to = stop
-            batch = collate([ready.pop(int(p)) for p in positions], self.fields)
-            yield self.transform(batch, positions // self.order.epoch_size) if self.transform else batch
+            read, self._read_since_last_part = self._read_since_last_part, []
+            if not len(positions):
+                yield {POSITION: torch.zeros(0, dtype=torch.int64), READ: read}
+                continue
+            part = collate([ready.pop(int(p)) for p in positions], self.fields)
+            if self.transform:
+                part = self.transform(part, positions // self.order.epoch_size)
+            yield {**part, POSITION: torch.from_numpy(positions), READ: read}
 
-    def _needed(self, micros: range, start: int, stop: int) -> np.ndarray:
-        """The positions in [start, stop) that these micro-batches (in increasing order) read."""
+    def _needed(self, step: int, worker: int, workers: int, start: int, stop: int) -> np.ndarray:
+        """This worker's positions in [start, stop), from `step` on."""
         out = [np.zeros(0, dtype=np.int64)]
-        for micro in micros:
-            positions = self.layout.micro_positions(self.rank, micro)
-            if positions[0] >= stop:
+        for s in range(step, self.stop_step):
+            if s * self.layout.global_batch >= stop:
                 break
+            positions = self._mine(s, worker, workers)
             out.append(positions[(positions >= start) & (positions < stop)])
         return np.concatenate(out)
 
     def _read(self, positions: np.ndarray) -> dict[int, dict[str, Any]]:
         """Decode the samples at these stream positions, shard by shard."""
-        _, shard_ids, indices = self.order.locate(positions)
-        wanted: dict[int, dict[int, int]] = defaultdict(dict)  # shard -> {index in shard: position}
-        for position, shard, index in zip(positions, shard_ids, indices):
-            wanted[int(shard)][int(index)] = int(position)
+        wanted = readers.shard_reads(self.order, positions)
         out: dict[int, dict[str, Any]] = {}
         for shard in sorted(wanted):
             samples = self._decoded(shard, None if self.cache_all else set(wanted[shard]))
@@ -122,6 +137,7 @@ class ShardStream(IterableDataset):
         if shard in self._cache:
             return self._cache[shard]
         entry = self.entries[shard]
+        self._read_since_last_part.append(shard)
         decoded, count = {}, 0
         for count, raw in enumerate(iter_raw_shard(entry["path"], entry), start=1):
             if only is None or count - 1 in only:
@@ -137,16 +153,70 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def make_loader(stream: ShardStream, workers: int, prefetch: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(
+def _joined(parts: list[dict[str, Any]], field: str) -> tuple[Any, Optional[torch.Tensor]]:
+    """One field of a step's parts, joined row after row, and each row's length where the
+    field was padded (None where no row needs trimming)."""
+    values = [p[field] for p in parts]
+    if not isinstance(values[0], torch.Tensor):
+        return sum(values, []), None
+    if values[0].dim() < 2 or len({v.shape[1] for v in values}) == 1 and not any(field in p.get(LENGTHS, {}) for p in parts):
+        return torch.cat(values), None
+    longest = max(v.shape[1] for v in values)
+    lengths = torch.cat([p.get(LENGTHS, {}).get(field, torch.full((len(v),), v.shape[1])) for p, v in zip(parts, values)])
+    padded = [torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, longest - v.shape[1])) for v in values]
+    return torch.cat(padded), lengths
+
+
+def assemble(parts: list[dict[str, Any]], layout: BatchLayout, rank: int, step: int,
+             pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+    """A step's micro-batches from its parts, in stream order: each as `collate` would make it."""
+    parts = [p for p in parts if len(p[POSITION])]
+    positions = torch.cat([p[POSITION] for p in parts]).numpy()
+    by_position = np.argsort(positions)
+    joined = {field: _joined(parts, field) for field in parts[0] if field not in (POSITION, LENGTHS, READ)}
+    for micro in range(layout.grad_accum):
+        wanted = layout.micro_positions(rank, step * layout.grad_accum + micro)
+        rows = by_position[np.searchsorted(positions, wanted, sorter=by_position)]
+        batch: dict[str, Any] = {}
+        for field, (values, lengths) in joined.items():
+            if not isinstance(values, torch.Tensor):
+                batch[field] = [values[r] for r in rows]
+                continue
+            picked = values[torch.from_numpy(rows)]
+            if lengths is not None:
+                picked = picked[:, : int(lengths[torch.from_numpy(rows)].max())].contiguous()
+            batch[field] = picked.pin_memory() if pin_memory else picked
+        yield batch
+
+
+class MicroBatches:
+    """A rank's micro-batches, in order, from a loader of a `ShardStream`'s parts. `reads[w]`
+    lists the shards worker w has read whole so far (a shard once per read)."""
+
+    def __init__(self, stream: ShardStream, loader: Any, workers: int, pin_memory: bool):
+        self.stream, self.loader, self.workers, self.pin_memory = stream, loader, max(workers, 1), pin_memory
+        self.reads: list[list[int]] = [[] for _ in range(self.workers)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        parts = iter(self.loader)
+        s = self.stream
+        for step in range(s.first_step, s.stop_step):
+            step_parts = [next(parts) for _ in range(self.workers)]
+            for worker, part in enumerate(step_parts):
+                self.reads[worker] += part[READ]
+            yield from assemble(step_parts, s.layout, s.rank, step, self.pin_memory)
+
+
+def make_loader(stream: ShardStream, workers: int, prefetch: int, pin_memory: bool) -> MicroBatches:
+    loader = DataLoader(
         stream,
-        batch_size=None,  # the stream yields collated micro-batches: batching in the worker is 3-6x faster
+        batch_size=None,  # the stream yields collated parts: batching in the worker is 3-6x faster
         collate_fn=_as_is,  # already tensors; torch's default_convert would walk every key string
         num_workers=workers,
         prefetch_factor=prefetch if workers else None,
-        pin_memory=pin_memory,
         multiprocessing_context="fork" if workers else None,
     )
+    return MicroBatches(stream, loader, workers, pin_memory)  # pinned as assembled
 
 
 def head_batches(entries: list[dict], fields: Fields, limit: int, rank: int, world: int, batch_size: int) -> list[dict[str, Any]]:

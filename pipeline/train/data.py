@@ -35,14 +35,13 @@ class TrainingData:
         entries = shards.shard_entries(directory, skip)
         if not entries:
             raise shards.ShardFormatError(f"{directory}: every shard is bad, nothing to train on")
-        order = GlobalOrder([e["samples"] for e in entries], train.seed, train.shuffle_block)
+        order = GlobalOrder([e["samples"] for e in entries], train.seed, train.shuffle_block, train.data_partitions)
         layout = BatchLayout(train.micro_batch_size, train.grad_accum, world_size)
-        return cls(entries, order, layout, data_fingerprint(manifest, train.seed, train.shuffle_block))
+        return cls(entries, order, layout, data_fingerprint(manifest, train.seed, train.shuffle_block, train.data_partitions))
 
     def stream(self, rank: int, first_step: int, stop_step: int, fields, transform=None, cache_mb: int = 0) -> ShardStream:
-        accum = self.layout.grad_accum
-        return ShardStream(self.entries, self.order, self.layout, rank, first_step * accum, stop_step * accum, fields,
-                           transform, cache_bytes=cache_mb << 20)
+        return ShardStream(self.entries, self.order, self.layout, rank, first_step, stop_step, fields, transform,
+                           cache_bytes=cache_mb << 20)
 
     def loader(self, rank: int, first_step: int, stop_step: int, fields, transform, train: TrainConfig):
         stream = self.stream(rank, first_step, stop_step, fields, transform, train.loader_cache_mb)
@@ -68,7 +67,7 @@ class TrainingData:
         if state["data_fingerprint"] != self.fingerprint:
             raise ResumeMismatchError(
                 f"resume refused: data fingerprint differs (checkpoint {state['data_fingerprint']}, this run "
-                f"{self.fingerprint}): the shards, the seed or the shuffle block changed"
+                f"{self.fingerprint}): the shards, the seed, the shuffle block or the data partitions changed"
             )
         if state["global_batch"] != self.layout.global_batch:
             raise ResumeMismatchError(

@@ -1,0 +1,113 @@
+"""Locality: with the global order cut into parts, each reader (rank x loader worker)
+reads only its own parts' shards. The loader's own count of what it read equals what
+`readers.reader_io` (behind `pipeline batches --io`) plans, and stays within
+1.25 x corpus / readers + one shard; at cluster size the plan is checked alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.data import readers, shards
+from pipeline.data.loader import ShardStream, make_loader
+from pipeline.data.order import GlobalOrder, split_global_batch
+
+SHARDS, PER_SHARD = 16, 25
+GLOBAL_BATCH, MICRO, BLOCK = 8, 2, 64
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("corpus"))
+    infos = [shards.write_shard(f"{d}/part-{s:03d}.tar",
+                                ({"__key__": f"s{s:02d}-{i:02d}", "npy": np.full(64, s, np.float32)} for i in range(PER_SHARD)))
+             for s in range(SHARDS)]
+    shards.write_manifest(d, infos, {"npy": "shard number"}, "test")
+    return shards.shard_entries(d)
+
+
+def _one_epoch_of_reads(entries, partitions, world, workers):
+    """{(rank, worker): shards read whole, in order} over one epoch, counted by the loader."""
+    order = GlobalOrder([e["samples"] for e in entries], seed=3, block=BLOCK, partitions=partitions)
+    layout = split_global_batch(GLOBAL_BATCH, world, MICRO)
+    steps = order.epoch_size // GLOBAL_BATCH
+    measured, planned = {}, {}
+    for rank in range(world):
+        batches = make_loader(ShardStream(entries, order, layout, rank, 0, steps, {"npy": np.asarray}), workers, 2, False)
+        for batch in batches:  # what the reads were for: every sample comes from a shard read
+            assert len(batch["__key__"]) == MICRO
+        for worker in range(workers):
+            measured[rank, worker] = batches.reads[worker]
+            planned[rank, worker] = readers.reader_io(order, layout, entries, rank, worker, workers, epoch=0)
+    return measured, planned
+
+
+def test_each_reader_reads_its_own_parts_as_planned(corpus):
+    corpus_bytes = sum(e["bytes"] for e in corpus)
+    shard_bytes = max(e["bytes"] for e in corpus)
+    world, workers = 2, 2
+    measured, planned = _one_epoch_of_reads(corpus, 8, world, workers)  # 2 parts per reader
+    bound = 1.25 * corpus_bytes / (world * workers) + shard_bytes
+    for reader, shards_read in measured.items():
+        plan = planned[reader]
+        assert plan["requests"] == len(shards_read) and plan["shards"] == len(set(shards_read)), reader
+        assert plan["bytes"] == sum(corpus[s]["bytes"] for s in shards_read) <= bound, (reader, plan, bound)
+    # Between them the readers read the corpus about once, no shard by two readers.
+    every = [s for shards_read in measured.values() for s in shards_read]
+    assert sorted(set(every)) == list(range(SHARDS)) and len(every) <= SHARDS + world * workers
+
+    # One part: every reader reads every shard (what locality saves).
+    measured, planned = _one_epoch_of_reads(corpus, 1, world, workers)
+    for reader, shards_read in measured.items():
+        assert set(shards_read) == set(range(SHARDS)) and planned[reader]["shards"] == SHARDS
+
+
+def test_at_512_ranks_by_4_workers_every_reader_stays_in_the_bound():
+    # 2,048 shards of 1,000 samples (the last one short), 1 kB each, in 2,048 parts.
+    sizes = [1000] * 2047 + [500]
+    entries = [{"samples": n, "bytes": n * 1000} for n in sizes]
+    order = GlobalOrder(sizes, seed=0, block=16384, partitions=2048)
+    world, workers = 512, 4
+    layout = split_global_batch(2048, world, 2)
+    corpus_bytes = sum(e["bytes"] for e in entries)
+    bound = 1.25 * corpus_bytes / (world * workers) + 1000 * 1000
+    total = 0
+    for rank in range(world):
+        for worker in range(workers):
+            io = readers.reader_io(order, layout, entries, rank, worker, workers, epoch=0)
+            assert io["bytes"] <= bound, io
+            total += io["bytes"]
+    assert total <= 2.01 * corpus_bytes  # a part straddles at most two shards
+
+
+def test_micro_batches_are_the_same_whatever_the_workers_with_ragged_samples(tmp_path):
+    """Workers that own parts send samples of several micro-batches at once, padded to their
+    own longest; the micro-batches put back together are padded only to their own longest."""
+    import torch
+
+    from pipeline.data.loader import collate
+
+    d = str(tmp_path)
+    rng = np.random.default_rng(0)
+    infos = [shards.write_shard(f"{d}/part-{s}.tar", ({"__key__": f"s{s}-{i}", "cls": i,
+                                                        "npy": rng.normal(size=(int(rng.integers(1, 9)), 3)).astype(np.float32)}
+                                                       for i in range(20))) for s in range(4)]
+    shards.write_manifest(d, infos, {}, "test")
+    entries = shards.shard_entries(d)
+    fields = {"npy": np.asarray, "cls": int}
+    order = GlobalOrder([e["samples"] for e in entries], seed=1, block=16, partitions=4)
+    layout = split_global_batch(GLOBAL_BATCH, 1, MICRO)
+    by_key = {s["__key__"]: s for s in shards.iter_verified(d)}
+    runs = {}
+    for workers in (0, 2):
+        runs[workers] = list(make_loader(ShardStream(entries, order, layout, 0, 0, 10, fields), workers, 2, False))
+    assert len(runs[0]) == 10 * layout.grad_accum
+    padded = 0
+    for plain, split in zip(runs[0], runs[2]):
+        assert plain["__key__"] == split["__key__"]
+        expected = collate([{**by_key[k], "npy": by_key[k]["npy"]} for k in plain["__key__"]], fields)
+        for batch in (plain, split):
+            assert torch.equal(batch["npy"], expected["npy"]) and torch.equal(batch["cls"], expected["cls"])
+            assert "__lengths__" not in batch and "__position__" not in batch
+        padded += len({len(by_key[k]["npy"]) for k in plain["__key__"]}) > 1
+    assert padded > 0  # some micro-batches did need padding
