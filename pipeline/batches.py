@@ -77,7 +77,8 @@ def reads(config: RunConfig, stage: str, world_size: Optional[int], workdir: Opt
     """Per reader (rank x loader worker): shards, bytes and read requests of one epoch, as
     the loader plans them (cache off)."""
     data, workers = _training_data(config, stage, world_size, workdir)
-    return [readers.reader_io(data.order, data.layout, data.entries, rank, worker, workers, epoch)
+    indexes: dict[int, dict] = {}  # each shard's sample index, read once for all readers
+    return [readers.reader_io(data.order, data.layout, data.entries, rank, worker, workers, epoch, indexes)
             for rank in range(data.layout.world_size) for worker in range(max(workers, 1))]
 
 

@@ -114,6 +114,12 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def read_range(path: str, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of a file: one ranged GET on a bucket."""
+    fs, p = _fs(path)
+    return fs.cat_file(p, start=start, end=stop)
+
+
 def read_json(path: str) -> Any:
     return json.loads(read_bytes(path).decode("utf-8"))
 

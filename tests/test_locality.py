@@ -27,39 +27,44 @@ def corpus(tmp_path_factory):
 
 
 def _one_epoch_of_reads(entries, partitions, world, workers):
-    """{(rank, worker): shards read whole, in order} over one epoch, counted by the loader."""
+    """{(rank, worker): read requests, (shard, bytes) each} over one epoch as the loader
+    counted them, and as `readers.reader_io` plans them."""
     order = GlobalOrder([e["samples"] for e in entries], seed=3, block=BLOCK, partitions=partitions)
     layout = split_global_batch(GLOBAL_BATCH, world, MICRO)
     steps = order.epoch_size // GLOBAL_BATCH
     measured, planned = {}, {}
     for rank in range(world):
         batches = make_loader(ShardStream(entries, order, layout, rank, 0, steps, {"npy": np.asarray}), workers, 2, False)
-        for batch in batches:  # what the reads were for: every sample comes from a shard read
+        for batch in batches:  # every sample batched came from a read counted here
             assert len(batch["__key__"]) == MICRO
+            assert all(int(row[0]) == int(key[1:3]) for row, key in zip(batch["npy"], batch["__key__"]))
         for worker in range(workers):
             measured[rank, worker] = batches.reads[worker]
             planned[rank, worker] = readers.reader_io(order, layout, entries, rank, worker, workers, epoch=0)
     return measured, planned
 
 
-def test_each_reader_reads_its_own_parts_as_planned(corpus):
+@pytest.mark.parametrize("partitions", [8, 12])  # parts of 2 whole shards; parts that end inside shards
+def test_each_reader_reads_its_own_parts_as_planned(corpus, partitions):
     corpus_bytes = sum(e["bytes"] for e in corpus)
+    index_bytes = sum(e["index_bytes"] for e in corpus)
     shard_bytes = max(e["bytes"] for e in corpus)
     world, workers = 2, 2
-    measured, planned = _one_epoch_of_reads(corpus, 8, world, workers)  # 2 parts per reader
+    measured, planned = _one_epoch_of_reads(corpus, partitions, world, workers)
     bound = 1.25 * corpus_bytes / (world * workers) + shard_bytes
-    for reader, shards_read in measured.items():
+    for reader, reads in measured.items():
         plan = planned[reader]
-        assert plan["requests"] == len(shards_read) and plan["shards"] == len(set(shards_read)), reader
-        assert plan["bytes"] == sum(corpus[s]["bytes"] for s in shards_read) <= bound, (reader, plan, bound)
-    # Between them the readers read the corpus about once, no shard by two readers.
-    every = [s for shards_read in measured.values() for s in shards_read]
-    assert sorted(set(every)) == list(range(SHARDS)) and len(every) <= SHARDS + world * workers
+        assert (plan["requests"], plan["shards"]) == (len(reads), len({s for s, _ in reads})), reader
+        assert plan["bytes"] == sum(n for _, n in reads) <= bound, (reader, plan, bound)
+    # Between them the readers read the corpus about once: a shard at the edge of two
+    # parts is read in two byte ranges, never whole twice.
+    assert sum(n for reads in measured.values() for _, n in reads) <= corpus_bytes + index_bytes
+    assert {s for reads in measured.values() for s, _ in reads} == set(range(SHARDS))
 
-    # One part: every reader reads every shard (what locality saves).
+    # One part: every reader reads from every shard (what locality saves).
     measured, planned = _one_epoch_of_reads(corpus, 1, world, workers)
-    for reader, shards_read in measured.items():
-        assert set(shards_read) == set(range(SHARDS)) and planned[reader]["shards"] == SHARDS
+    for reader, reads in measured.items():
+        assert {s for s, _ in reads} == set(range(SHARDS)) and planned[reader]["shards"] == SHARDS
 
 
 def test_at_512_ranks_by_4_workers_every_reader_stays_in_the_bound():
@@ -111,3 +116,93 @@ def test_micro_batches_are_the_same_whatever_the_workers_with_ragged_samples(tmp
             assert "__lengths__" not in batch and "__position__" not in batch
         padded += len({len(by_key[k]["npy"]) for k in plain["__key__"]}) > 1
     assert padded > 0  # some micro-batches did need padding
+
+
+RANK_READS_ONE_EPOCH = """
+import sys
+import numpy as np
+from pipeline.data import shards
+from pipeline.data.loader import ShardStream, make_loader
+from pipeline.data.order import GlobalOrder, split_global_batch
+
+directory, rank, world, partitions = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+entries = shards.shard_entries(directory)
+order = GlobalOrder([e["samples"] for e in entries], seed=3, block=%d, partitions=partitions)
+layout = split_global_batch(%d, world, %d)
+stream = ShardStream(entries, order, layout, rank, 0, order.epoch_size // layout.global_batch, {"npy": np.asarray})
+print(sum(len(batch["__key__"]) for batch in make_loader(stream, 2, 2, False)))
+""" % (BLOCK, GLOBAL_BATCH, MICRO)
+
+
+def test_on_s3_the_server_counts_each_rank_its_share(tmp_path):
+    """Four ranks (a process each, 2 loader workers) read one epoch from moto's S3 server;
+    the server counts the bytes of every GET by the rank's access key."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from collections import Counter
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from localcluster import free_port
+    from pipeline import storage
+
+    class CountingServer(ThreadedMotoServer):
+        """moto's server, its WSGI app wrapped to add up GET response bytes per access key."""
+
+        got: Counter = Counter()
+
+        def _server_entry(self):
+            from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+            from werkzeug.serving import make_server
+
+            app = DomainDispatcherApplication(create_backend_app)
+
+            def counting(environ, start_response):
+                body = list(app(environ, start_response))
+                if environ["REQUEST_METHOD"] == "GET":
+                    who = re.search(r"Credential=([^/]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+                    self.got[who.group(1) if who else "anonymous"] += sum(len(chunk) for chunk in body)
+                return body
+
+            self._server = make_server(self._ip_address, self._port, counting, True, request_handler=MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    port = free_port()
+    server = CountingServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "writer",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        boto3.client("s3").create_bucket(Bucket="locality")
+        directory = "s3://locality/corpus"
+        infos = [shards.write_shard(f"{directory}/part-{s:03d}.tar",
+                                    ({"__key__": f"s{s:02d}-{i:02d}", "npy": np.full(64, s, np.float32)} for i in range(PER_SHARD)))
+                 for s in range(SHARDS)]
+        shards.write_manifest(directory, infos, {}, "test")
+        entries = shards.shard_entries(directory)
+        manifest_bytes = len(storage.read_bytes(f"{directory}/manifest.json"))
+        world, partitions = 4, 8
+        for rank in range(world):
+            done = subprocess.run([sys.executable, "-c", RANK_READS_ONE_EPOCH, directory, str(rank), str(world), str(partitions)],
+                                  env={**env, "AWS_ACCESS_KEY_ID": f"rank{rank}"}, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert int(done.stdout) == SHARDS * PER_SHARD // world
+        order = GlobalOrder([e["samples"] for e in entries], seed=3, block=BLOCK, partitions=partitions)
+        layout = split_global_batch(GLOBAL_BATCH, world, MICRO)
+        planned = [sum(readers.reader_io(order, layout, entries, r, w, 2, epoch=0)["bytes"] for w in range(2)) for r in range(world)]
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        server.stop()
+
+    corpus_bytes = sum(e["bytes"] for e in entries)
+    for rank in range(world):
+        counted = server.got[f"rank{rank}"]
+        assert planned[rank] + manifest_bytes <= counted <= planned[rank] + manifest_bytes + 2048, (rank, counted, planned)
+        assert counted - manifest_bytes <= 1.25 * corpus_bytes / world + max(e["bytes"] for e in entries), (rank, counted)

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import readers
 from pipeline.data.order import BatchLayout, GlobalOrder
-from pipeline.data.shards import ShardFormatError, decode_field, iter_raw_shard, refuse_extension
+from pipeline.data.shards import (ShardFormatError, decode_field, iter_raw_samples, iter_raw_shard, read_sample_index,
+                                  refuse_extension)
 
 # Bookkeeping of a worker's part, not passed on in micro-batches: the stream positions of its
 # samples, the unpadded lengths of padded fields, and the shards it read for it.
@@ -84,7 +85,8 @@ class ShardStream(IterableDataset):
         # epoch. A larger one is streamed block by block, never cached.
         self.cache_all = 2 * sum(e["bytes"] for e in entries) <= cache_bytes
         self._cache: dict[int, dict[int, dict[str, Any]]] = {}  # shard -> {index: sample}
-        self._read_since_last_part: list[int] = []  # shards, once per whole read
+        self._indexes: dict[int, dict[str, list]] = {}  # shard -> its sample index, read once
+        self._reads: list[tuple[int, int]] = []  # (shard, bytes) per read request since the last part
 
     def _mine(self, step: int, worker: int, workers: int) -> np.ndarray:
         positions = readers.step_positions(self.layout, self.rank, step)
@@ -102,7 +104,7 @@ class ShardStream(IterableDataset):
                 start, stop = self.order.block_span(*self.order.block_of(loaded_to))
                 ready.update(self._read(self._needed(step, worker, workers, start, stop)))
                 loaded_to = stop
-            read, self._read_since_last_part = self._read_since_last_part, []
+            read, self._reads = self._reads, []
             if not len(positions):
                 yield {POSITION: torch.zeros(0, dtype=torch.int64), READ: read}
                 continue
@@ -132,17 +134,28 @@ class ShardStream(IterableDataset):
         return out
 
     def _decoded(self, shard: int, only: Optional[set[int]]) -> dict[int, dict[str, Any]]:
-        """Samples of one shard by index (all of them, or those in `only`), read whole and
-        verified before any is returned."""
+        """Samples of one shard by index (all of them, or those in `only`), read whole or as
+        one byte range (`readers.sample_span`), and verified before any is returned."""
         if shard in self._cache:
             return self._cache[shard]
         entry = self.entries[shard]
-        self._read_since_last_part.append(shard)
+        span = None if only is None else readers.sample_span(entry, only)
+        if span is None:
+            raws = enumerate(iter_raw_shard(entry["path"], entry))
+            self._reads.append((shard, entry["bytes"]))
+        else:
+            if shard not in self._indexes:
+                self._indexes[shard] = read_sample_index(entry)
+                self._reads.append((shard, entry["index_bytes"]))
+            index = self._indexes[shard]
+            raws = enumerate(iter_raw_samples(entry, index, *span), start=span[0])
+            self._reads.append((shard, index["offsets"][span[1] + 1] - index["offsets"][span[0]]))
         decoded, count = {}, 0
-        for count, raw in enumerate(iter_raw_shard(entry["path"], entry), start=1):
-            if only is None or count - 1 in only:
-                decoded[count - 1] = decode_fields(raw, self.fields, entry["path"])
-        if count != entry["samples"]:
+        for index, raw in raws:
+            count += 1
+            if only is None or index in only:
+                decoded[index] = decode_fields(raw, self.fields, entry["path"])
+        if span is None and count != entry["samples"]:
             raise ShardFormatError(f"{entry['path']} holds {count} samples, its manifest entry says {entry['samples']}")
         if self.cache_all:
             self._cache[shard] = decoded
@@ -191,7 +204,7 @@ def assemble(parts: list[dict[str, Any]], layout: BatchLayout, rank: int, step: 
 
 class MicroBatches:
     """A rank's micro-batches, in order, from a loader of a `ShardStream`'s parts. `reads[w]`
-    lists the shards worker w has read whole so far (a shard once per read)."""
+    lists worker w's read requests so far: (shard, bytes), a shard's index included."""
 
     def __init__(self, stream: ShardStream, loader: Any, workers: int, pin_memory: bool):
         self.stream, self.loader, self.workers, self.pin_memory = stream, loader, max(workers, 1), pin_memory

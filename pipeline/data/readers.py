@@ -7,6 +7,9 @@ When the ranks divide the global order's parts and each rank has at least as
 many parts as loader workers, each worker owns whole parts (a contiguous run of
 the rank's parts) and reads only their shards. Otherwise the workers take the
 rank's micro-batches in turn, and each reads every shard its rank touches.
+Of a shard it needs only part of, a reader fetches the byte range from its first
+to its last needed sample (checked against the shard's sample index), else the
+whole shard.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 from pipeline.data.order import BatchLayout, GlobalOrder
+from pipeline.data.shards import read_sample_index
 
 
 def owns_whole_parts(order: GlobalOrder, world: int, workers: int) -> bool:
@@ -48,19 +52,40 @@ def shard_reads(order: GlobalOrder, positions: np.ndarray) -> dict[int, dict[int
     return wanted
 
 
+def sample_span(entry: dict, indices) -> tuple[int, int] | None:
+    """The samples (first, last) to read as one byte range, or None to read the shard whole
+    (it has no sample index, or all of it is needed)."""
+    first, last = min(indices), max(indices)
+    if not entry.get("index_sha256") or (first, last) == (0, entry["samples"] - 1):
+        return None
+    return first, last
+
+
 def reader_io(order: GlobalOrder, layout: BatchLayout, entries: list[dict], rank: int, worker: int, workers: int,
-              epoch: int) -> dict[str, int]:
+              epoch: int, indexes: dict[int, dict] | None = None) -> dict[str, int]:
     """Shards opened, bytes and read requests of one reader over one epoch, as the loader
-    reads: block row by block row, each needed shard read whole once per row."""
+    reads: block row by block row, each needed shard whole or as one byte range per row
+    (its sample index read first, once). `indexes` caches the indexes between calls."""
+    indexes = {} if indexes is None else indexes
     start, stop = epoch * order.epoch_size, (epoch + 1) * order.epoch_size
     first = start + (rank - start) % layout.world_size  # the rank's first position in the epoch
     mine = np.arange(first, stop, layout.world_size, dtype=np.int64)
     mine = mine[worker_of(order, layout, rank, workers, mine) == worker]
-    shards, nbytes, requests = set(), 0, 0
+    shards, indexed, nbytes, requests = set(), set(), 0, 0
     row = (mine - start) // (order.block * order.partitions)
     for r in np.unique(row):
-        for shard in shard_reads(order, mine[row == r]):
+        for shard, wanted in shard_reads(order, mine[row == r]).items():
+            entry, span = entries[shard], sample_span(entries[shard], wanted)
+            if span is None:
+                nbytes += entry["bytes"]
+            else:
+                if shard not in indexed:  # the shard's index, read once
+                    indexed.add(shard)
+                    nbytes, requests = nbytes + entry["index_bytes"], requests + 1
+                if shard not in indexes:
+                    indexes[shard] = read_sample_index(entry)
+                offsets = indexes[shard]["offsets"]
+                nbytes += offsets[span[1] + 1] - offsets[span[0]]
             shards.add(shard)
-            nbytes += entries[shard]["bytes"]
             requests += 1
     return {"rank": rank, "worker": worker, "shards": len(shards), "bytes": nbytes, "requests": requests}

@@ -105,10 +105,18 @@ def decode_field(ext: str, data: bytes, where: str) -> Any:
 
 class _Hashing(io.RawIOBase):
     """Pass reads or writes through to `inner`, counting and hashing the bytes: a shard's
-    sha256 comes from the one pass that writes or reads it."""
+    sha256 comes from the one pass that writes or reads it. When writing, each sample's
+    bytes are also hashed on their own, cut at the offsets `end_sample` marks (the writer
+    buffers, so a sample's end is always marked before its last bytes pass)."""
 
     def __init__(self, inner):
         self.inner, self.sha256, self.nbytes = inner, hashlib.sha256(), 0
+        self.sample_ends: list[int] = []
+        self.sample_sha256: list[str] = []
+        self._sample = hashlib.sha256()
+
+    def end_sample(self, offset: int) -> None:
+        self.sample_ends.append(offset)
 
     def _seen(self, data) -> None:
         self.sha256.update(data)
@@ -118,6 +126,16 @@ class _Hashing(io.RawIOBase):
         return True
 
     def write(self, b) -> int:
+        view, at = memoryview(b), self.nbytes
+        while len(view):
+            done = len(self.sample_sha256)
+            take = len(view) if done == len(self.sample_ends) else min(len(view), self.sample_ends[done] - at)
+            self._sample.update(view[:take])
+            at += take
+            view = view[take:]
+            if done < len(self.sample_ends) and at == self.sample_ends[done]:
+                self.sample_sha256.append(self._sample.hexdigest())
+                self._sample = hashlib.sha256()
         self._seen(b)
         self.inner.write(b)
         return len(b)
@@ -138,11 +156,18 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    # The sample index beside the shard (`NAME.index.json`: each sample's byte offset and
+    # sha256), which lets a reader fetch and verify a byte range instead of the whole shard.
+    index_bytes: int = 0
+    index_sha256: str = ""
+
+
+def index_path(shard_path: str) -> str:
+    return f"{shard_path}.index.json"
 
 
 def write_shard(path: str, samples: Iterable[dict[str, Any]]) -> ShardInfo:
-    """Write one shard atomically and return its manifest entry."""
-    count = 0
+    """Write one shard and its sample index atomically and return its manifest entry."""
     with storage.write_atomic(path) as raw:
         hashing = _Hashing(raw)
         # mtime fixed so that the same samples always give the same bytes and sha256.
@@ -154,8 +179,12 @@ def write_shard(path: str, samples: Iterable[dict[str, Any]]) -> ShardInfo:
                     if field != "__key__":
                         record[field] = _encode(field.rsplit(".", 1)[-1], value)
                 tar.write(record)
-                count += 1
-    return ShardInfo(path.rsplit("/", 1)[-1], count, hashing.nbytes, hashing.sha256.hexdigest())
+                hashing.end_sample(tar.tarstream.offset)
+    ends = hashing.sample_ends
+    index = json.dumps({"offsets": [0, *ends], "sha256": hashing.sample_sha256}).encode()
+    storage.write_bytes_atomic(index_path(path), index)
+    return ShardInfo(path.rsplit("/", 1)[-1], len(ends), hashing.nbytes, hashing.sha256.hexdigest(),
+                     len(index), hashlib.sha256(index).hexdigest())
 
 
 def write_manifest(directory: str, shards: list[ShardInfo], schema: dict[str, str], fingerprint: str, **extra) -> dict:
@@ -188,13 +217,16 @@ def shard_entries(directory: str, skip: Collection[str] = ()) -> list[dict]:
             if entry["name"] not in skip]
 
 
-def _tar_members(f) -> Iterator[tuple[str, bytes]]:
+def _tar_members(f, part: bool = False) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of a tar's regular files, parsing ustar headers directly (Python's
     tarfile spent most of the loader's time here). Each header's checksum is checked;
-    pax and GNU long names are understood; other member types are skipped."""
+    pax and GNU long names are understood; other member types are skipped. `part`: `f`
+    holds whole samples cut from a tar, so its end is the end of the members."""
     long_name = None
     while True:
         header = f.read(512)
+        if part and not header:
+            return
         if len(header) < 512:
             raise ShardFormatError("truncated tar header")
         if header == bytes(512):
@@ -230,9 +262,29 @@ def _pax_path(records: bytes) -> str | None:
     return None
 
 
+def _grouped(members: Iterator[tuple[str, bytes]]) -> Iterator[dict[str, Any]]:
+    """Samples from tar members: `__key__` plus raw bytes per extension (WebDataset's
+    grouping: members sharing the name before the first dot of the file name)."""
+    sample: dict[str, Any] = {}
+    for name, data in members:
+        directory, _, base = name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        key = f"{directory}/{stem}" if directory else stem
+        if not dot:
+            raise ShardFormatError(f"member '{name}' has no extension")
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        sample.setdefault("__key__", key)
+        if ext in sample:
+            raise ShardFormatError(f"sample {key} has two '.{ext}' members")
+        sample[ext] = data
+    if sample:
+        yield sample
+
+
 def iter_raw_shard(path: str, expected: dict | None = None) -> Iterator[dict[str, Any]]:
-    """Undecoded samples of one shard, in order: `__key__` plus raw bytes per extension
-    (WebDataset's grouping: members sharing the name before the first dot of the file name).
+    """Undecoded samples of one shard, in order: `__key__` plus raw bytes per extension.
 
     With `expected` (a manifest entry), the bytes are hashed as they stream past;
     the check runs when the shard ends, so a consumer that acts only on whole
@@ -245,22 +297,7 @@ def iter_raw_shard(path: str, expected: dict | None = None) -> Iterator[dict[str
     with f:
         reader = io.BufferedReader(_Hashing(f), 1 << 20)
         try:
-            sample: dict[str, Any] = {}
-            for name, data in _tar_members(reader):
-                directory, _, base = name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                key = f"{directory}/{stem}" if directory else stem
-                if not dot:
-                    raise ShardFormatError(f"member '{name}' has no extension")
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                sample.setdefault("__key__", key)
-                if ext in sample:
-                    raise ShardFormatError(f"sample {key} has two '.{ext}' members")
-                sample[ext] = data
-            if sample:
-                yield sample
+            yield from _grouped(_tar_members(reader))
             while reader.read(1 << 20):  # tar padding after the last member is part of the hash
                 pass
         except ShardFormatError as e:
@@ -272,6 +309,47 @@ def iter_raw_shard(path: str, expected: dict | None = None) -> Iterator[dict[str
             raise ShardFormatError(
                 f"{path} does not match its manifest entry (size or sha256 differ): corrupt or replaced"
             )
+
+
+def read_sample_index(entry: dict) -> dict[str, list]:
+    """A shard's sample index: `offsets` (where each sample starts, and where the last ends)
+    and `sha256` per sample, checked against the shard's manifest entry."""
+    path = index_path(entry["path"])
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError as e:
+        raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
+    if len(data) != entry["index_bytes"] or hashlib.sha256(data).hexdigest() != entry["index_sha256"]:
+        raise ShardFormatError(f"{path} does not match its manifest entry (size or sha256 differ): corrupt or replaced")
+    index = json.loads(data)
+    if len(index["offsets"]) != entry["samples"] + 1 or len(index["sha256"]) != entry["samples"]:
+        raise ShardFormatError(f"{path} does not index {entry['samples']} samples")
+    return index
+
+
+def iter_raw_samples(entry: dict, index: dict[str, list], first: int, last: int) -> Iterator[dict[str, Any]]:
+    """Undecoded samples `first` .. `last` of a shard, read as one byte range and each checked
+    against its sha256 in the shard's `index` before any is returned."""
+    offsets, path = index["offsets"], entry["path"]
+    try:
+        data = storage.read_range(path, offsets[first], offsets[last + 1])
+    except FileNotFoundError as e:
+        raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
+    if len(data) < offsets[last + 1] - offsets[first]:
+        raise ShardFormatError(f"{path} is not a readable tar shard: truncated (its samples {first}..{last} "
+                               f"end at byte {offsets[last + 1]}, the file before)")
+    view = memoryview(data)
+    for i in range(first, last + 1):
+        span = view[offsets[i] - offsets[first] : offsets[i + 1] - offsets[first]]
+        if len(span) != offsets[i + 1] - offsets[i] or hashlib.sha256(span).hexdigest() != index["sha256"][i]:
+            raise ShardFormatError(f"{path} sample {i} does not match the shard's index (size or sha256 differ): corrupt or replaced")
+    try:
+        samples = list(_grouped(_tar_members(io.BytesIO(data), part=True)))
+    except (ShardFormatError, ValueError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"{path} is not a readable tar shard: {e}") from e
+    if len(samples) != last + 1 - first:
+        raise ShardFormatError(f"{path}: bytes of samples {first}..{last} hold {len(samples)} samples")
+    return iter(samples)
 
 
 def decode_sample(raw: dict[str, Any], where: str) -> dict[str, Any]:
