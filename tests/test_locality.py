@@ -171,6 +171,9 @@ def test_on_s3_the_server_counts_each_rank_its_share(tmp_path):
             self._server_ready_event.set()
             self._server.serve_forever()
 
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems by arguments, not by endpoint
     port = free_port()
     server = CountingServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -200,6 +203,7 @@ def test_on_s3_the_server_counts_each_rank_its_share(tmp_path):
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         server.stop()
+        S3FileSystem.clear_instance_cache()
 
     corpus_bytes = sum(e["bytes"] for e in entries)
     for rank in range(world):
