@@ -11,12 +11,14 @@ the micro-batches, which are therefore the same whatever K is.
 
 A worker reads one block row of the global order at a time: it streams the
 shards holding its samples in that row through (hashing every byte against the
-manifest), decodes only those samples, and keeps them until they are batched.
-Memory is bounded by the block size, never by the corpus.
+manifest, or one byte range checked sample by sample), decodes only those
+samples, and keeps them until they are batched; a background thread reads the
+next row meanwhile. Memory is bounded by two rows' samples, never by the corpus.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -86,7 +88,6 @@ class ShardStream(IterableDataset):
         self.cache_all = 2 * sum(e["bytes"] for e in entries) <= cache_bytes
         self._cache: dict[int, dict[int, dict[str, Any]]] = {}  # shard -> {index: sample}
         self._indexes: dict[int, dict[str, list]] = {}  # shard -> its sample index, read once
-        self._reads: list[tuple[int, int]] = []  # (shard, bytes) per read request since the last part
 
     def _mine(self, step: int, worker: int, workers: int) -> np.ndarray:
         positions = readers.step_positions(self.layout, self.rank, step)
@@ -95,23 +96,42 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rows = self._rows(worker, workers)
         ready: dict[int, dict[str, Any]] = {}  # stream position -> decoded sample
-        # every block row before this stream position has been read
-        loaded_to = self.order.block_span(*self.order.block_of(self.first_step * self.layout.global_batch))[0]
+        read: list[tuple[int, int]] = []  # (shard, bytes) per read request since the last part
+        loaded_to = 0  # every block row before this stream position has been read
         for step in range(self.first_step, self.stop_step):
             positions = self._mine(step, worker, workers)
             while len(positions) and positions.max() >= loaded_to:
-                start, stop = self.order.block_span(*self.order.block_of(loaded_to))
-                ready.update(self._read(self._needed(step, worker, workers, start, stop)))
-                loaded_to = stop
-            read, self._reads = self._reads, []
-            if not len(positions):
-                yield {POSITION: torch.zeros(0, dtype=torch.int64), READ: read}
-                continue
-            part = collate([ready.pop(int(p)) for p in positions], self.fields)
-            if self.transform:
-                part = self.transform(part, positions // self.order.epoch_size)
-            yield {**part, POSITION: torch.from_numpy(positions), READ: read}
+                loaded_to, samples, reads = next(rows)
+                ready.update(samples)
+                read += reads
+            part = {POSITION: torch.from_numpy(positions), READ: read}
+            if len(positions):
+                batch = collate([ready.pop(int(p)) for p in positions], self.fields)
+                part.update(self.transform(batch, positions // self.order.epoch_size) if self.transform else batch)
+            yield part
+            read = []
+
+    def _rows(self, worker: int, workers: int) -> Iterator[tuple[int, dict[int, dict[str, Any]], list[tuple[int, int]]]]:
+        """This worker's samples block row after block row, from the first step's row on:
+        (where the row ends, its samples by position, the reads). The next row is read in a
+        background thread while this one is used."""
+        batch, end = self.layout.global_batch, self.stop_step * self.layout.global_batch
+
+        def read_row(start: int):
+            stop = self.order.block_span(*self.order.block_of(start))[1]
+            return stop, *self._read(self._needed(max(start // batch, self.first_step), worker, workers, start, stop))
+
+        with ThreadPoolExecutor(1) as background:
+            row = background.submit(read_row, self.order.block_span(*self.order.block_of(self.first_step * batch))[0])
+            while True:
+                stop, samples, reads = row.result()
+                if stop < end:
+                    row = background.submit(read_row, stop)
+                yield stop, samples, reads
+                if stop >= end:
+                    return
 
     def _needed(self, step: int, worker: int, workers: int, start: int, stop: int) -> np.ndarray:
         """This worker's positions in [start, stop), from `step` on."""
@@ -123,17 +143,19 @@ class ShardStream(IterableDataset):
             out.append(positions[(positions >= start) & (positions < stop)])
         return np.concatenate(out)
 
-    def _read(self, positions: np.ndarray) -> dict[int, dict[str, Any]]:
-        """Decode the samples at these stream positions, shard by shard."""
+    def _read(self, positions: np.ndarray) -> tuple[dict[int, dict[str, Any]], list[tuple[int, int]]]:
+        """The samples at these stream positions, decoded shard by shard, and the read
+        requests that fetched them: (shard, bytes) each."""
         wanted = readers.shard_reads(self.order, positions)
         out: dict[int, dict[str, Any]] = {}
+        reads: list[tuple[int, int]] = []
         for shard in sorted(wanted):
-            samples = self._decoded(shard, None if self.cache_all else set(wanted[shard]))
+            samples = self._decoded(shard, None if self.cache_all else set(wanted[shard]), reads)
             for index, position in wanted[shard].items():
                 out[position] = samples[index]
-        return out
+        return out, reads
 
-    def _decoded(self, shard: int, only: Optional[set[int]]) -> dict[int, dict[str, Any]]:
+    def _decoded(self, shard: int, only: Optional[set[int]], reads: list[tuple[int, int]]) -> dict[int, dict[str, Any]]:
         """Samples of one shard by index (all of them, or those in `only`), read whole or as
         one byte range (`readers.sample_span`), and verified before any is returned."""
         if shard in self._cache:
@@ -142,14 +164,14 @@ class ShardStream(IterableDataset):
         span = None if only is None else readers.sample_span(entry, only)
         if span is None:
             raws = enumerate(iter_raw_shard(entry["path"], entry))
-            self._reads.append((shard, entry["bytes"]))
+            reads.append((shard, entry["bytes"]))
         else:
             if shard not in self._indexes:
                 self._indexes[shard] = read_sample_index(entry)
-                self._reads.append((shard, entry["index_bytes"]))
+                reads.append((shard, entry["index_bytes"]))
             index = self._indexes[shard]
             raws = enumerate(iter_raw_samples(entry, index, *span), start=span[0])
-            self._reads.append((shard, index["offsets"][span[1] + 1] - index["offsets"][span[0]]))
+            reads.append((shard, index["offsets"][span[1] + 1] - index["offsets"][span[0]]))
         decoded, count = {}, 0
         for index, raw in raws:
             count += 1
