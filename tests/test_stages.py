@@ -373,3 +373,25 @@ def test_pipeline_batches_refuses_a_world_size_that_does_not_divide(capsys, tiny
     assert cli.main(["batches", str(SMOKE), "--stage", "pretrain_vit", "--steps", "1:3", "--world-size", "3",
                      "--workdir", tiny_workdir] + TINY_OVERRIDES) == 2
     assert "--world-size 3: global batch 128 does not split into 3 ranks" in capsys.readouterr().err
+
+
+def test_pipeline_batches_io_prints_what_each_reader_reads(run_tiny, tiny_workdir, capsys):
+    from pipeline import cli
+    from conftest import SMOKE, TINY_OVERRIDES
+
+    entries = shards.shard_entries(run_tiny(["patchify"])["stages"]["patchify"]["outputs"]["mnist_train"])
+    corpus = sum(e["bytes"] for e in entries)
+    argv = ["batches", str(SMOKE), "--stage", "pretrain_vit", "--io", "--json", "--world-size", "4", "--workdir",
+            tiny_workdir] + TINY_OVERRIDES + ["pretrain_vit.train.loader_workers=2"]
+    per_parts = {}
+    for parts in (1, 8):
+        capsys.readouterr()
+        assert cli.main(argv + [f"pretrain_vit.train.data_partitions={parts}"]) == 0
+        readers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(r["rank"], r["worker"]) for r in readers] == [(r, w) for r in range(4) for w in range(2)]
+        per_parts[parts] = readers
+    # One part: each of the 8 readers reads from every shard. Eight: about an eighth each.
+    assert all(r["shards"] == len(entries) for r in per_parts[1])
+    bound = 1.25 * corpus / 8 + max(e["bytes"] + e["index_bytes"] for e in entries)
+    assert all(r["bytes"] <= bound for r in per_parts[8]), (per_parts[8], bound)
+    assert sum(r["bytes"] for r in per_parts[8]) < 0.5 * sum(r["bytes"] for r in per_parts[1])

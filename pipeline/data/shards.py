@@ -327,9 +327,23 @@ def read_sample_index(entry: dict) -> dict[str, list]:
     return index
 
 
-def iter_raw_samples(entry: dict, index: dict[str, list], first: int, last: int) -> Iterator[dict[str, Any]]:
-    """Undecoded samples `first` .. `last` of a shard, read as one byte range and each checked
-    against its sha256 in the shard's `index` before any is returned."""
+def fetch_shard(entry: dict) -> bytes:
+    """A whole shard's bytes, checked against its manifest entry (size and sha256)."""
+    path = entry["path"]
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError as e:
+        raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
+    if len(data) < entry["bytes"]:
+        raise ShardFormatError(f"{path} is not a readable tar shard: truncated ({len(data)} of {entry['bytes']} bytes)")
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ShardFormatError(f"{path} does not match its manifest entry (size or sha256 differ): corrupt or replaced")
+    return data
+
+
+def fetch_samples(entry: dict, index: dict[str, list], first: int, last: int) -> bytes:
+    """The bytes of samples `first` .. `last` of a shard, one byte range, each sample checked
+    against its sha256 in the shard's `index`."""
     offsets, path = index["offsets"], entry["path"]
     try:
         data = storage.read_range(path, offsets[first], offsets[last + 1])
@@ -341,15 +355,21 @@ def iter_raw_samples(entry: dict, index: dict[str, list], first: int, last: int)
     view = memoryview(data)
     for i in range(first, last + 1):
         span = view[offsets[i] - offsets[first] : offsets[i + 1] - offsets[first]]
-        if len(span) != offsets[i + 1] - offsets[i] or hashlib.sha256(span).hexdigest() != index["sha256"][i]:
-            raise ShardFormatError(f"{path} sample {i} does not match the shard's index (size or sha256 differ): corrupt or replaced")
+        if hashlib.sha256(span).hexdigest() != index["sha256"][i]:
+            raise ShardFormatError(f"{path} sample {i} does not match the shard's index (sha256 differs): corrupt or replaced")
+    return data
+
+
+def parse_samples(data: bytes, path: str, count: int, part: bool = False) -> list[dict[str, Any]]:
+    """Undecoded samples in fetched tar bytes (a whole shard, or whole samples cut from one:
+    `part`), which must hold `count` of them."""
     try:
-        samples = list(_grouped(_tar_members(io.BytesIO(data), part=True)))
+        samples = list(_grouped(_tar_members(io.BytesIO(data), part)))
     except (ShardFormatError, ValueError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{path} is not a readable tar shard: {e}") from e
-    if len(samples) != last + 1 - first:
-        raise ShardFormatError(f"{path}: bytes of samples {first}..{last} hold {len(samples)} samples")
-    return iter(samples)
+    if len(samples) != count:
+        raise ShardFormatError(f"{path} holds {len(samples)} samples where its manifest entry says {count}")
+    return samples
 
 
 def decode_sample(raw: dict[str, Any], where: str) -> dict[str, Any]:
