@@ -9,12 +9,12 @@ The DataLoader collects parts round-robin, so each step's K parts arrive
 together; `MicroBatches` puts the step's samples back in stream order and cuts
 the micro-batches, which are therefore the same whatever K is.
 
-A worker reads one block row of the global order at a time: it streams the
-shards holding its samples in that row through (hashing every byte against the
-manifest, or one byte range checked sample by sample), decodes only those
-samples, and keeps them until they are batched; from remote storage a background
-thread fetches the next row meanwhile. Memory is bounded by two rows' samples,
-never by the corpus.
+A worker reads one block row of the global order at a time: it fetches, shard by
+shard, the shards holding its samples in that row (whole, checked against the
+manifest's sha256, or one byte range checked sample by sample against the shard's
+index), decodes only those samples, and keeps them until they are batched; from
+remote storage a background thread fetches the next row meanwhile. Memory is
+bounded by two rows' samples, never by the corpus.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pipeline.data.shards import (ShardFormatError, decode_field, fetch_samples,
                                   parse_samples, read_sample_index, refuse_extension)
 
 # Bookkeeping of a worker's part, not passed on in micro-batches: the stream positions of its
-# samples, the unpadded lengths of padded fields, and the shards it read for it.
+# samples, the unpadded lengths of padded fields, and the reads made for it, (shard, bytes) each.
 POSITION, LENGTHS, READ = "__position__", "__lengths__", "__read__"
 
 # extension -> converter of the decoded value to a numpy array or scalar
@@ -42,11 +42,11 @@ Fields = dict[str, Callable[[Any], Any]]
 Transform = Callable[[dict[str, Any], np.ndarray], dict[str, Any]]
 
 
-def collate(samples: list[dict[str, Any]], fields: Fields) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any]], fields: Fields, keep_lengths: bool = False) -> dict[str, Any]:
     """Stack each numeric field into one tensor (dtype kept: token ids stay uint16);
     keys and text stay lists. Arrays whose first dimension differs (the patches of
-    grids of different shapes) are zero-padded to the longest, and their lengths kept
-    under `__lengths__`."""
+    grids of different shapes) are zero-padded to the longest (with `keep_lengths`,
+    their lengths are kept under `__lengths__`)."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
     for field in fields:
         values = [np.asarray(s[field]) for s in samples]
@@ -55,7 +55,8 @@ def collate(samples: list[dict[str, Any]], fields: Fields) -> dict[str, Any]:
             continue
         longest = max(len(v) for v in values) if values[0].ndim else 0
         if any(v.ndim and len(v) != longest for v in values):
-            batch.setdefault(LENGTHS, {})[field] = torch.tensor([len(v) for v in values])
+            if keep_lengths:
+                batch.setdefault(LENGTHS, {})[field] = torch.tensor([len(v) for v in values])
             values = [np.concatenate([v, np.zeros((longest - len(v), *v.shape[1:]), v.dtype)]) for v in values]
         batch[field] = torch.from_numpy(np.stack(values))
     return batch
@@ -110,7 +111,7 @@ class ShardStream(IterableDataset):
                 read += reads
             part = {POSITION: positions, READ: read}  # numpy: pickled with the part, not a shared-memory tensor
             if len(positions):
-                batch = collate([ready.pop(int(p)) for p in positions], self.fields)
+                batch = collate([ready.pop(int(p)) for p in positions], self.fields, keep_lengths=True)
                 part.update(self.transform(batch, positions // self.order.epoch_size) if self.transform else batch)
             yield part
             read = []
