@@ -283,6 +283,18 @@ def _grouped(members: Iterator[tuple[str, bytes]]) -> Iterator[dict[str, Any]]:
         yield sample
 
 
+def _listed(read: Callable, path: str, *args) -> Any:
+    """`read(path, *args)` of a file a manifest lists: a missing one is a shard error."""
+    try:
+        return read(path, *args)
+    except FileNotFoundError as e:
+        raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
+
+
+def _not_as_listed(path: str) -> ShardFormatError:
+    return ShardFormatError(f"{path} does not match its manifest entry (size or sha256 differ): corrupt or replaced")
+
+
 def iter_raw_shard(path: str, expected: dict | None = None) -> Iterator[dict[str, Any]]:
     """Undecoded samples of one shard, in order: `__key__` plus raw bytes per extension.
 
@@ -290,11 +302,7 @@ def iter_raw_shard(path: str, expected: dict | None = None) -> Iterator[dict[str
     the check runs when the shard ends, so a consumer that acts only on whole
     shards never acts on a corrupt one.
     """
-    try:
-        f = storage.open_file(path, "rb")
-    except FileNotFoundError as e:
-        raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
-    with f:
+    with _listed(storage.open_file, path, "rb") as f:
         reader = io.BufferedReader(_Hashing(f), 1 << 20)
         try:
             yield from _grouped(_tar_members(reader))
@@ -306,21 +314,16 @@ def iter_raw_shard(path: str, expected: dict | None = None) -> Iterator[dict[str
             raise ShardFormatError(f"{path} is not a readable tar shard: {e}") from e
         hashed = reader.raw
         if expected is not None and (hashed.nbytes != expected["bytes"] or hashed.sha256.hexdigest() != expected["sha256"]):
-            raise ShardFormatError(
-                f"{path} does not match its manifest entry (size or sha256 differ): corrupt or replaced"
-            )
+            raise _not_as_listed(path)
 
 
 def read_sample_index(entry: dict) -> dict[str, list]:
     """A shard's sample index: `offsets` (where each sample starts, and where the last ends)
     and `sha256` per sample, checked against the shard's manifest entry."""
     path = index_path(entry["path"])
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError as e:
-        raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
+    data = _listed(storage.read_bytes, path)
     if len(data) != entry["index_bytes"] or hashlib.sha256(data).hexdigest() != entry["index_sha256"]:
-        raise ShardFormatError(f"{path} does not match its manifest entry (size or sha256 differ): corrupt or replaced")
+        raise _not_as_listed(path)
     index = json.loads(data)
     if len(index["offsets"]) != entry["samples"] + 1 or len(index["sha256"]) != entry["samples"]:
         raise ShardFormatError(f"{path} does not index {entry['samples']} samples")
@@ -330,14 +333,11 @@ def read_sample_index(entry: dict) -> dict[str, list]:
 def fetch_shard(entry: dict) -> bytes:
     """A whole shard's bytes, checked against its manifest entry (size and sha256)."""
     path = entry["path"]
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError as e:
-        raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
+    data = _listed(storage.read_bytes, path)
     if len(data) < entry["bytes"]:
         raise ShardFormatError(f"{path} is not a readable tar shard: truncated ({len(data)} of {entry['bytes']} bytes)")
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ShardFormatError(f"{path} does not match its manifest entry (size or sha256 differ): corrupt or replaced")
+        raise _not_as_listed(path)
     return data
 
 
@@ -345,10 +345,7 @@ def fetch_samples(entry: dict, index: dict[str, list], first: int, last: int) ->
     """The bytes of samples `first` .. `last` of a shard, one byte range, each sample checked
     against its sha256 in the shard's `index`."""
     offsets, path = index["offsets"], entry["path"]
-    try:
-        data = storage.read_range(path, offsets[first], offsets[last + 1])
-    except FileNotFoundError as e:
-        raise ShardFormatError(f"{path} is listed in the manifest but missing") from e
+    data = _listed(storage.read_range, path, offsets[first], offsets[last + 1])
     if len(data) < offsets[last + 1] - offsets[first]:
         raise ShardFormatError(f"{path} is not a readable tar shard: truncated (its samples {first}..{last} "
                                f"end at byte {offsets[last + 1]}, the file before)")
