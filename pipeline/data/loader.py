@@ -189,7 +189,7 @@ class ShardStream(IterableDataset):
                 reads.append((shard, entry["index_bytes"]))
             index = self._indexes[shard]
             fetched[shard] = (span[0], span[1] + 1 - span[0], fetch_samples(entry, index, *span))
-            reads.append((shard, index["offsets"][span[1] + 1] - index["offsets"][span[0]]))
+            reads.append((shard, readers.span_bytes(index, span)))
         return fetched, reads
 
     def _decode(self, wanted: dict[int, dict[int, int]], fetched: dict[int, tuple[int, int, bytes]]) -> dict[int, dict[str, Any]]:

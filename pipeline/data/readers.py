@@ -61,6 +61,11 @@ def sample_span(entry: dict, indices) -> tuple[int, int] | None:
     return first, last
 
 
+def span_bytes(index: dict[str, list], span: tuple[int, int]) -> int:
+    """Bytes of the byte range holding samples span[0] .. span[1] of an indexed shard."""
+    return index["offsets"][span[1] + 1] - index["offsets"][span[0]]
+
+
 def reader_io(order: GlobalOrder, layout: BatchLayout, entries: list[dict], rank: int, worker: int, workers: int,
               epoch: int, indexes: dict[int, dict] | None = None) -> dict[str, int]:
     """Shards opened, bytes and read requests of one reader over one epoch, as the loader
@@ -84,8 +89,7 @@ def reader_io(order: GlobalOrder, layout: BatchLayout, entries: list[dict], rank
                     nbytes, requests = nbytes + entry["index_bytes"], requests + 1
                 if shard not in indexes:
                     indexes[shard] = read_sample_index(entry)
-                offsets = indexes[shard]["offsets"]
-                nbytes += offsets[span[1] + 1] - offsets[span[0]]
+                nbytes += span_bytes(indexes[shard], span)
             shards.add(shard)
             requests += 1
     return {"rank": rank, "worker": worker, "shards": len(shards), "bytes": nbytes, "requests": requests}
