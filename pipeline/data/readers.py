@@ -9,7 +9,7 @@ the rank's parts) and reads only their shards. Otherwise the workers take the
 rank's micro-batches in turn, and each reads every shard its rank touches.
 Of a shard it needs only part of, a reader fetches the byte range from its first
 to its last needed sample (checked against the shard's sample index), else the
-whole shard.
+whole shard; either way it parses only its own samples, cut out by the index.
 """
 
 from __future__ import annotations
@@ -52,18 +52,20 @@ def shard_reads(order: GlobalOrder, positions: np.ndarray) -> dict[int, dict[int
     return wanted
 
 
-def sample_span(entry: dict, indices) -> tuple[int, int] | None:
-    """The samples (first, last) to read as one byte range, or None to read the shard whole
-    (it has no sample index, or all of it is needed)."""
+def uses_index(entry: dict) -> bool:
+    """Whether a reader reads the shard's sample index (once): wherever it has one, so that
+    the reader parses only its own samples even of a shard it fetches whole."""
+    return bool(entry.get("index_sha256"))
+
+
+def shard_read(entry: dict, indices, index: dict[str, list] | None) -> tuple[tuple[int, int], int]:
+    """What a reader fetches of one shard for the wanted sample `indices`: the samples
+    (first, last) and their bytes. One byte range from the first to the last wanted sample
+    where the shard's sample `index` allows, else the whole shard."""
     first, last = min(indices), max(indices)
-    if not entry.get("index_sha256") or (first, last) == (0, entry["samples"] - 1):
-        return None
-    return first, last
-
-
-def span_bytes(index: dict[str, list], span: tuple[int, int]) -> int:
-    """Bytes of the byte range holding samples span[0] .. span[1] of an indexed shard."""
-    return index["offsets"][span[1] + 1] - index["offsets"][span[0]]
+    if index is None or (first, last) == (0, entry["samples"] - 1):
+        return (0, entry["samples"] - 1), entry["bytes"]
+    return (first, last), index["offsets"][last + 1] - index["offsets"][first]
 
 
 def reader_io(order: GlobalOrder, layout: BatchLayout, entries: list[dict], rank: int, worker: int, workers: int,
@@ -80,16 +82,15 @@ def reader_io(order: GlobalOrder, layout: BatchLayout, entries: list[dict], rank
     row = (mine - start) // (order.block * order.partitions)
     for r in np.unique(row):
         for shard, wanted in shard_reads(order, mine[row == r]).items():
-            entry, span = entries[shard], sample_span(entries[shard], wanted)
-            if span is None:
-                nbytes += entry["bytes"]
-            else:
+            entry, index = entries[shard], None
+            if uses_index(entry):
                 if shard not in indexed:  # the shard's index, read once
                     indexed.add(shard)
                     nbytes, requests = nbytes + entry["index_bytes"], requests + 1
                 if shard not in indexes:
                     indexes[shard] = read_sample_index(entry)
-                nbytes += span_bytes(indexes[shard], span)
+                index = indexes[shard]
+            nbytes += shard_read(entry, wanted, index)[1]
             shards.add(shard)
             requests += 1
     return {"rank": rank, "worker": worker, "shards": len(shards), "bytes": nbytes, "requests": requests}

@@ -11,6 +11,7 @@ exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -40,16 +41,19 @@ class KeyedShift:
         patches = batch["npy"]
         p, m = self.p, self.m
         g = int(round(patches.shape[1] ** 0.5))
-        size = g * p
-        images = to_images(patches, g, g, p)
-        padded = torch.nn.functional.pad(images, (m,) * 4, value=self.background)
-        shifted = torch.empty_like(images)
-        offsets = torch.from_numpy(self.offsets(batch["__key__"], epochs))
-        for dx in range(2 * m + 1):
-            for dy in range(2 * m + 1):
-                rows = ((offsets[:, 0] == dx) & (offsets[:, 1] == dy)).nonzero().flatten()
-                shifted[rows] = padded[rows, dy : dy + size, dx : dx + size]
-        return {**batch, "npy": to_patches(shifted, p).contiguous()}
+        width = g * p + 2 * m
+        padded = torch.nn.functional.pad(to_images(patches, g, g, p), (m,) * 4, value=self.background).flatten(1)
+        dx, dy = torch.from_numpy(self.offsets(batch["__key__"], epochs)).T
+        # One gather: the shifted image's pixel (y, x) is the padded image's (y + dy, x + dx).
+        pixels = _patch_pixels(g, p, width) + (dy * width + dx)[:, None]
+        return {**batch, "npy": padded.gather(1, pixels).reshape(patches.shape)}
+
+
+@functools.lru_cache(maxsize=16)
+def _patch_pixels(g: int, p: int, width: int) -> torch.Tensor:
+    """For each pixel of the (g x g patches of p x p) patch layout, its flat index in an image
+    `width` wide, read from its top left corner."""
+    return to_patches(torch.arange(width * width).reshape(width, width)[: g * p, : g * p], p).flatten()
 
 
 class KeyedAffine:
