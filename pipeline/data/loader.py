@@ -29,12 +29,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.order import BatchLayout, GlobalOrder
-from pipeline.data.shards import (ShardFormatError, decode_field, fetch_samples, fetch_shard, iter_raw_shard,
+from pipeline.data.shards import (ALLOWED_EXTENSIONS, ShardFormatError, decode_field, fetch_samples, fetch_shard, iter_raw_shard,
                                   parse_samples, read_sample_index, refuse_extension)
 
 # Bookkeeping of a worker's part, not passed on in micro-batches: the stream positions of its
 # samples, the unpadded lengths of padded fields, and the reads made for it, (shard, bytes) each.
 POSITION, LENGTHS, READ = "__position__", "__lengths__", "__read__"
+_ALLOWED_KEYS = {"__key__", *ALLOWED_EXTENSIONS}
 
 # extension -> converter of the decoded value to a numpy array or scalar
 Fields = dict[str, Callable[[Any], Any]]
@@ -65,9 +66,8 @@ def collate(samples: list[dict[str, Any]], fields: Fields, keep_lengths: bool = 
 def decode_fields(raw: dict[str, Any], fields: Fields, where: str) -> dict[str, Any]:
     """The sample's `fields`, decoded; a member outside the allow-list is refused by name
     even when training would not read it (a shard that carries a `.pickle` is not ours)."""
-    for ext in raw:
-        if ext != "__key__":
-            refuse_extension(ext, f"{where}:{raw['__key__']}")
+    for ext in raw.keys() - _ALLOWED_KEYS:
+        refuse_extension(ext, f"{where}:{raw['__key__']}")
     sample = {"__key__": raw["__key__"]}
     for field, convert in fields.items():
         if field not in raw:

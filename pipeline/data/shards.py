@@ -249,7 +249,7 @@ def _header_blocks_in(data: bytes, part: bool) -> list[tuple[bytes, bytes]]:
     numpy pass rather than one Python sum per header (most of the streamed loader's
     parsing time). `part`: `data` holds whole samples cut from a tar, so its end is the
     end of the members."""
-    blocks, at, end = [], 0, len(data)
+    headers, members, at, end = [], [], 0, len(data)
     while not (part and at == end):
         header = data[at : at + 512]
         if len(header) < 512:
@@ -259,14 +259,15 @@ def _header_blocks_in(data: bytes, part: bool) -> list[tuple[bytes, bytes]]:
         size = _octal(header[124:136])
         if at + 512 + size > end:
             raise ShardFormatError("truncated tar member")
-        blocks.append((header, data[at + 512 : at + 512 + size]))
+        headers.append(header)
+        members.append(data[at + 512 : at + 512 + size])
         at += 512 + size + (-size % 512)
-    if blocks:
-        headers = np.frombuffer(b"".join(h for h, _ in blocks), np.uint8).reshape(-1, 512).astype(np.int64)
-        sums = headers.sum(axis=1) - headers[:, 148:156].sum(axis=1) + 256
-        if any(_octal(h[148:156]) != int(s) for (h, _), s in zip(blocks, sums)):
+    if headers:
+        table = np.frombuffer(b"".join(headers), np.uint8).reshape(-1, 512).astype(np.int64)
+        sums = (table.sum(axis=1) - table[:, 148:156].sum(axis=1) + 256).tolist()
+        if [_octal(h[148:156]) for h in headers] != sums:
             raise ShardFormatError("tar header checksum mismatch")
-    return blocks
+    return list(zip(headers, members))
 
 
 def _tar_members(blocks: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[str, bytes]]:
