@@ -54,6 +54,38 @@ def test_corrupt_shard_is_caught_by_checksum(tmp_path):
         list(shards.iter_verified(d))
 
 
+def _tar_with_long_names() -> bytes:
+    """A tar of headers written by Python's tarfile (not our writer): a ustar-split name, a
+    directory to skip, a GNU long name, a pax long name."""
+    out = b""
+    directory = tarfile.TarInfo("somedir")
+    directory.type = tarfile.DIRTYPE
+    for name, form in (("a" * 120 + "/s0.cls", tarfile.USTAR_FORMAT), (directory, tarfile.USTAR_FORMAT),
+                       ("d/" + "b" * 130 + ".cls", tarfile.GNU_FORMAT), ("p/" + "c" * 140 + ".cls", tarfile.PAX_FORMAT)):
+        info = name if isinstance(name, tarfile.TarInfo) else tarfile.TarInfo(name)
+        info.size = 0 if info.isdir() else 1
+        out += info.tobuf(form, "utf-8", "surrogateescape") + (b"" if info.isdir() else b"7" + bytes(511))
+    return out + bytes(1024)
+
+
+def test_both_tar_parsers_read_long_names_and_refuse_a_bad_header(tmp_path):
+    data = _tar_with_long_names()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [m.name for m in tar.getmembers() if m.isfile()]
+    assert len(expected) == 3 and all(len(n) > 100 for n in expected)
+    in_memory = [s["__key__"] + ".cls" for s in shards.parse_samples(data, "t.tar", 3)]
+    (tmp_path / "t.tar").write_bytes(data)
+    streamed = [s["__key__"] + ".cls" for s in shards.iter_raw_shard(str(tmp_path / "t.tar"))]
+    assert in_memory == streamed == expected
+    bad = bytearray(data)
+    bad[1] ^= 0x01  # in the first header's name
+    with pytest.raises(ShardFormatError, match="checksum mismatch"):
+        shards.parse_samples(bytes(bad), "t.tar", 3)
+    (tmp_path / "t.tar").write_bytes(bytes(bad))
+    with pytest.raises(ShardFormatError, match="checksum mismatch"):
+        list(shards.iter_raw_shard(str(tmp_path / "t.tar")))
+
+
 def _npy(array) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
