@@ -24,7 +24,7 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
     summary = run_tiny(["patchify"])
     train = resume_train(tiny_config, zero_stage)
 
-    def spec(name, resume_from=None, fail_at_step=0, max_failures=0):
+    def spec(name, resume_from=None, fail_at_step=0, max_failures=0, train=train):
         return small_vit_spec(summary["stages"]["patchify"]["outputs"]["mnist_train"],
                               dataclasses.replace(train, max_failures=max_failures), str(tmp_path / f"{name}.safetensors"),
                               resume_from=resume_from, fail_at_step=fail_at_step)
@@ -57,6 +57,12 @@ def test_resumed_run_equals_uninterrupted(run_tiny, tiny_config, tmp_path, zero_
         assert sorted(restarted["checkpoints_by_step"]) == [6, 12]
         assert restarted["metrics"]["started_at"] == 6
         _assert_same_weights(full_weights, tmp_path / "restarted.safetensors")
+        # Elastic: the same run dir at 1 worker x grad_accum 2 goes through DeepSpeed's ZeRO-3
+        # universal load (its shared step tensor made this drift ~1e-3 before load_engine fixed it).
+        one_worker = dataclasses.replace(train, num_workers=1, grad_accum=2)
+        elastic = fit(spec("elastic", train=one_worker), str(_died_after_step_6(full, tmp_path)))
+        assert elastic["metrics"]["started_at"] == 6
+        assert elastic["metrics"]["loss"] == pytest.approx(full["metrics"]["loss"], rel=1e-5)
 
 
 def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path, zero2_reference):
@@ -64,8 +70,7 @@ def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path, zer
     the newest checkpoint with the same global batches, and ends at the uninterrupted
     run's final loss to 1e-4 relative.
 
-    ZeRO-2: DeepSpeed's universal checkpoint restores it exactly enough. Its ZeRO-3
-    universal load leaves a drift of ~3e-4 after one step (see launch.prepare_resume)."""
+    ZeRO-2 here; ZeRO-3's elastic resume is in test_resumed_run_equals_uninterrupted[3]."""
     summary = run_tiny(["patchify"])
     base = resume_train(tiny_config, 2)
     full, _ = zero2_reference
@@ -78,11 +83,8 @@ def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path, zer
     # reference's, copied without its step-12 checkpoint. Run again on 1 worker (what a
     # user does after losing a node: the stage's fingerprint is the same), `fit` finds
     # the step-6 checkpoint itself, converts it and continues under a new Ray run name.
-    reference_dir, died = Path(full["checkpoints_by_step"][6]).parents[1], tmp_path / "died"
-    shutil.copytree(reference_dir, died)
-    shutil.rmtree(died / Path(full["checkpoints_by_step"][12]).relative_to(reference_dir))
     one_worker = dataclasses.replace(base, num_workers=1, grad_accum=2)
-    elastic = fit(spec("elastic", one_worker), str(died))
+    elastic = fit(spec("elastic", one_worker), str(_died_after_step_6(full, tmp_path)))
     assert sorted(elastic["checkpoints_by_step"]) == [12]
     assert "/ray-1-workers-from-step-6/" in elastic["checkpoint"]
     # The last step's global batch is the same set of samples (digest of its keys)...
@@ -95,6 +97,15 @@ def test_elastic_resume_and_refused_resumes(run_tiny, tiny_config, tmp_path, zer
         fit(spec("smaller", dataclasses.replace(base, num_workers=1), checkpoint), str(tmp_path / "smaller"))
     with pytest.raises(ResumeMismatchError, match="data fingerprint differs"):
         fit(spec("reseeded", dataclasses.replace(base, seed=1), checkpoint), str(tmp_path / "reseeded"))
+
+
+def _died_after_step_6(full: dict, tmp_path: Path) -> Path:
+    """The run directory of `full` as if it had died after its step-6 checkpoint: a copy
+    without the step-12 one."""
+    reference_dir, died = Path(full["checkpoints_by_step"][6]).parents[1], tmp_path / "died"
+    shutil.copytree(reference_dir, died)
+    shutil.rmtree(died / Path(full["checkpoints_by_step"][12]).relative_to(reference_dir))
+    return died
 
 
 def _assert_same_weights(path_a, path_b):

@@ -78,9 +78,13 @@ def read_data_state(directory: str) -> dict:
     return storage.read_json(path)
 
 
-def _param_groups(engine) -> list[dict]:
+def _torch_optimizer(engine):
     optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer).param_groups  # the torch optimizer inside ZeRO's wrapper
+    return getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside ZeRO's wrapper
+
+
+def _param_groups(engine) -> list[dict]:
+    return _torch_optimizer(engine).param_groups
 
 
 def load_engine(engine, directory: str) -> None:
@@ -94,6 +98,13 @@ def load_engine(engine, directory: str) -> None:
     if engine.load_universal_checkpoint():
         for group, settings, lr in zip(_param_groups(engine), own, engine.lr_scheduler.get_last_lr()):
             group.update(settings, lr=lr)  # lr: where the restored schedule stands
+        # DeepSpeed's ZeRO-3 universal load (0.19) puts one `step` tensor object into the state
+        # of every sub-group; AdamW increments it in place once per sub-group, so with two
+        # groups the step count ran twice as fast and Adam's bias correction went wrong from
+        # the first update (the ~1e-3 drift an elastic ZeRO-3 resume had). One tensor each:
+        for state in _torch_optimizer(engine).state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def export_weights(engine, zero_stage: int, path: str, rank: int) -> None:

@@ -60,11 +60,6 @@ def prepare_resume(spec: TrainSpec, run_dir: str) -> TrainSpec:
     TrainingData.open(spec.train_data, spec.train, spec.train.num_workers, spec.skip_shards).check_resume(state)
     if state["world_size"] == spec.train.num_workers:
         return spec
-    if spec.train.zero_stage == 3:
-        # Measured on the smoke ViT: weights and Adam moments come back exactly, yet the next
-        # step's loss drifts ~3e-4 relative from an uninterrupted run; from ZeRO-2 it matched.
-        print(f"warning: resuming a ZeRO-3 checkpoint at world size {spec.train.num_workers} "
-              f"(saved at {state['world_size']}): DeepSpeed's universal load is close, not exact", flush=True)
     target = storage.join(storage.absolute(run_dir), f"universal-from-world-size-{state['world_size']}-step-{state['step']}")
     ray.get(ray.remote(num_cpus=1)(_to_universal).remote(spec.resume_from, target))
     deepspeed = {**spec.deepspeed, "checkpoint": {"load_universal": True}}
