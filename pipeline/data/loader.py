@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.order import BatchLayout, GlobalOrder
-from pipeline.data.shards import (ALLOWED_EXTENSIONS, ShardFormatError, decode_field, fetch_samples, fetch_shard, iter_raw_shard,
-                                  parse_samples, read_sample_index, refuse_extension)
+from pipeline.data.shards import (ALLOWED_EXTENSIONS, ShardFormatError, decode_field, fetch_samples, fetch_shard,
+                                  iter_raw_shard, parse_samples, read_sample_index, refuse_extension)
 
 # Bookkeeping of a worker's part, not passed on in micro-batches: the stream positions of its
 # samples, the unpadded lengths of padded fields, and the reads made for it, (shard, bytes) each.
