@@ -110,7 +110,8 @@ def test_a_flipped_byte_is_caught_and_names_the_shard(class_sorted_shards, tmp_p
     data = bytearray(open(victim, "rb").read())
     data[700] ^= 0x01  # inside the first member's payload: the tar still parses
     open(victim, "wb").write(bytes(data))
-    with pytest.raises(shards.ShardFormatError, match="part-002.tar does not match its manifest"):
+    # checked against the sample's own sha256 in the shard's index (the reader uses the sample)
+    with pytest.raises(shards.ShardFormatError, match="part-002.tar sample 0 does not match the shard's index"):
         _epoch_stream(d, 1, 0, 20)
 
 

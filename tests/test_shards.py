@@ -86,6 +86,71 @@ def test_both_tar_parsers_read_long_names_and_refuse_a_bad_header(tmp_path):
         list(shards.iter_raw_shard(str(tmp_path / "t.tar")))
 
 
+def _columns_of(path: str, keep: list[int], fields: dict):
+    """`decode_columns` of samples `keep` of a shard, cut out by its index."""
+    from pipeline.data.loader import decode_columns
+
+    offsets = np.asarray(shards.read_sample_index({"path": path, **_entry(path)})["offsets"])
+    return decode_columns(open(path, "rb").read(), offsets[keep], offsets[np.asarray(keep) + 1], fields)
+
+
+def _entry(path: str) -> dict:
+    import hashlib
+
+    index = open(shards.index_path(path), "rb").read()
+    samples = len(shards.json.loads(index)["sha256"])
+    return {"samples": samples, "index_bytes": len(index), "index_sha256": hashlib.sha256(index).hexdigest()}
+
+
+def test_uniform_samples_decode_as_columns_equal_to_one_by_one(tmp_path):
+    from pipeline.data.loader import decode_fields
+
+    def patches(n, rows=lambda i: 16):
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            yield {"__key__": f"d/{i:07d}", "npy": rng.standard_normal((rows(i), 49)).astype(np.float16), "cls": (7 * i) % 10}
+
+    fields = {"npy": lambda a: a.astype(np.float32), "cls": int}
+    path = str(tmp_path / "uniform.tar")
+    shards.write_shard(path, patches(40))
+    keep = [1, 2, 5, 17, 39]
+    keys, columns = _columns_of(path, keep, fields)
+    one_by_one = [decode_fields(raw, fields, path) for raw in shards.iter_raw_shard(path)]
+    assert keys == [one_by_one[i]["__key__"] for i in keep] == ["d/0000001", "d/0000002", "d/0000005", "d/0000017", "d/0000039"]
+    assert columns["npy"].dtype == np.float32 and columns["npy"].shape == (5, 16, 49)
+    assert all(np.array_equal(columns["npy"][row], one_by_one[i]["npy"]) for row, i in enumerate(keep))
+    assert columns["cls"].tolist() == [one_by_one[i]["cls"] for i in keep]
+
+    # Not uniform, or not arrays and labels: left to the sample-by-sample path (None).
+    ragged = str(tmp_path / "ragged.tar")
+    shards.write_shard(ragged, patches(6, rows=lambda i: 4 + i % 2))
+    assert _columns_of(ragged, [0, 1, 2], fields) is None
+    assert _columns_of(ragged, [0, 2, 4], fields) is not None  # these three happen to agree
+    assert _columns_of(path, keep, {"npy": np.asarray, "txt": str}) is None
+    mixed = str(tmp_path / "mixed.tar")
+    shards.write_shard(mixed, ({"__key__": f"{i}", "npy": np.zeros(3), **({"txt": "x"} if i else {})} for i in range(3)))
+    assert _columns_of(mixed, [0, 1], {"npy": np.asarray}) is None
+    foreign = str(tmp_path / "foreign.tar")  # a member off the allow-list: the loader refuses it by name
+    shards.write_shard(foreign, patches(3))
+    data = bytearray(open(foreign, "rb").read())
+    for sample in range(3):  # every `.cls` header renamed `.pkl`, its checksum written anew
+        at = data.index(b".cls")
+        data[at : at + 4] = b".pkl"
+        header = at - at % 512
+        data[header + 148 : header + 156] = b" " * 8
+        data[header + 148 : header + 156] = b"%06o\0 " % sum(data[header : header + 512])
+    open(foreign, "wb").write(bytes(data))
+    with pytest.raises(ShardFormatError, match="'.pkl' is not allowed"):
+        list(shards.iter_shard(foreign))
+    assert _columns_of(foreign, [0, 1, 2], {"npy": np.asarray}) is None  # though training reads only .npy
+
+    data = bytearray(open(path, "rb").read())
+    data[2] ^= 0x01  # in the first sample's first header
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ShardFormatError, match="checksum mismatch"):
+        _columns_of(path, [0, 1], fields)
+
+
 def _npy(array) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)

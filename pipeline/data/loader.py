@@ -10,15 +10,20 @@ together; `MicroBatches` puts the step's samples back in stream order and cuts
 the micro-batches, which are therefore the same whatever K is.
 
 A worker reads one block row of the global order at a time: it fetches, shard by
-shard, the shards holding its samples in that row (whole, checked against the
-manifest's sha256, or one byte range checked sample by sample against the shard's
-index), decodes only those samples, and keeps them until they are batched; from
+shard, the shards holding its samples in that row (one byte range from its first
+to its last sample, each of its samples checked against the shard's index; a shard
+without an index whole, checked against the manifest), decodes only those samples
+(as whole columns where every sample has the same fixed-size members), and keeps
+them until they are batched; from
 remote storage a background thread fetches the next row meanwhile. Memory is
 bounded by two rows' samples, never by the corpus.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
 
@@ -29,15 +34,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.order import BatchLayout, GlobalOrder
-from pipeline.data.shards import (ALLOWED_EXTENSIONS, ShardFormatError, decode_field, fetch_samples, fetch_shard,
-                                  iter_raw_shard, parse_samples, read_sample_index, refuse_extension)
+from pipeline.data.shards import (ALLOWED_EXTENSIONS, ShardFormatError, decode_column, decode_field, fetch_samples,
+                                  fetch_shard, iter_raw_shard, parse_columns, parse_samples, read_sample_index,
+                                  refuse_extension)
 
 # Bookkeeping of a worker's part, not passed on in micro-batches: the stream positions of its
 # samples, the unpadded lengths of padded fields, and the reads made for it, (shard, bytes) each.
 POSITION, LENGTHS, READ = "__position__", "__lengths__", "__read__"
 _ALLOWED_KEYS = {"__key__", *ALLOWED_EXTENSIONS}
 
-# extension -> converter of the decoded value to a numpy array or scalar
+# extension -> converter of the decoded value to a numpy array or scalar. A `.npy` field's
+# converter also takes the stacked arrays of many samples (`decode_columns`).
 Fields = dict[str, Callable[[Any], Any]]
 # (batch, epoch of each sample) -> batch: augmentation, keyed by each sample's key and epoch only
 Transform = Callable[[dict[str, Any], np.ndarray], dict[str, Any]]
@@ -113,12 +120,7 @@ class ShardStream(IterableDataset):
             if len(positions):
                 batch = collate([ready.pop(int(p)) for p in positions], self.fields, keep_lengths=True)
                 part.update(self.transform(batch, positions // self.order.epoch_size) if self.transform else batch)
-            # The batch's arrays go as tensors, not numpy: a tensor crosses the pipe as a
-            # shared-memory handle, a few bytes; numpy arrays (measured ~1.4x faster here) fill
-            # the pipe, and when the training process is SIGKILLed a worker blocked on a pipe
-            # its siblings keep open never exits, so Ray never sees the rank die (the
-            # SIGKILL drill in tests/test_faults.py hung).
-            yield part
+            yield _as_numpy(part) if info else part
             read = []
 
     def _rows(self, worker: int, workers: int) -> Iterator[tuple[int, dict[int, dict[str, Any]], list[tuple[int, int]]]]:
@@ -190,8 +192,8 @@ class ShardStream(IterableDataset):
                     reads.append((shard, entry["index_bytes"]))
                 index = self._indexes[shard]
             (first, last), nbytes = readers.shard_read(entry, indices, index)
-            whole = (first, last) == (0, entry["samples"] - 1)
-            fetched[shard] = (first, fetch_shard(entry) if whole else fetch_samples(entry, index, first, last))
+            data = fetch_shard(entry) if index is None else fetch_samples(entry, index, first, last, sorted(indices))
+            fetched[shard] = (first, data)
             reads.append((shard, nbytes))
         return fetched, reads
 
@@ -206,11 +208,7 @@ class ShardStream(IterableDataset):
                 decoded = self._cache[shard]
             elif shard in self._indexes:
                 first, data = fetched[shard]
-                offsets, keep = self._indexes[shard]["offsets"], sorted(indices)
-                view, base = memoryview(data), offsets[first]
-                cut = b"".join(view[offsets[i] - base : offsets[i + 1] - base] for i in keep)
-                raws = parse_samples(cut, entry["path"], len(keep), part=True)
-                decoded = {i: decode_fields(raw, self.fields, entry["path"]) for i, raw in zip(keep, raws)}
+                decoded = self._decode_indexed(entry, self._indexes[shard]["offsets"], first, data, sorted(indices))
             else:
                 raws = parse_samples(fetched[shard][1], entry["path"], entry["samples"])
                 keep = range(entry["samples"]) if self.cache_all else indices
@@ -221,9 +219,74 @@ class ShardStream(IterableDataset):
                 out[position] = decoded[index]
         return out
 
+    def _decode_indexed(self, entry: dict, offsets: list[int], first: int, data: bytes, keep: list[int]) -> dict[int, dict[str, Any]]:
+        """Samples `keep` of a shard, cut out of its fetched bytes (from sample `first` on) by
+        its index: as columns where every sample has the same fixed-size members, else
+        sample by sample."""
+        at = np.asarray(offsets, np.int64)[keep] - offsets[first]
+        ends = np.asarray(offsets, np.int64)[np.asarray(keep) + 1] - offsets[first]
+        try:
+            columns = decode_columns(data, at, ends, self.fields)
+        except ShardFormatError as e:
+            raise ShardFormatError(f"{entry['path']} is not a readable tar shard: {e}") from e
+        if columns is not None:
+            keys, values = columns
+            return {i: {"__key__": key, **{field: column[row] for field, column in values.items()}}
+                    for row, (i, key) in enumerate(zip(keep, keys))}
+        view = memoryview(data)
+        cut = b"".join(view[a:b] for a, b in zip(at.tolist(), ends.tolist()))
+        raws = parse_samples(cut, entry["path"], len(keep), part=True)
+        return {i: decode_fields(raw, self.fields, entry["path"]) for i, raw in zip(keep, raws)}
+
+
+def decode_columns(data: bytes, starts: np.ndarray, ends: np.ndarray, fields: Fields) -> Optional[tuple[list[str], dict[str, Any]]]:
+    """The samples at `starts` .. `ends` of `data`, their `fields` decoded as whole columns
+    (`shards.parse_columns`): keys, and per field one array, a row per sample. None
+    where the samples are not uniform, or a field is not a `.npy` array or a `.cls` label."""
+    parsed = parse_columns(data, starts, ends)
+    if parsed is None:
+        return None
+    keys, members = parsed
+    values = {}
+    for field, convert in fields.items():
+        column = decode_column(field, members[field]) if field in members else None
+        if column is None or field == "cls" and convert is not int:
+            return None
+        values[field] = column if field == "cls" else convert(column)
+    return keys, values
+
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
+
+
+# A part leaves its DataLoader worker as numpy arrays, copied by value through the pipe:
+# a tensor would be moved to a shared-memory segment of its own and its file descriptor
+# sent, per tensor and part, which made the streamed ViT loader ~1.4x slower (measured).
+def _as_numpy(part: dict[str, Any]) -> dict[str, Any]:
+    return {k: _as_numpy(v) if k == LENGTHS else v.numpy() if isinstance(v, torch.Tensor) else v for k, v in part.items()}
+
+
+def _as_tensors(part: dict[str, Any]) -> dict[str, Any]:
+    return {k: _as_tensors(v) if k == LENGTHS else torch.from_numpy(v) if isinstance(v, np.ndarray) and k != POSITION
+            else v for k, v in part.items()}
+
+
+def _exit_with_parent(worker_id: int) -> None:
+    """A loader worker exits as soon as the training process is gone (SIGKILL, OOM).
+
+    Parts cross the pipe by value, so the pipe is often full. torch's worker notices a dead
+    parent and leaves its loop, but then, exiting, waits to flush its queue into that pipe,
+    whose read end its siblings still hold: forever. The rank's process would never be
+    seen gone, and Ray would never restart it (tests/test_faults.py's SIGKILL drill)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _joined(parts: list[dict[str, Any]], field: str) -> tuple[Any, Optional[torch.Tensor]]:
@@ -277,7 +340,7 @@ class MicroBatches:
         parts = iter(self.loader)
         s = self.stream
         for step in range(s.first_step, s.stop_step):
-            step_parts = [next(parts) for _ in range(self.workers)]
+            step_parts = [_as_tensors(next(parts)) for _ in range(self.workers)]
             for worker, part in enumerate(step_parts):
                 self.reads[worker] += part[READ]
             yield from assemble(step_parts, s.layout, s.rank, step, self.pin_memory)
@@ -291,6 +354,7 @@ def make_loader(stream: ShardStream, workers: int, prefetch: int, pin_memory: bo
         num_workers=workers,
         prefetch_factor=prefetch if workers else None,
         multiprocessing_context="fork" if workers else None,
+        worker_init_fn=_exit_with_parent,
     )
     return MicroBatches(stream, loader, workers, pin_memory)  # pinned as assembled
 

@@ -7,9 +7,10 @@ When the ranks divide the global order's parts and each rank has at least as
 many parts as loader workers, each worker owns whole parts (a contiguous run of
 the rank's parts) and reads only their shards. Otherwise the workers take the
 rank's micro-batches in turn, and each reads every shard its rank touches.
-Of a shard it needs only part of, a reader fetches the byte range from its first
-to its last needed sample (checked against the shard's sample index), else the
-whole shard; either way it parses only its own samples, cut out by the index.
+Of each shard it needs, a reader fetches the byte range from its first to its
+last needed sample and checks only those samples, each against its sha256 in the
+shard's sample index; a shard written without an index is fetched whole and
+checked against the manifest.
 """
 
 from __future__ import annotations
@@ -54,17 +55,18 @@ def shard_reads(order: GlobalOrder, positions: np.ndarray) -> dict[int, dict[int
 
 def uses_index(entry: dict) -> bool:
     """Whether a reader reads the shard's sample index (once): wherever it has one, so that
-    the reader parses only its own samples even of a shard it fetches whole."""
+    it fetches, checks and parses only the span and the samples it uses."""
     return bool(entry.get("index_sha256"))
 
 
 def shard_read(entry: dict, indices, index: dict[str, list] | None) -> tuple[tuple[int, int], int]:
     """What a reader fetches of one shard for the wanted sample `indices`: the samples
     (first, last) and their bytes. One byte range from the first to the last wanted sample
-    where the shard's sample `index` allows, else the whole shard."""
-    first, last = min(indices), max(indices)
-    if index is None or (first, last) == (0, entry["samples"] - 1):
+    where the shard's sample `index` allows (each wanted sample then checked against its
+    own sha256 in the index), else the whole shard (checked against the manifest)."""
+    if index is None:
         return (0, entry["samples"] - 1), entry["bytes"]
+    first, last = min(indices), max(indices)
     return (first, last), index["offsets"][last + 1] - index["offsets"][first]
 
 
