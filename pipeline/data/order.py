@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +152,11 @@ def data_fingerprint(manifest: dict, seed: int, block: int, partitions: int = 1)
 
 def key_hash(key: str, bits: int = 64) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> (64 - bits)
+
+
+def key_hashes(keys: Iterable[str]) -> np.ndarray:
+    """`key_hash` (64 bits) of many keys, as one uint64 array."""
+    return np.frombuffer(b"".join(hashlib.blake2b(key.encode(), digest_size=8).digest() for key in keys), "<u8")
 
 
 def batch_digest(keys) -> int:

@@ -428,6 +428,19 @@ def _checksums_ok(headers: np.ndarray) -> bool | None:
     return bool((digits @ _CHECKSUM_DIGITS == sums).all())
 
 
+def _rows(buffer: np.ndarray, starts: np.ndarray, size: int) -> np.ndarray:
+    """`buffer[start : start + size]` for each start, as the rows of one array: a strided view
+    where the starts are evenly spaced (samples of one size, read in a regular stride),
+    else a copy."""
+    if len(starts) and (starts.min() < 0 or starts.max() + size > len(buffer)):
+        raise ShardFormatError("a member runs past the end of the data")
+    step = int(starts[1] - starts[0]) if len(starts) > 1 else size
+    if step > 0 and (np.diff(starts) == step).all():
+        return np.lib.stride_tricks.as_strided(buffer[starts[0]:], (len(starts), size), (step, 1), writeable=False)
+    view = memoryview(buffer)
+    return np.frombuffer(b"".join(view[a : a + size] for a in starts.tolist()), np.uint8).reshape(len(starts), size)
+
+
 def parse_columns(data: bytes, starts, ends) -> tuple[list[str], dict[str, np.ndarray]] | None:
     """Whole samples of a tar, at byte offsets `starts` .. `ends` of `data`, parsed as
     columns: their keys, and per extension every sample's member as one row of a
@@ -435,14 +448,14 @@ def parse_columns(data: bytes, starts, ends) -> tuple[list[str], dict[str, np.nd
     members, in the same order and of the same sizes, as plain files with short names:
     a shard of fixed-shape arrays (patches, token sequences), read without a Python step
     per member. Anything else is left to `parse_samples`, which explains what is wrong."""
-    view = memoryview(data)
+    buffer = np.frombuffer(data, np.uint8)
     at, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
     keys: list[bytes] | None = None
     columns: dict[str, np.ndarray] = {}
     while len(at) and not (at == ends).all():
         if (ends - at < 512).any():
             return None
-        headers = np.frombuffer(b"".join(view[a : a + 512] for a in at.tolist()), np.uint8).reshape(len(at), 512)
+        headers = _rows(buffer, at, 512)
         fixed = np.concatenate([headers[:, 124:136], headers[:, 156:157]], axis=1)  # size and type
         if (fixed != fixed[0]).any() or headers[0, 156] not in (ord("0"), 0) or headers[:, 345].any():
             return None  # sizes differ, not a regular file, or a long name split over the ustar prefix
@@ -469,8 +482,7 @@ def parse_columns(data: bytes, starts, ends) -> tuple[list[str], dict[str, np.nd
             return None
         if (at + 512 + size + (-size % 512) > ends).any():
             return None
-        payload = b"".join(view[a + 512 : a + 512 + size] for a in at.tolist())
-        columns[ext] = np.frombuffer(payload, np.uint8).reshape(len(at), size)
+        columns[ext] = _rows(buffer, at + 512, size)
         at = at + 512 + size + (-size % 512)
     try:
         return [key.decode() for key in keys or []], columns

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import AugmentConfig
-from pipeline.data.order import key_hash
+from pipeline.data.order import key_hash, key_hashes
 from pipeline.geometry import CELL
 from pipeline.models.patches import to_images, to_patches
 
@@ -34,26 +34,36 @@ class KeyedShift:
 
     def offsets(self, keys: list[str], epochs: np.ndarray) -> np.ndarray:
         span = 2 * self.m + 1
-        h = np.array([key_hash(f"{self.seed}:{e}:{k}") for k, e in zip(keys, epochs)], dtype=np.uint64)
+        h = key_hashes(f"{self.seed}:{e}:{k}" for k, e in zip(keys, np.asarray(epochs).tolist()))
         return np.stack([h % span, (h // span) % span], axis=1).astype(np.int64)  # (dx, dy) per sample
 
     def __call__(self, batch: dict[str, Any], epochs: np.ndarray) -> dict[str, Any]:
         patches = batch["npy"]
-        p, m = self.p, self.m
+        flat = patches.reshape(len(patches), -1)
+        # One gather in the patch layout, from the pixels and one background value after them.
+        source = torch.cat([flat, flat.new_full((len(flat), 1), self.background)], dim=1)
+        dx, dy = self.offsets(batch["__key__"], epochs).T
         g = int(round(patches.shape[1] ** 0.5))
-        width = g * p + 2 * m
-        padded = torch.nn.functional.pad(to_images(patches, g, g, p), (m,) * 4, value=self.background).flatten(1)
-        dx, dy = torch.from_numpy(self.offsets(batch["__key__"], epochs)).T
-        # One gather: the shifted image's pixel (y, x) is the padded image's (y + dy, x + dx).
-        pixels = _patch_pixels(g, p, width) + (dy * width + dx)[:, None]
-        return {**batch, "npy": padded.gather(1, pixels).reshape(patches.shape)}
+        pixels = _shift_sources(g, self.p, self.m)[torch.from_numpy(dy * (2 * self.m + 1) + dx)]
+        return {**batch, "npy": source.gather(1, pixels).reshape(patches.shape)}
 
 
 @functools.lru_cache(maxsize=16)
-def _patch_pixels(g: int, p: int, width: int) -> torch.Tensor:
-    """For each pixel of the (g x g patches of p x p) patch layout, its flat index in an image
-    `width` wide, read from its top left corner."""
-    return to_patches(torch.arange(width * width).reshape(width, width)[: g * p, : g * p], p).flatten()
+def _shift_sources(g: int, p: int, m: int) -> torch.Tensor:
+    """For each shift (dx, dy) in [0, 2m]^2, row dy * (2m + 1) + dx: where each pixel of the
+    shifted image, in the (g x g patches of p x p) layout, comes from: the pixel (y + dy - m,
+    x + dx - m) of the image, in the same layout, or the background (index g*g*p*p) outside it."""
+    size = g * p
+    image_of = to_patches(torch.arange(size * size).reshape(size, size), p).flatten()  # layout -> image index
+    layout_of = torch.argsort(image_of)  # image index -> layout
+    y, x = image_of // size, image_of % size
+    rows = []
+    for dy in range(2 * m + 1):
+        for dx in range(2 * m + 1):
+            sy, sx = y + dy - m, x + dx - m
+            inside = (sy >= 0) & (sy < size) & (sx >= 0) & (sx < size)
+            rows.append(torch.where(inside, layout_of[(sy.clamp(0, size - 1) * size + sx.clamp(0, size - 1))], size * size))
+    return torch.stack(rows)
 
 
 class KeyedAffine:
