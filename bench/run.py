@@ -118,10 +118,8 @@ def loader(tmp: str, seconds: float) -> dict:
     figures, ratios = {}, []
     for kind, count, micro in (("gpt", loader_bench.SMOKE_SEQUENCES, 16), ("vit", loader_bench.SMOKE_DIGITS, 64)):
         directory = loader_bench.make_shards(f"{tmp}/{kind}", kind, count, 1000)
-        eats = statistics.median(loader_bench.consume_rate(kind, micro) for _ in range(3))
-        loads = loader_bench.loader_rate(directory, kind, micro, workers=1, cache_mb=0, seconds=seconds)
-        figures[kind] = {"consumes_per_s": round(eats), "loader_per_s": round(loads), "ratio": round(loads / eats, 2)}
-        ratios.append(loads / eats)
+        figures[kind] = loader_bench.median_ratio(directory, kind, micro, workers=1, cache_mb=0, seconds=seconds)
+        ratios.append(figures[kind]["ratio"])
     return result(min(ratios), 20.0, **figures)
 
 

@@ -66,7 +66,7 @@ def collate(samples: list[dict[str, Any]], fields: Fields, keep_lengths: bool = 
             if keep_lengths:
                 batch.setdefault(LENGTHS, {})[field] = torch.tensor([len(v) for v in values])
             values = [np.concatenate([v, np.zeros((longest - len(v), *v.shape[1:]), v.dtype)]) for v in values]
-        batch[field] = torch.from_numpy(np.stack(values))
+        batch[field] = torch.from_numpy(np.array(values))  # np.stack, for equal shapes, 2-30x faster here
     return batch
 
 
