@@ -96,9 +96,10 @@ def _columns_of(path: str, keep: list[int], fields: dict):
 
 def _entry(path: str) -> dict:
     import hashlib
+    import json
 
     index = open(shards.index_path(path), "rb").read()
-    samples = len(shards.json.loads(index)["sha256"])
+    samples = len(json.loads(index)["sha256"])
     return {"samples": samples, "index_bytes": len(index), "index_sha256": hashlib.sha256(index).hexdigest()}
 
 

@@ -223,8 +223,8 @@ class ShardStream(IterableDataset):
         """Samples `keep` of a shard, cut out of its fetched bytes (from sample `first` on) by
         its index: as columns where every sample has the same fixed-size members, else
         sample by sample."""
-        at = np.asarray(offsets, np.int64)[keep] - offsets[first]
-        ends = np.asarray(offsets, np.int64)[np.asarray(keep) + 1] - offsets[first]
+        starts = np.asarray(offsets, np.int64) - offsets[first]
+        at, ends = starts[keep], starts[np.asarray(keep) + 1]
         try:
             columns = decode_columns(data, at, ends, self.fields)
         except ShardFormatError as e:

@@ -244,6 +244,12 @@ def _header_blocks(f) -> Iterator[tuple[bytes, bytes]]:
         yield header, data
 
 
+def _header_sums(headers: np.ndarray) -> np.ndarray:
+    """`_checksum_ok`'s sum for every row of a (n, 512) uint8 array of tar headers: what each
+    header's checksum field must hold."""
+    return headers.sum(axis=1, dtype=np.int64) - headers[:, 148:156].sum(axis=1, dtype=np.int64) + 256
+
+
 def _header_blocks_in(data: bytes, part: bool) -> list[tuple[bytes, bytes]]:
     """`_header_blocks` of tar bytes in memory, with the headers' checksums checked in one
     numpy pass rather than one Python sum per header (most of the streamed loader's
@@ -263,8 +269,7 @@ def _header_blocks_in(data: bytes, part: bool) -> list[tuple[bytes, bytes]]:
         members.append(data[at + 512 : at + 512 + size])
         at += 512 + size + (-size % 512)
     if headers:
-        table = np.frombuffer(b"".join(headers), np.uint8).reshape(-1, 512).astype(np.int64)
-        sums = (table.sum(axis=1) - table[:, 148:156].sum(axis=1) + 256).tolist()
+        sums = _header_sums(np.frombuffer(b"".join(headers), np.uint8).reshape(-1, 512)).tolist()
         if [_octal(h[148:156]) for h in headers] != sums:
             raise ShardFormatError("tar header checksum mismatch")
     return list(zip(headers, members))
@@ -424,8 +429,7 @@ def _checksums_ok(headers: np.ndarray) -> bool | None:
     digits = field[:, :6] - ord("0")
     if (digits < 0).any() or (digits > 7).any() or (field[:, 6] != 0).any() or (field[:, 7] != ord(" ")).any():
         return None
-    sums = headers.sum(axis=1, dtype=np.int64) - field.sum(axis=1) + 8 * ord(" ")
-    return bool((digits @ _CHECKSUM_DIGITS == sums).all())
+    return bool((digits @ _CHECKSUM_DIGITS == _header_sums(headers)).all())
 
 
 def _rows(buffer: np.ndarray, starts: np.ndarray, size: int) -> np.ndarray:
