@@ -17,7 +17,8 @@ data. MFU counts 6N + 12·L·T·d FLOPs per token (pipeline/models/flops.py) aga
 989 TFLOP/s, an H100 SXM's dense bf16 peak (an H200's is the same).
 
     python bench/gpu.py --out results.json    # one GPU, about 7 minutes
-    python bench/gpu.py --cpu --tiny          # the same code on tiny models (CI)
+    python bench/gpu.py --cpu --tiny          # the same code on tiny models
+    python bench/gpu.py --cpu --tiny --no-compile   # ... without torch.compile (CI)
 
 Prints one JSON object last. Installs nothing: see bench/gpu_carry.sh.
 """
@@ -99,6 +100,7 @@ class Setting:
     steps: int  # plain loops: steps, of which `warmup` are not timed
     warmup: int
     pipeline_steps: int  # pipeline runs: three logging windows, the last one timed
+    compile: bool = True  # torch.compile in both ways (off: the CPU check of the code path)
 
     @property
     def precision(self) -> str:
@@ -146,7 +148,8 @@ def gpt_flops_per_token(model: GPT, size: GPTSize) -> float:
 def plain_seconds_per_step(model: torch.nn.Module, inputs: tuple, setting: Setting) -> float:
     """nanoGPT's loop on `model(*inputs) -> (_, loss)`: bf16 autocast over fp32 weights,
     fused AdamW, torch.compile, SDPA."""
-    model.compile()
+    if setting.compile:
+        model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=setting.gpu)
 
     def step():
@@ -204,7 +207,7 @@ def train_config(setting: Setting, micro_batch: int, **overrides) -> TrainConfig
     steps = setting.pipeline_steps
     values = dict(num_workers=1, use_gpu=setting.gpu, zero_stage=1, precision=setting.precision,
                   micro_batch_size=micro_batch, max_steps=steps, warmup_steps=1, lr=1e-4, min_lr=1e-5,
-                  log_every=steps // 3, peak_flops_per_worker=setting.peak, compile=True)
+                  log_every=steps // 3, peak_flops_per_worker=setting.peak, compile=setting.compile)
     return TrainConfig(**{**values, **overrides})
 
 
@@ -338,6 +341,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models, a few steps: the code path, not figures")
     parser.add_argument("--out", help="also write the JSON here, after each measurement")
     parser.add_argument("--skip", nargs="*", default=[], help="measurements to leave out, by name")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="both ways without torch.compile (a CPU check of the code path: compiling is most of its time)")
     args = parser.parse_args()
 
     if not args.cpu and not torch.cuda.is_available():
@@ -346,7 +351,7 @@ def main() -> None:
     scale = "tiny" if args.tiny else "gpu"
     setting = Setting(torch.device("cuda" if gpu else "cpu"), torch.bfloat16 if gpu else torch.float32,
                       PEAK_BF16 if gpu else PEAK_CPU, steps=6 if args.tiny else 40, warmup=3 if args.tiny else 10,
-                      pipeline_steps=6 if args.tiny else 90)
+                      pipeline_steps=6 if args.tiny else 90, compile=not args.no_compile)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     import ray
