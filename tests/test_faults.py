@@ -80,8 +80,11 @@ def _steps_trained(output: str) -> list[int]:
     return [int(m) for m in re.findall(rf"\[vit\] step (\d+)/{STEPS}", output)]
 
 
-def test_sigterm_checkpoints_and_the_same_command_resumes_exactly(run_tiny, tmp_path):
+def test_sigterm_checkpoints_and_the_same_command_resumes_exactly(run_tiny, tiny_workdir, tmp_path):
     workdir = tmp_path / "work"
+    run_tiny(["patchify"])
+    for upstream in ("shard", "patchify"):  # cache hits in the CLI's workdir: the drill is about training
+        shutil.copytree(os.path.join(tiny_workdir, upstream), workdir / upstream)
     command = _pipeline(workdir)
     started = time.time()
     proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
