@@ -137,20 +137,3 @@ def test_pipeline_on_two_nodes(cluster, s3):
         assert len(history) >= 3 and history[-1] < history[0], f"{name} loss did not fall: {history}"
         assert "loss.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
     assert s3.glob(f"{cluster.bucket}/mlflow-artifacts/**/loss.png")
-    first_metrics = by_stage["evaluate"].data.metrics
-    first_gpt_loss = by_stage["evaluate_gpt"].data.metrics["gpt_val_loss"]
-
-    # Relocatable: move the workdir, then re-evaluate from the copy alone.
-    moved = f"{cluster.bucket}/runs/moved"
-    s3.copy(root, moved, recursive=True)
-    s3.rm(root, recursive=True)
-    job = submit(cluster, f"s3://{moved}", "evaluate.batch_size=50")
-    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-    records = stage_records(s3, moved)
-    evaluated = ("evaluate", "evaluate_gpt")
-    assert all(len(records[s]) == 2 for s in evaluated) and all(len(records[s]) == 1 for s in STAGES if s not in evaluated)
-    latest = max(client.search_runs([experiment.experiment_id], "tags.stage = 'evaluate'"), key=lambda r: r.info.start_time)
-    for key in ("vit_test_accuracy", "captioner_per_digit_accuracy", "captioner_exact_match"):
-        assert latest.data.metrics[key] == first_metrics[key]
-    latest_gpt = max(client.search_runs([experiment.experiment_id], "tags.stage = 'evaluate_gpt'"), key=lambda r: r.info.start_time)
-    assert latest_gpt.data.metrics["gpt_val_loss"] == pytest.approx(first_gpt_loss, rel=1e-5)

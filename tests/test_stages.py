@@ -252,8 +252,9 @@ def test_evaluate(run_tiny):
     wrong = [e["predicted"] != e["target"] for e in examples]
     assert wrong == sorted(wrong, reverse=True)  # mistakes first
 
-    # While settings are chosen: the validation splits alone, the same numbers, nothing of test read
-    val_only = run_tiny(["evaluate"], "evaluate.test=false")["stages"]["evaluate"]
+    # While settings are chosen: the validation splits alone, the same numbers (at another
+    # batch size too), nothing of test read
+    val_only = run_tiny(["evaluate"], "evaluate.test=false", "evaluate.batch_size=50")["stages"]["evaluate"]
     assert val_only["metrics"] == {k: v for k, v in summary["stages"]["evaluate"]["metrics"].items()
                                    if k.startswith(("vit_val_", "captioner_val_", "captioner_2x2_val_"))}
     val_keys = {s["__key__"] for s in shards.iter_verified(outputs["grids_val"])}

@@ -154,3 +154,29 @@ def test_a_checkpoint_in_a_bucket_converts_for_another_world_size(s3_env, zero2_
     directory, state = newest_checkpoint(f"s3://{BUCKET}/run-dir")
     assert directory == f"s3://{BUCKET}/run-dir/{Path(full['checkpoints_by_step'][12]).relative_to(run_dir)}"
     assert state == read_data_state(full["checkpoints_by_step"][12]) and state["step"] == 12
+
+
+def test_a_workdir_moved_within_the_bucket_reads_its_own_outputs(s3_env, tiny_config):
+    """stage.json names outputs relative to the workdir, in a bucket as on disk: the
+    data stages of a moved workdir are cache hits whose outputs lie under the new prefix."""
+    import s3fs
+
+    from pipeline.fanout import LocalFanOut
+    from pipeline.runner import run_pipeline
+    from pipeline.tracking import InMemoryTracker
+
+    def run(workdir: str) -> dict:
+        return run_pipeline(tiny_config(), ["patchify"], workdir, tracker=InMemoryTracker(), fan_out=LocalFanOut())["stages"]
+
+    first = run(f"s3://{BUCKET}/before-the-move")
+    assert {s["status"] for s in first.values()} == {"ran"}
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env["AWS_ENDPOINT_URL"], use_listings_cache=False)
+    fs.copy(f"{BUCKET}/before-the-move", f"{BUCKET}/moved", recursive=True)
+    fs.rm(f"{BUCKET}/before-the-move", recursive=True)
+    moved = run(f"s3://{BUCKET}/moved")
+    assert {s["status"] for s in moved.values()} == {"cached"}
+    for name, stage in moved.items():
+        assert stage["outputs"].keys() == first[name]["outputs"].keys()
+        for path in stage["outputs"].values():
+            assert path.startswith(f"s3://{BUCKET}/moved/") and storage.exists(path), path
+    assert next(shards.iter_verified(moved["patchify"]["outputs"]["mnist_train"]))["__key__"]  # checksums hold there
