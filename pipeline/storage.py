@@ -29,6 +29,19 @@ def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(path)
 
 
+# The User-Agent's `app/` field of every S3 request botocore (so s3fs) makes; S3 server
+# access logs record it.
+UA_APP_ID = "AWS_SDK_UA_APP_ID"
+
+
+def name_requests(who: str) -> None:
+    """Sign this process's S3 requests with `who` (after any app id the user set), so
+    that a bucket's access logs tell, say, one training rank's reads from another's.
+    Clients read it when made: call before the process's first request."""
+    user = os.environ.get(UA_APP_ID)
+    os.environ[UA_APP_ID] = f"{user}.{who}" if user else who
+
+
 def is_local(path: str) -> bool:
     return isinstance(_fs(path)[0], LocalFileSystem)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -18,6 +18,8 @@ import pytest
 from conftest import REPO, SMOKE, TINY_OVERRIDES, VENV_BIN, resume_train, small_vit_spec, stage_fingerprint
 from test_resume import _assert_same_weights
 
+from pipeline import storage
+from pipeline.keys import Metric
 from pipeline.train.launch import fit
 
 
@@ -80,48 +82,79 @@ def _steps_trained(output: str) -> list[int]:
     return [int(m) for m in re.findall(rf"\[vit\] step (\d+)/{STEPS}", output)]
 
 
-def test_sigterm_checkpoints_and_the_same_command_resumes_exactly(run_tiny, tiny_workdir, tmp_path):
-    workdir = tmp_path / "work"
-    run_tiny(["patchify"])
-    for upstream in ("shard", "patchify"):  # cache hits in the CLI's workdir: the drill is about training
-        shutil.copytree(os.path.join(tiny_workdir, upstream), workdir / upstream)
-    command = _pipeline(workdir)
-    started = time.time()
-    proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(rf"\[vit\] step 20/{STEPS}", line):
-            proc.send_signal(signal.SIGTERM)
-            signalled = time.time()
-            break
-    else:
-        pytest.fail("training never reached step 20:\n" + "".join(seen[-30:]))
-    rest, _ = proc.communicate(timeout=180)
-    output = "".join(seen) + rest
-    assert proc.returncode == 143, output[-3000:]
-    assert time.time() - signalled < 60  # a checkpoint and a clean exit, well inside a typical grace period
-    assert "run the same command again to resume" in output
-    [line] = [l for l in output.splitlines() if l.startswith("preempted:")]
-    stopped_at = int(re.search(r"step (\d+)", line).group(1))
-    assert 20 <= stopped_at < STEPS and stopped_at % 5 == 0
-    [stage_dir] = glob.glob(str(workdir / "pretrain_vit" / "*"))
-    assert glob.glob(os.path.join(stage_dir, "ray", "checkpoint_*")), "the failed stage kept no checkpoint"
-    assert not os.path.exists(os.path.join(stage_dir, "stage.json"))
+# The tiny ViT's digits in shards of 250 (15 shards, not 4) cut into 4 parts of the global
+# order, streamed (not held whole in memory, as a corpus this small is by default):
+# readers of one part each can then show that they read about their quarter.
+LOCALITY = ["data.mnist.samples_per_shard=250", "pretrain_vit.train.data_partitions=4", "pretrain_vit.train.loader_cache_mb=0"]
 
-    again = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    steps = _steps_trained(again.stdout)
-    assert steps and min(steps) > stopped_at and max(steps) == STEPS  # resumed, not restarted
-    resumed = tmp_path / "resumed.safetensors"
-    shutil.copy(os.path.join(stage_dir, "model.safetensors"), resumed)
 
-    # The same stage uninterrupted: the tiny workdir's, in this process (trained once for the
-    # suite, usually by an earlier test; no third CLI start with its own Ray)
-    clean = run_tiny(["pretrain_vit"])["stages"]["pretrain_vit"]
-    assert stage_fingerprint("pretrain_vit", clean["outputs"]["checkpoint"]) == os.path.basename(stage_dir)
-    _assert_same_weights(clean["outputs"]["weights"], resumed)
-    print(f"preemption drill: {time.time() - started:.0f}s")
+def test_sigterm_checkpoints_to_the_bucket_and_a_rerun_on_fewer_workers_resumes(run_tiny, tiny_config, tiny_workdir,
+                                                                               tmp_path):
+    """Preemption with the workdir in a bucket (moto's S3 server): 4 ranks x 32 are sent
+    SIGTERM mid-way and leave a checkpoint in the bucket. The same stage run again on 2
+    workers x 32 x grad_accum 2 (a node lost: the same global batch, so the same stage)
+    continues from that checkpoint through DeepSpeed's universal format, not from step 0,
+    and ends at the loss of the same stage trained uninterrupted at 2 x 64. Meanwhile the
+    server counts what each rank read of the training shards: its quarter, not all."""
+    import s3fs
+    from s3server import counting_s3
+
+    from pipeline.data import readers
+    from pipeline.train.data import TrainingData
+
+    clean = run_tiny(["pretrain_vit"], *LOCALITY)["stages"]
+    train_dir = clean["patchify"]["outputs"]["mnist_train"]
+    with counting_s3("preempted") as (server, env):
+        workdir = "s3://preempted/work"
+        for upstream in ("shard", "patchify"):  # cache hits there: the drill is about training
+            s3fs.S3FileSystem().put(os.path.join(tiny_workdir, upstream), f"preempted/work/{upstream}", recursive=True)
+        env = {**_env(), **env}
+        common = [*LOCALITY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--summary", str(tmp_path / "summary.json")]
+        four = ["ray.num_cpus=4", "pretrain_vit.train.num_workers=4", "pretrain_vit.train.micro_batch_size=32"]
+        proc = subprocess.Popen(_pipeline(workdir, *common, *four), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if re.search(rf"\[vit\] step 10/{STEPS}", line):
+                proc.send_signal(signal.SIGTERM)
+                signalled = time.time()
+                break
+        else:
+            pytest.fail("training never reached step 10:\n" + "".join(seen[-30:]))
+        rest, _ = proc.communicate(timeout=180)
+        output = "".join(seen) + rest
+        assert proc.returncode == 143, output[-3000:]
+        assert time.time() - signalled < 60  # a checkpoint and a clean exit, well inside a typical grace period
+        assert "run the same command again to resume" in output
+        [line] = [l for l in output.splitlines() if l.startswith("preempted:")]
+        stopped_at = int(re.search(r"step (\d+)", line).group(1))
+        assert 10 <= stopped_at < STEPS and stopped_at % 5 == 0
+        read = server.bytes_by(f"/preempted/work/{storage.relative(tiny_workdir, train_dir)}/")
+
+        two = ["pretrain_vit.train.num_workers=2", "pretrain_vit.train.micro_batch_size=32", "pretrain_vit.train.grad_accum=2"]
+        again = subprocess.run(_pipeline(workdir, *common, *two), cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"continuing from step {stopped_at} " in again.stdout and "saved at world size 4, on 2 workers" in again.stdout
+        steps = _steps_trained(again.stdout)
+        assert steps and min(steps) > stopped_at and max(steps) == STEPS  # resumed, not restarted
+        resumed = json.loads((tmp_path / "summary.json").read_text())["stages"]["pretrain_vit"]
+    final = Metric.final(Metric.LOSS)
+    assert resumed["metrics"][final] == pytest.approx(clean["pretrain_vit"]["metrics"][final], rel=1e-4)
+    assert stage_fingerprint("pretrain_vit", resumed["outputs"]["checkpoint"]) == \
+        stage_fingerprint("pretrain_vit", clean["pretrain_vit"]["outputs"]["checkpoint"])
+
+    # What each of the 4 ranks (1 loader worker each) read of the training shards, as the
+    # server counted it: its part of epoch 0, and at most epoch 1's too (the next block is
+    # prefetched); before locality, every rank read every shard each epoch.
+    data = TrainingData.open(train_dir, tiny_config(*LOCALITY, *four).pretrain_vit.train, 4)
+    corpus, largest = sum(e["bytes"] for e in data.entries), max(e["bytes"] for e in data.entries)
+    for rank in range(4):
+        plan = [readers.reader_io(data.order, data.layout, data.entries, rank, 0, 1, epoch=e)["bytes"] for e in (0, 1)]
+        assert plan[0] <= 1.25 * corpus / 4 + largest
+        assert plan[0] <= read[f"rank-{rank}"] <= sum(plan) + 64 * 1024, (rank, read, plan)
+    assert set(read) == {f"rank-{r}" for r in range(4)}, read
 
 
 def _shard_manifests(workdir) -> dict[str, bytes]:

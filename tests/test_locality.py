@@ -137,52 +137,14 @@ print(sum(len(batch["__key__"]) for batch in make_loader(stream, 2, 2, False)))
 def test_on_s3_the_server_counts_each_rank_its_share(tmp_path):
     """Four ranks (a process each, 2 loader workers) read one epoch from moto's S3 server;
     the server counts the bytes of every GET by the rank's access key."""
-    import os
-    import re
     import subprocess
     import sys
-    from collections import Counter
 
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from s3server import counting_s3
 
-    from localcluster import free_port
     from pipeline import storage
 
-    class CountingServer(ThreadedMotoServer):
-        """moto's server, its WSGI app wrapped to add up GET response bytes per access key."""
-
-        got: Counter = Counter()
-
-        def _server_entry(self):
-            from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-            from werkzeug.serving import make_server
-
-            app = DomainDispatcherApplication(create_backend_app)
-
-            def counting(environ, start_response):
-                body = list(app(environ, start_response))
-                if environ["REQUEST_METHOD"] == "GET":
-                    who = re.search(r"Credential=([^/]+)/", environ.get("HTTP_AUTHORIZATION", ""))
-                    self.got[who.group(1) if who else "anonymous"] += sum(len(chunk) for chunk in body)
-                return body
-
-            self._server = make_server(self._ip_address, self._port, counting, True, request_handler=MotoRequestHandler)
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    from s3fs import S3FileSystem
-
-    S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems by arguments, not by endpoint
-    port = free_port()
-    server = CountingServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "writer",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        boto3.client("s3").create_bucket(Bucket="locality")
+    with counting_s3("locality") as (server, env):
         directory = "s3://locality/corpus"
         infos = [shards.write_shard(f"{directory}/part-{s:03d}.tar",
                                     ({"__key__": f"s{s:02d}-{i:02d}", "npy": np.full(64, s, np.float32)} for i in range(PER_SHARD)))
@@ -199,14 +161,10 @@ def test_on_s3_the_server_counts_each_rank_its_share(tmp_path):
         order = GlobalOrder([e["samples"] for e in entries], seed=3, block=BLOCK, partitions=partitions)
         layout = split_global_batch(GLOBAL_BATCH, world, MICRO)
         planned = [sum(readers.reader_io(order, layout, entries, r, w, 2, epoch=0)["bytes"] for w in range(2)) for r in range(world)]
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        server.stop()
-        S3FileSystem.clear_instance_cache()
+        got = server.bytes_by()
 
     corpus_bytes = sum(e["bytes"] for e in entries)
     for rank in range(world):
-        counted = server.got[f"rank{rank}"]
+        counted = got[f"rank{rank}"]
         assert planned[rank] + manifest_bytes <= counted <= planned[rank] + manifest_bytes + 2048, (rank, counted, planned)
         assert counted - manifest_bytes <= 1.25 * corpus_bytes / world + max(e["bytes"] for e in entries), (rank, counted)

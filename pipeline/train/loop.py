@@ -229,6 +229,7 @@ def train_worker(loop_config: dict) -> None:
     train = spec.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    storage.name_requests(f"rank-{rank}")  # its loader workers, forked later, inherit it
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if train.use_gpu else torch.device("cpu")
     if train.use_gpu:
         torch.cuda.set_device(device)
