@@ -105,9 +105,9 @@ def test_sigterm_checkpoints_to_the_bucket_and_a_rerun_on_fewer_workers_resumes(
     clean = run_tiny(["pretrain_vit"], *LOCALITY)["stages"]
     train_dir = clean["patchify"]["outputs"]["mnist_train"]
     with counting_s3("preempted") as (server, env):
-        workdir = "s3://preempted/work"
+        workdir, fs = "s3://preempted/work", s3fs.S3FileSystem(use_listings_cache=False)
         for upstream in ("shard", "patchify"):  # cache hits there: the drill is about training
-            s3fs.S3FileSystem().put(os.path.join(tiny_workdir, upstream), f"preempted/work/{upstream}", recursive=True)
+            fs.put(os.path.join(tiny_workdir, upstream), f"preempted/work/{upstream}", recursive=True)
         env = {**_env(), **env}
         common = [*LOCALITY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--summary", str(tmp_path / "summary.json")]
         four = ["ray.num_cpus=4", "pretrain_vit.train.num_workers=4", "pretrain_vit.train.micro_batch_size=32"]
@@ -130,6 +130,9 @@ def test_sigterm_checkpoints_to_the_bucket_and_a_rerun_on_fewer_workers_resumes(
         [line] = [l for l in output.splitlines() if l.startswith("preempted:")]
         stopped_at = int(re.search(r"step (\d+)", line).group(1))
         assert 10 <= stopped_at < STEPS and stopped_at % 5 == 0
+        [stage_dir] = fs.ls("preempted/work/pretrain_vit")
+        assert fs.glob(f"{stage_dir}/ray/checkpoint_*"), "the stopped stage kept no checkpoint"
+        assert not fs.exists(f"{stage_dir}/stage.json")
         read = server.bytes_by(f"/preempted/work/{storage.relative(tiny_workdir, train_dir)}/")
 
         two = ["pretrain_vit.train.num_workers=2", "pretrain_vit.train.micro_batch_size=32", "pretrain_vit.train.grad_accum=2"]
@@ -148,13 +151,13 @@ def test_sigterm_checkpoints_to_the_bucket_and_a_rerun_on_fewer_workers_resumes(
     # What each of the 4 ranks (1 loader worker each) read of the training shards, as the
     # server counted it: its part of epoch 0, and at most epoch 1's too (the next block is
     # prefetched); before locality, every rank read every shard each epoch.
+    assert set(read) == {f"rank-{r}" for r in range(4)}, read
     data = TrainingData.open(train_dir, tiny_config(*LOCALITY, *four).pretrain_vit.train, 4)
     corpus, largest = sum(e["bytes"] for e in data.entries), max(e["bytes"] for e in data.entries)
     for rank in range(4):
         plan = [readers.reader_io(data.order, data.layout, data.entries, rank, 0, 1, epoch=e)["bytes"] for e in (0, 1)]
         assert plan[0] <= 1.25 * corpus / 4 + largest
         assert plan[0] <= read[f"rank-{rank}"] <= sum(plan) + 64 * 1024, (rank, read, plan)
-    assert set(read) == {f"rank-{r}" for r in range(4)}, read
 
 
 def _shard_manifests(workdir) -> dict[str, bytes]:
