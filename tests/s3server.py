@@ -29,6 +29,7 @@ class CountingS3Server(ThreadedMotoServer):
 
     def __init__(self, port: int):
         super().__init__(ip_address="127.0.0.1", port=port, verbose=False)
+        self.endpoint = f"http://127.0.0.1:{port}"
         self.got: Counter = Counter()
 
     def _server_entry(self):
@@ -65,7 +66,7 @@ def counting_s3(bucket: str) -> Iterator[tuple[CountingS3Server, dict[str, str]]
 
     server = CountingS3Server(free_port())
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server._port}", "AWS_ACCESS_KEY_ID": "writer",
+    env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "writer",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
