@@ -1,5 +1,5 @@
-"""moto's S3 server on 127.0.0.1, counting what each client reads, for tests that hold
-readers to their share of the bytes."""
+"""moto's S3 server on 127.0.0.1 for the tests that speak S3; it counts what each
+client reads, for those that hold readers to their share of the bytes."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def counting_s3(bucket: str) -> Iterator[tuple[CountingS3Server, dict[str, str]]
     S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems by arguments, not by endpoint
     try:
         boto3.client("s3").create_bucket(Bucket=bucket)
-        yield server, {**os.environ, **env}
+        yield server, dict(os.environ)
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from localcluster import free_port
+from s3server import counting_s3
 
 from pipeline import storage
 from pipeline.data import shards
@@ -20,24 +20,8 @@ BUCKET = "storage-test"
 
 @pytest.fixture(scope="module")
 def s3_env():
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with counting_s3(BUCKET) as (_, env):
+        yield env
 
 
 def test_a_failed_write_leaves_no_object(s3_env):
