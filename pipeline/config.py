@@ -167,8 +167,16 @@ class DataConfig:
     # stage naming it; "skip" checks every training shard first and trains without the
     # bad ones, logging each by name (to the log and to the stage's MLflow run).
     on_bad_shard: Literal["error", "skip"] = "error"
+    # A directory on each node's own disk where training keeps whole copies of shards it
+    # reads from a bucket, shared by the node's readers and kept to `cache_mb` (least
+    # recently used copies go first): later epochs and resumed runs read the disk.
+    cache_dir: Optional[str] = run_time(None)
+    cache_mb: int = run_time(20480)
 
     def validate(self, key: str) -> None:
+        _require_positive(self, key, "cache_mb")
+        if self.cache_dir is not None and "://" in self.cache_dir:
+            raise ConfigError(f"{key}.cache_dir must be a directory on the node's own disk, got {self.cache_dir!r}")
         names = [g.name for g in self.eval_grids]
         for i, grids in enumerate(self.eval_grids):
             grids.validate(f"{key}.eval_grids[{i}]", for_eval=True)

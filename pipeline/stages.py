@@ -204,6 +204,8 @@ def run_training(ctx: StageContext, kind: ModelKind) -> StageResult:
         mlflow_run_id=ctx.run_id,
         skip_shards=skip[0],
         skip_val_shards=skip[1],
+        shard_cache_dir=config.data.cache_dir,
+        shard_cache_mb=config.data.cache_mb,
     )
     with torch.device("meta"):  # shapes only: the driver never holds the weights
         model = kind.build(spec.model)

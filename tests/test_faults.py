@@ -132,9 +132,14 @@ def test_sigterm_checkpoints_to_the_bucket_and_a_rerun_on_fewer_workers_resumes(
         assert 10 <= stopped_at < STEPS and stopped_at % 5 == 0
         assert fs.glob("preempted/work/pretrain_vit/*/ray/checkpoint_*"), "the stopped stage kept no checkpoint"
         assert not fs.glob("preempted/work/pretrain_vit/*/stage.json")
-        read = server.bytes_by(f"/preempted/work/{storage.relative(tiny_workdir, train_dir)}/")
+        shards_at = f"/preempted/work/{storage.relative(tiny_workdir, train_dir)}/"
+        read = server.bytes_by(shards_at)
+        tar_bytes = lambda: sum(n for (_, path), n in server.got.items() if path.startswith(shards_at) and path.endswith(".tar"))  # noqa: E731
+        before_rerun = tar_bytes()
 
-        two = ["pretrain_vit.train.num_workers=2", "pretrain_vit.train.micro_batch_size=32", "pretrain_vit.train.grad_accum=2"]
+        # ... and with a node-local shard cache, a run-time setting: still the same stage
+        two = ["pretrain_vit.train.num_workers=2", "pretrain_vit.train.micro_batch_size=32", "pretrain_vit.train.grad_accum=2",
+               f"data.cache_dir={tmp_path / 'node-cache'}"]
         again = subprocess.run(_pipeline(workdir, *common, *two), cwd=REPO, env=env, capture_output=True, text=True,
                                timeout=600)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -142,6 +147,7 @@ def test_sigterm_checkpoints_to_the_bucket_and_a_rerun_on_fewer_workers_resumes(
         steps = _steps_trained(again.stdout)
         assert steps and min(steps) > stopped_at and max(steps) == STEPS  # resumed, not restarted
         resumed = json.loads((tmp_path / "summary.json").read_text())["stages"]["pretrain_vit"]
+        rerun_read = tar_bytes() - before_rerun
     final = Metric.final(Metric.LOSS)
     assert resumed["metrics"][final] == pytest.approx(clean["pretrain_vit"]["metrics"][final], rel=1e-4)
     assert stage_fingerprint("pretrain_vit", resumed["outputs"]["checkpoint"]) == \
@@ -157,6 +163,13 @@ def test_sigterm_checkpoints_to_the_bucket_and_a_rerun_on_fewer_workers_resumes(
         plan = [readers.reader_io(data.order, data.layout, data.entries, rank, 0, 1, epoch=e)["bytes"] for e in (0, 1)]
         assert plan[0] <= 1.25 * corpus / 4 + largest
         assert plan[0] <= read[f"rank-{rank}"] <= sum(plan) + 64 * 1024, (rank, read, plan)
+    # The rerun's two ranks read through one node cache: each shard sent at most once,
+    # though the run goes into a second epoch, and the copies are the manifest's shards.
+    copies = {p.name.removesuffix(".tar") for p in (tmp_path / "node-cache").glob("*.tar")}
+    assert copies and copies <= {e["sha256"] for e in data.entries}
+    whole_copies = sum(e["bytes"] for e in data.entries if e["sha256"] in copies)
+    print(f"rerun read {rerun_read} bytes of training shards; its cache holds {whole_copies} in {len(copies)} copies")
+    assert whole_copies <= rerun_read <= whole_copies + 2 * largest, (rerun_read, whole_copies)
 
 
 def _shard_manifests(workdir) -> dict[str, bytes]:

@@ -168,3 +168,89 @@ def test_on_s3_the_server_counts_each_rank_its_share(tmp_path):
         counted = got[f"rank{rank}"]
         assert planned[rank] + manifest_bytes <= counted <= planned[rank] + manifest_bytes + 2048, (rank, counted, planned)
         assert counted - manifest_bytes <= 1.25 * corpus_bytes / world + max(e["bytes"] for e in entries), (rank, counted)
+
+
+RANK_READS_THROUGH_A_NODE_CACHE = """
+import hashlib, sys
+import numpy as np
+from pipeline import storage
+from pipeline.data import shards
+from pipeline.data.loader import ShardStream, make_loader
+from pipeline.data.order import GlobalOrder, split_global_batch
+from pipeline.data.shard_cache import ShardCache
+
+directory, rank, world, epochs, cache_dir, cache_mb = sys.argv[1:7]
+rank, world, epochs = int(rank), int(world), int(epochs)
+storage.name_requests(f"rank-{rank}")
+entries = shards.shard_entries(directory)
+order = GlobalOrder([e["samples"] for e in entries], seed=3, block=%d, partitions=8)
+layout = split_global_batch(%d, world, %d)
+cache = ShardCache(cache_dir, int(float(cache_mb) * 2**20)) if cache_dir != "-" else None
+stream = ShardStream(entries, order, layout, rank, 0, epochs * order.epoch_size // layout.global_batch,
+                     {"npy": np.asarray}, disk_cache=cache)
+per_epoch = order.epoch_size // layout.global_batch * layout.grad_accum  # this rank's micro-batches
+for i, batch in enumerate(make_loader(stream, 2, 2, False)):
+    if i %% per_epoch == 0:
+        digest = hashlib.sha256()
+    digest.update(" ".join(batch["__key__"]).encode())
+    digest.update(batch["npy"].numpy().tobytes())
+    if (i + 1) %% per_epoch == 0:
+        print(digest.hexdigest())  # one line per epoch
+""" % (BLOCK, GLOBAL_BATCH, MICRO)
+
+
+def test_a_node_cache_downloads_each_shard_once_for_all_its_readers(tmp_path):
+    """`data.cache_dir`: four ranks of one node (2 loader workers each) read two epochs
+    from moto's S3 server at once through one cache directory: the server sends each
+    shard once, and every rank gets the batches it reads straight from the bucket. A
+    damaged copy is caught on use and read again; a small cache stays within its bound."""
+    import subprocess
+    import sys
+
+    from s3server import counting_s3
+
+    from pipeline.data.shard_cache import ShardCache
+
+    def tar_bytes(server) -> int:
+        return sum(n for (_, path), n in server.got.items() if path.endswith(".tar"))
+
+    def ranks(env, world, epochs, cache, cache_mb=1024.0) -> list[str]:
+        procs = [subprocess.Popen([sys.executable, "-c", RANK_READS_THROUGH_A_NODE_CACHE, directory, str(rank), str(world),
+                                   str(epochs), cache, str(cache_mb)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for rank in range(world)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+        return [out.split() for out, _ in outs]  # per rank, a digest of each epoch's batches
+
+    with counting_s3("cached") as (server, env):
+        directory = "s3://cached/corpus"
+        infos = [shards.write_shard(f"{directory}/part-{s:03d}.tar",
+                                    ({"__key__": f"s{s:02d}-{i:02d}", "npy": np.full(64, s * 100 + i, np.float32)}
+                                     for i in range(PER_SHARD)))
+                 for s in range(SHARDS)]
+        shards.write_manifest(directory, infos, {}, "test")
+        entries = shards.shard_entries(directory)
+        corpus_bytes = sum(e["bytes"] for e in entries)
+
+        direct = ranks(env, 4, 2, "-")
+        assert tar_bytes(server) >= 2 * corpus_bytes * 0.8  # two epochs of ranged reads from the bucket
+        server.got.clear()
+        cache = tmp_path / "node-cache"
+        assert ranks(env, 4, 2, str(cache)) == direct  # same batches, every rank
+        assert tar_bytes(server) == corpus_bytes  # each shard sent once, for the node's 8 readers and 2 epochs
+        assert ShardCache(str(cache), 1 << 30).held_bytes() == corpus_bytes
+
+        one_epoch = [epochs[:1] for epochs in direct]
+        damaged = sorted(cache.glob("*.tar"))[0]
+        data = bytearray(damaged.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+        server.got.clear()
+        assert ranks(env, 4, 1, str(cache)) == one_epoch
+        [name] = [e["name"] for e in entries if e["sha256"] == damaged.name.removesuffix(".tar")]
+        assert {path for (_, path), n in server.got.items() if path.endswith(".tar") and n} == {f"/cached/corpus/{name}"}
+
+        room = 3 * max(e["bytes"] for e in entries)  # a cache with room for three shards of sixteen
+        small = tmp_path / "small-cache"
+        assert ranks(env, 4, 1, str(small), room / 2**20) == one_epoch
+        assert 0 < ShardCache(str(small), room).held_bytes() <= room

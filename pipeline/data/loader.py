@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.data import readers
 from pipeline.data.order import BatchLayout, GlobalOrder
+from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shards import (ALLOWED_EXTENSIONS, ShardFormatError, decode_column, decode_field, fetch_samples,
                                   fetch_shard, iter_raw_shard, parse_columns, parse_samples, read_sample_index,
                                   refuse_extension)
@@ -88,8 +89,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, entries: list[dict], order: GlobalOrder, layout: BatchLayout, rank: int,
                  first_step: int, stop_step: int, fields: Fields, transform: Optional[Transform] = None,
-                 cache_bytes: int = 0):
+                 cache_bytes: int = 0, disk_cache: Optional[ShardCache] = None):
         self.entries, self.order, self.layout, self.rank = entries, order, layout, rank
+        self.disk_cache = None if storage.is_local(entries[0]["path"]) else disk_cache  # for shards in a bucket
         self.first_step, self.stop_step = first_step, stop_step
         self.fields, self.transform = fields, transform
         # A training set that fits the cache (decoded arrays may take ~2x the tar bytes:
@@ -192,10 +194,24 @@ class ShardStream(IterableDataset):
                     reads.append((shard, entry["index_bytes"]))
                 index = self._indexes[shard]
             (first, last), nbytes = readers.shard_read(entry, indices, index)
-            data = fetch_shard(entry) if index is None else fetch_samples(entry, index, first, last, sorted(indices))
-            fetched[shard] = (first, data)
+            fetched[shard] = (first, self._read(entry, index, first, last, sorted(indices)))
             reads.append((shard, nbytes))
         return fetched, reads
+
+    def _read(self, entry: dict, index: Optional[dict], first: int, last: int, check: list[int]) -> bytes:
+        """The verified bytes of samples `first` .. `last` (the whole shard without an index),
+        from the node's disk copy when there is one."""
+        def read(e: dict) -> bytes:
+            return fetch_shard(e) if index is None else fetch_samples(e, index, first, last, check)
+
+        local = self.disk_cache.copy_of(entry) if self.disk_cache else None
+        if local is None:
+            return read(entry)
+        try:
+            return read({**entry, "path": local})
+        except (OSError, ShardFormatError):  # evicted by another reader since, or damaged on this disk
+            self.disk_cache.drop(entry)
+            return read(entry)
 
     def _decode(self, wanted: dict[int, dict[int, int]], fetched: dict[int, tuple[int, bytes]]) -> dict[int, dict[str, Any]]:
         """The wanted samples by stream position, decoded from the fetched bytes (or the cache):

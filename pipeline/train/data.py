@@ -8,12 +8,13 @@ data fingerprint makes sure the counter still means the same samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.config import TrainConfig
 from pipeline.data import shards
 from pipeline.data.loader import ShardStream, make_loader
 from pipeline.data.order import BatchLayout, GlobalOrder, data_fingerprint
+from pipeline.data.shard_cache import ShardCache
 
 
 class ResumeMismatchError(ValueError):
@@ -39,12 +40,14 @@ class TrainingData:
         layout = BatchLayout(train.micro_batch_size, train.grad_accum, world_size)
         return cls(entries, order, layout, data_fingerprint(manifest, train.seed, train.shuffle_block, train.data_partitions))
 
-    def stream(self, rank: int, first_step: int, stop_step: int, fields, transform=None, cache_mb: int = 0) -> ShardStream:
+    def stream(self, rank: int, first_step: int, stop_step: int, fields, transform=None, cache_mb: int = 0,
+               disk_cache: Optional[ShardCache] = None) -> ShardStream:
         return ShardStream(self.entries, self.order, self.layout, rank, first_step, stop_step, fields, transform,
-                           cache_bytes=cache_mb << 20)
+                           cache_bytes=cache_mb << 20, disk_cache=disk_cache)
 
-    def loader(self, rank: int, first_step: int, stop_step: int, fields, transform, train: TrainConfig):
-        stream = self.stream(rank, first_step, stop_step, fields, transform, train.loader_cache_mb)
+    def loader(self, rank: int, first_step: int, stop_step: int, fields, transform, train: TrainConfig,
+               disk_cache: Optional[ShardCache] = None):
+        stream = self.stream(rank, first_step, stop_step, fields, transform, train.loader_cache_mb, disk_cache)
         return make_loader(stream, train.loader_workers, train.prefetch, pin_memory=train.use_gpu)
 
     def epoch_at(self, step: int) -> int:

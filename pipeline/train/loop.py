@@ -23,6 +23,7 @@ import torch.distributed as dist
 from pipeline import storage
 from pipeline.data.loader import head_batches
 from pipeline.data.order import DIGEST_BITS, batch_digest
+from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shards import iter_shard, shard_entries
 from pipeline.keys import Metric
 from pipeline.kinds import IGNORE, KINDS, ModelKind
@@ -252,7 +253,8 @@ def train_worker(loop_config: dict) -> None:
     run = Run(spec, kind, engine, scheduler, data, rank, world, device, dtype, sample_flops, step, tracker)
     callbacks = [FaultDrill(), MetricsLogger(run), Validator(run), StopWatcher(), Checkpointer()]
 
-    batches = iter(data.loader(rank, step, train.max_steps, kind.fields, kind.transform(spec), train))
+    disk_cache = ShardCache(os.path.expanduser(spec.shard_cache_dir), spec.shard_cache_mb << 20) if spec.shard_cache_dir else None
+    batches = iter(data.loader(rank, step, train.max_steps, kind.fields, kind.transform(spec), train, disk_cache))
     engine.train()
     while step < train.max_steps and not run.stop_requested:
         loss, digest = train_step(run, batches)

@@ -34,6 +34,9 @@ class TrainSpec:
     # Shards found bad and skipped (data.on_bad_shard: skip), by name within their directory.
     skip_shards: tuple[str, ...] = ()
     skip_val_shards: tuple[str, ...] = ()
+    # The node-local copy of shards held in a bucket (data.cache_dir, data.cache_mb); None: none.
+    shard_cache_dir: Optional[str] = None
+    shard_cache_mb: int = 0
 
     @property
     def train(self) -> TrainConfig:
