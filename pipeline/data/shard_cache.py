@@ -5,8 +5,8 @@ copy: the first to ask downloads the whole shard (checked against the manifest's
 size and sha256) while the others wait on a per-shard lock, and later epochs and
 resumed runs read the disk, not the bucket. Copies are named by their sha256, so a
 changed shard is a different file and never served stale, and a directory may be
-shared by runs of any stage. A copy is written to a temporary name and renamed, so
-no reader sees half of one.
+shared by runs of any stage. A copy is written to a temporary name and renamed
+(`storage.write_atomic`), so no reader sees half of one.
 
 Bounded: after each download the least recently used copies are removed until the
 directory holds at most `max_bytes` (a reader that already opened a removed copy
@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import uuid
 from typing import Iterator, Optional
 
+from pipeline import storage
 from pipeline.data import shards
 
 SUFFIX = ".tar"
@@ -43,11 +43,7 @@ class ShardCache:
             os.makedirs(self.directory, exist_ok=True)
             with _exclusive(f"{path}.lock"):
                 if not os.path.exists(path):
-                    data = shards.fetch_shard(entry)  # checked: size and sha256
-                    part = f"{path}.{uuid.uuid4().hex}.part"
-                    with open(part, "wb") as f:
-                        f.write(data)
-                    os.replace(part, path)
+                    storage.write_bytes_atomic(path, shards.fetch_shard(entry))  # checked: size and sha256
                     self._evict(keep=path)
                     return path
         with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another reader's eviction
