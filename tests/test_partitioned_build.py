@@ -40,12 +40,12 @@ BUILD_BOUND = 0.6  # peak growth per rank while building, as a fraction of the w
 ENGINE_BOUND = 2.3
 
 
-def _spec(size: dict = SHAPE):
+def _spec():
     from pipeline.kinds.gpt import GPTModelConfig
     from pipeline.train.engine import load_zero_config
     from pipeline.train.spec import TrainSpec
 
-    shape = TransformerConfig(**size)
+    shape = TransformerConfig(**SHAPE)
     train = TrainConfig(num_workers=2, zero_stage=3, micro_batch_size=1, max_steps=10, warmup_steps=1)
     return TrainSpec(kind="gpt", model=GPTModelConfig(VOCAB, SEQ, shape), section=PretrainGPTConfig(shape, train),
                      train_data="", deepspeed=load_zero_config(3), weights_out="")
@@ -72,11 +72,6 @@ def _rank(rank: int, port: int, out: str) -> None:
     spec, kind = _spec(), KINDS["gpt"]
     ds_config = deepspeed_config(spec.deepspeed, spec.train, 2)
     init_distributed(use_gpu=False)  # communication set-up, before the measured part
-    # ... and the code a partitioned build imports on first use, through a one-layer build:
-    # in a fresh clone (no bytecode yet) that import alone put the build figure at 0.61x
-    # (0.58x in a warm checkout, 0.57x after this warm-up)
-    warm_up = build_model(kind, _spec(dict(n_layer=1, n_head=2, d_model=64)), ds_config)
-    del warm_up
     before = psutil.Process().memory_info().rss
     model = build_model(kind, spec, ds_config)
     built = _peak_rss()
