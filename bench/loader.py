@@ -139,9 +139,13 @@ def _epoch_worker(directory: str, workers: int) -> None:
         opt.zero_grad()
         vit.forward(model, batch, torch.device("cpu"), torch.float32)[1].backward()
         opt.step()
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The trainer's own peak (VmHWM): its ru_maxrss would start at the parent's RSS at the
+    # spawn, which exec keeps. The loader workers are forked here, so theirs start at this
+    # process's RSS at the fork, which is theirs too (copy-on-write pages they can touch).
+    with open("/proc/self/status") as status:
+        own_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"trainer_mb": own / 1024, "loader_worker_mb": children / 1024, "steps": steps}))
+    print(json.dumps({"trainer_mb": own_kb / 1024, "loader_worker_mb": children / 1024, "steps": steps}))
 
 
 def epoch_rss(directory: str, workers: int) -> dict:
