@@ -15,7 +15,7 @@ WORKDIR ?= runs/smoke
 # --compile-bytecode: uv, unlike pip, writes no .pyc files, and where PYTHONDONTWRITEBYTECODE
 # is set (this machine sets it) Python then compiles Ray, DeepSpeed, MLflow... from source
 # in every process it starts: a Ray Train fit of the resume tests' small ViT took 24.7 s
-# without them and 13.8 s with them, `ray.init` 12.9 s and 8.2 s (2026-11-29).
+# without them and 13.8 s with them, starting and stopping Ray 12.9 s and 8.2 s (2026-11-29).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 uv
