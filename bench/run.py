@@ -221,10 +221,10 @@ def smoke_and_tokenize(tmp: str, repeats: int) -> dict:
     seconds: dict[int, list[float]] = {1: [], 2: []}
     for repeat in range(repeats):
         for cpus in seconds:
-            one_work = f"{tmp}/tokenize-{cpus}cpu-{repeat}"
-            shutil.copytree(f"{work}/shard", f"{one_work}/shard", symlinks=True)
-            _, one_summary, _ = pipeline_cli("tokenize", config, "--workdir", one_work, f"ray.num_cpus={cpus}")
-            seconds[cpus].append(one_summary["stages"]["tokenize"]["seconds"])
+            workdir = f"{tmp}/tokenize-{cpus}cpu-{repeat}"
+            shutil.copytree(f"{work}/shard", f"{workdir}/shard", symlinks=True)
+            _, alone, _ = pipeline_cli("tokenize", config, "--workdir", workdir, f"ray.num_cpus={cpus}")
+            seconds[cpus].append(alone["stages"]["tokenize"]["seconds"])
     one, two = statistics.median(seconds[1]), statistics.median(seconds[2])
     return {
         "smoke_dag": {"wall_s": round(wall, 1), "stages_s": {k: round(v["seconds"], 1) for k, v in summary["stages"].items()}},
