@@ -94,8 +94,13 @@ def test_a_copied_workdir_reads_its_own_outputs(run_local, tiny_config, tmp_path
     assert record["outputs"]["tokenizer"] == f"tokenize/{os.listdir(copy / 'tokenize')[0]}/tokenizer.json"
 
 
-def test_tokenize(run_local):
+def test_tokenize(run_local, tiny_config, tmp_path):
     from tokenizers import Tokenizer
+
+    from pipeline.fanout import LocalFanOut
+    from pipeline.preprocess.tokenize import END_OF_TEXT
+    from pipeline.runner import run_pipeline
+    from pipeline.tracking import InMemoryTracker
 
     summary = run_local(["tokenize"])
     out = summary["stages"]["tokenize"]["outputs"]
@@ -103,10 +108,24 @@ def test_tokenize(run_local):
     assert tokenizer.get_vocab_size() == 1024
     seqs = [s["npy"] for s in shards.iter_verified(out["tokens_val"])]
     assert seqs and all(s.shape == (65,) for s in seqs)
-    # The first packed sequence decodes back to the start of the first validation document.
-    first_doc = next(shards.iter_verified(summary["stages"]["shard"]["outputs"]["text_val"]))["txt"]
-    decoded = tokenizer.decode(seqs[0].tolist())
-    assert first_doc.startswith(decoded[:100]) and len(decoded) > 100
+
+    # Token shard i is text shard i (the shards are encoded largest first): the first packed
+    # sequence of each decodes back to the start of the text shard's documents.
+    summary = run_pipeline(tiny_config("data.text.docs_per_shard=5"), ["tokenize"], str(tmp_path),
+                           tracker=InMemoryTracker(), fan_out=LocalFanOut())
+    out = summary["stages"]["tokenize"]["outputs"]
+    tokenizer = Tokenizer.from_file(out["tokenizer"])
+    text = {split: shards.shard_entries(summary["stages"]["shard"]["outputs"][f"text_{split}"]) for split in ("train", "val")}
+    sizes = [e["bytes"] for split in ("train", "val") for e in text[split]]
+    assert sizes != sorted(sizes, reverse=True)  # so largest first is another order
+    for split in ("train", "val"):
+        tokens = shards.shard_entries(out[f"tokens_{split}"])
+        assert len(text[split]) == len(tokens) > 2
+        for text_shard, token_shard in zip(text[split], tokens):
+            docs = END_OF_TEXT.join(s["txt"] for s in shards.iter_shard(text_shard["path"], text_shard))
+            first = next(shards.iter_shard(token_shard["path"], token_shard))["npy"].tolist()
+            decoded = tokenizer.decode(first, skip_special_tokens=False)
+            assert docs.startswith(decoded[:100]) and len(decoded) > 100, (split, token_shard["name"])
 
 
 def test_patchify(run_local):

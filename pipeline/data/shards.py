@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Collection, Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from pipeline import storage
@@ -169,6 +168,10 @@ def index_path(shard_path: str) -> str:
 
 def write_shard(path: str, samples: Iterable[dict[str, Any]]) -> ShardInfo:
     """Write one shard and its sample index atomically and return its manifest entry."""
+    # Imported here: webdataset imports torch (about a second), which a process that only
+    # reads shards (a scan, a text task, a loader worker) need not pay.
+    import webdataset as wds
+
     with storage.write_atomic(path) as raw:
         hashing = _Hashing(raw)
         # mtime fixed so that the same samples always give the same bytes and sha256.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -61,14 +63,31 @@ def pack_sequences(docs: Iterable[list[int]], eot_id: int, length: int) -> Itera
             buffer = buffer[length:]
 
 
+@contextmanager
+def one_thread():
+    """`tokenizers` batch calls on this thread alone, not its Rayon pool of every core: a
+    shard task holds one CPU, and N tasks on an N-core node would otherwise run N x N threads.
+    The variable is read at each call; restored after, as Ray reuses worker processes."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def tokenize_shard(text_shard: dict, out_path: str, tokenizer_json: str, seq_len: int) -> ShardInfo:
     """One text shard (a manifest entry, checked as read) -> one shard of packed
-    (seq_len + 1)-token sequences (inputs and shifted targets)."""
+    (seq_len + 1)-token sequences (inputs and shifted targets). Runs on one CPU."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
     eot = tokenizer.token_to_id(END_OF_TEXT)
     dtype = token_dtype(tokenizer.get_vocab_size())
     texts = [s["txt"] for s in iter_shard(text_shard["path"], text_shard)]
-    encoded = (e.ids for e in tokenizer.encode_batch(texts))
+    with one_thread():
+        encoded = [e.ids for e in tokenizer.encode_batch(texts)]
     stem = out_path.rsplit("/", 1)[-1].removesuffix(".tar")
     samples = (
         {"__key__": f"{stem}-{i:06d}", "npy": np.asarray(seq, dtype=dtype)}
