@@ -9,7 +9,7 @@ in the same run (medians of repeats), printed last as one JSON object:
 - loader: the streamed loader (cache off, one rank of 2, one loader worker) against
   the rate the smoke GPT and ViT consume samples; the lower of the two >= 20.
 - tokenize: the tokenize stage alone, cold, on 2 Ray CPUs against 1 (medians of
-  interleaved repeats), on the whole standard library's sources; >= 1.7.
+  interleaved repeats; 2 each when quick), on the whole standard library's sources; >= 1.7.
 - shard_write: the shard writer (`data.shards.write_shard`: encoding, sha256,
   WebDataset tar) against a bare `tarfile` loop writing the same members; >= 0.5.
 - peak_rss: the smoke DAG's peak resident memory, all its processes (the CLI, Ray's
@@ -258,7 +258,8 @@ def main() -> int:
             "train_step": lambda: train_step(repeats, steps=5 if args.quick else 20),
             "loader": lambda: loader(tmp, seconds=6 if args.quick else 15),
             "shard_write": lambda: shard_write(tmp, samples=5000, repeats=repeats),
-            "tokenize": lambda: tokenize(tmp, repeats),
+            # Two pairs when quick: each pair is two cold CLI runs, about 70 s together.
+            "tokenize": lambda: tokenize(tmp, 2 if args.quick else repeats),
             "smoke_dag": lambda: smoke_dag(tmp),
         }
         for name, measure in parts.items():
