@@ -16,7 +16,7 @@ in the same run (medians of repeats), printed last as one JSON object:
   daemons and workers) summed every 0.5 s; <= 8 GB.
 - smoke_dag: the cold `pipeline run configs/smoke.yaml` wall time, reported.
 
-    .venv/bin/python bench/run.py --quick        # about 9.5 minutes on the 2-core CI machine
+    .venv/bin/python bench/run.py --quick        # 9.5-14 minutes on the 2-core CI machine
 """
 
 from __future__ import annotations
