@@ -139,13 +139,14 @@ def run_tokenize(ctx: StageContext) -> StageResult:
     schema = {"npy": f"uint16/int32 array of seq_len+1 = {cfg.seq_len + 1} token ids"}
     # Both splits in one fan-out, largest shards first, so that no CPU idles at a split's end.
     splits = {split: storage.join(ctx.out_dir, "tokens", split) for split in ("train", "val")}
-    calls = [(split, (entry, storage.join(out, f"tokens-{i:06d}.tar"), tokenizer_json, cfg.seq_len))
-             for split, out in splits.items()
-             for i, entry in enumerate(shards.shard_entries(raw[f"text_{split}"]))]
-    calls.sort(key=lambda call: -call[1][0]["bytes"])
-    infos = ctx.fan_out.map(tokenize_shard, [args for _, args in calls], "tokenize")
+    jobs = [(split, entry, storage.join(out, f"tokens-{i:06d}.tar"))
+            for split, out in splits.items()
+            for i, entry in enumerate(shards.shard_entries(raw[f"text_{split}"]))]
+    jobs.sort(key=lambda job: -job[1]["bytes"])
+    calls = [(entry, path, tokenizer_json, cfg.seq_len) for _, entry, path in jobs]
+    infos = ctx.fan_out.map(tokenize_shard, calls, "tokenize")
     for split, out in splits.items():
-        mine = [info for (s, _), info in zip(calls, infos) if s == split]  # the manifest lists them by name
+        mine = [info for (s, _, _), info in zip(jobs, infos) if s == split]  # the manifest lists them by name
         m = shards.write_manifest(out, mine, schema, ctx.fingerprint, seq_len=cfg.seq_len, vocab_size=vocab_size)
         if m["total_samples"] == 0:
             raise ValueError(f"the {split} text is shorter than one sequence of {cfg.seq_len + 1} tokens")
